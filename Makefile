@@ -1,0 +1,28 @@
+# The two README commands. Each creates .venv and installs what it needs on a fresh machine.
+# torch is pinned to the exact version served as a local CPU wheel; an unpinned torch would pull CUDA.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.linglab-installed
+
+.PHONY: run test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/linglab check
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check linglab tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

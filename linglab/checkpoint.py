@@ -1,0 +1,228 @@
+"""Checkpoints are Hugging Face BailingMoeV2 checkpoints (SPEC §1.6).
+
+A model directory holds `config.json` (the exact HF keys) and `model.safetensors` (the exact HF tensor
+names and nn.Linear layouts, MTP at layer index num_hidden_layers). linglab stacks routed experts as
+[E, out, in] in memory; `to_hf_state_dict` / `from_hf_state_dict` unstack and restack them.
+
+    save_pretrained(model, "ckpt/")          # atomic: written to a temp dir, fsynced, renamed
+    model = from_pretrained("ckpt/")          # also reads sharded `model.safetensors.index.json`
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from linglab.config import ConfigError, ModelConfig
+from linglab.errors import LinglabError
+from linglab.model import LingForCausalLM, build_model
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+# Keys whose values are fixed by the architecture (SPEC §1.6); written always, checked on load.
+_FIXED_KEYS = {
+    "architectures": ["BailingMoeV2ForCausalLM"],
+    "model_type": "bailing_moe",
+    "hidden_act": "silu",
+    "rope_scaling": None,
+    "tie_word_embeddings": False,
+    "use_bias": False,
+    "use_qkv_bias": False,
+    "norm_topk_prob": True,
+    "score_function": "sigmoid",
+    "router_dtype": "fp32",
+    "moe_router_enable_expert_bias": True,
+}
+_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
+_HF_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+class CheckpointError(LinglabError):
+    """A missing, corrupted or mismatched checkpoint."""
+
+
+def hf_config_dict(cfg: ModelConfig) -> dict:
+    """config.json contents: the fixed architecture keys plus every ModelConfig field."""
+    d = dict(_FIXED_KEYS)
+    d.update({k: getattr(cfg, k) for k in ModelConfig.__dataclass_fields__})
+    return d
+
+
+def config_from_hf(d: dict, source: str = CONFIG_NAME) -> ModelConfig:
+    """ModelConfig from a config.json dict; unknown HF extras are ignored, wrong architecture is an error."""
+    if d.get("model_type") not in ("bailing_moe", "bailing_moe_v2"):
+        raise CheckpointError(f"{source}: model_type is {d.get('model_type')!r}, expected 'bailing_moe'")
+    for key in ("use_bias", "use_qkv_bias", "tie_word_embeddings"):
+        if d.get(key):
+            raise CheckpointError(f"{source}: {key}=true is not part of BailingMoeV2 as linglab implements it")
+    if d.get("score_function", "sigmoid") != "sigmoid":
+        raise CheckpointError(f"{source}: score_function {d['score_function']!r}; only 'sigmoid' is supported")
+    cfg = ModelConfig()
+    for key in ModelConfig.__dataclass_fields__:
+        if key in d and d[key] is not None:
+            setattr(cfg, key, type(getattr(cfg, key))(d[key]))
+    if "rotary_dim" in d and "partial_rotary_factor" not in d:  # Ling-1T writes rotary_dim (SPEC §1.1)
+        cfg.partial_rotary_factor = d["rotary_dim"] / cfg.head_dim
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    return cfg
+
+
+def to_hf_state_dict(model: LingForCausalLM) -> dict[str, torch.Tensor]:
+    """The model's tensors under their HF names, experts unstacked, all contiguous."""
+    n_layers = model.cfg.num_hidden_layers
+    out = {}
+    for name, t in model.state_dict().items():
+        name = re.sub(r"^model\.mtp_layers\.(\d+)\.", lambda m: f"model.layers.{n_layers + int(m.group(1))}.", name)
+        m = _EXPERT_KEY.match(name)
+        if m:
+            for e in range(t.shape[0]):
+                out[f"{m.group(1)}.{e}.{m.group(2)}.weight"] = t[e].contiguous()
+        else:
+            out[name] = t.contiguous()
+    return out
+
+
+def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Inverse of `to_hf_state_dict`: restack experts, move layer num_hidden_layers to mtp_layers."""
+    n_layers = cfg.num_hidden_layers
+    out, experts = {}, {}
+    for name, t in sd.items():
+        m = re.match(r"^model\.layers\.(\d+)\.(.*)$", name)
+        if m and int(m.group(1)) >= n_layers:
+            name = f"model.mtp_layers.{int(m.group(1)) - n_layers}.{m.group(2)}"
+        m = _HF_EXPERT_KEY.match(name)
+        if m:
+            experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = t
+        else:
+            out[name] = t
+    for (prefix, proj), per_expert in experts.items():
+        if sorted(per_expert) != list(range(cfg.num_experts)):
+            raise CheckpointError(f"{prefix}.*.{proj}: found {len(per_expert)} experts, config says {cfg.num_experts}")
+        out[f"{prefix}.{proj}"] = torch.stack([per_expert[e] for e in range(cfg.num_experts)])
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(out: Path, write) -> None:
+    """Run write(tmp_dir), fsync its files, then rename tmp_dir to `out` (replacing an old `out`).
+
+    A crash at any point leaves either the old directory or the complete new one, never a mix.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_model_files(model: LingForCausalLM, directory: Path) -> None:
+    """config.json + model.safetensors into an existing directory (no atomicity; see save_pretrained)."""
+    directory = Path(directory)
+    (directory / CONFIG_NAME).write_text(json.dumps(hf_config_dict(model.cfg), indent=2) + "\n")
+    save_file(to_hf_state_dict(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def save_pretrained(model: LingForCausalLM, out: str | Path) -> None:
+    """Write an HF BailingMoeV2 checkpoint directory atomically."""
+    write_atomically(Path(out), lambda tmp: write_model_files(model, tmp))
+
+
+def load_config_json(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    cfg_file = path / CONFIG_NAME
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint not found: {path} is not a directory")
+    if not cfg_file.is_file():
+        raise CheckpointError(f"checkpoint {path}: missing {CONFIG_NAME}")
+    try:
+        d = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"checkpoint {cfg_file}: expected a JSON object")
+    return config_from_hf(d, str(cfg_file))
+
+
+def load_hf_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (single file or sharded with an index)."""
+    path = Path(path)
+    files = [path / WEIGHTS_NAME]
+    if not files[0].is_file() and (path / INDEX_NAME).is_file():
+        index = json.loads((path / INDEX_NAME).read_text())
+        files = [path / f for f in sorted(set(index["weight_map"].values()))]
+    sd = {}
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path}: missing {f.name}")
+        try:
+            sd.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {f}: corrupted or not a safetensors file ({e})") from None
+    return sd
+
+
+def load_state_into(model: LingForCausalLM, hf_tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy HF-named tensors into `model`, checking names and shapes first (one-line errors)."""
+    sd = from_hf_state_dict(hf_tensors, model.cfg)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"checkpoint {source}: missing tensor {to_hf_name(missing[0], model.cfg)}{more}")
+    if unexpected:
+        raise CheckpointError(f"checkpoint {source}: unexpected tensor {unexpected[0]} for this config")
+    for k, t in sd.items():
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"checkpoint {source}: {to_hf_name(k, model.cfg)} has shape {tuple(t.shape)}, "
+                                  f"the model expects {tuple(expected[k].shape)}")
+    model.load_state_dict({k: t.to(expected[k].dtype) for k, t in sd.items()}, strict=True)
+
+
+def to_hf_name(internal: str, cfg: ModelConfig) -> str:
+    return re.sub(r"^model\.mtp_layers\.(\d+)\.", lambda m: f"model.layers.{cfg.num_hidden_layers + int(m.group(1))}.",
+                  internal)
+
+
+def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> LingForCausalLM:
+    """Load an HF BailingMoeV2 checkpoint directory into a LingForCausalLM."""
+    cfg = load_config_json(path)
+    model = build_model(cfg, device=device)
+    load_state_into(model, load_hf_tensors(path), str(path))
+    return model

@@ -1,0 +1,159 @@
+"""`linglab <subcommand>`: the one command-line entry point.
+
+    linglab params --preset ling-mini-2.0           # total / active / non-embedding active parameters
+    linglab init --preset tiny --out ckpt/tiny       # a randomly initialised HF BailingMoeV2 checkpoint
+    linglab check --preset tiny                      # build, print the parameter table, forward + backward
+
+Config overrides go after the subcommand as `--section.key=value` (e.g. `--model.hidden_size=256`).
+User errors (bad key, missing file, wrong shape) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from linglab.errors import LinglabError
+
+OVERRIDES_HELP = "config overrides, e.g. --model.hidden_size=256 (any section.key of the config)"
+
+
+def _unit(n: int) -> tuple[str, float]:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return unit, scale
+    return "", 1.0
+
+
+def _fmt(n: int, unit: tuple[str, float] | None = None) -> str:
+    """2 decimals in the given (or the number's own) unit: 16.26B, 0.79B, 1.74M."""
+    name, scale = unit or _unit(n)
+    return f"{n / scale:.2f}{name}" if scale > 1 else str(n)
+
+
+def _load_cfg(args, overrides):
+    from linglab.config import load_config
+
+    return load_config(preset=args.preset, path=getattr(args, "config", None), overrides=overrides)
+
+
+def _param_table(model, title: str):
+    from rich.table import Table
+
+    from linglab.model import count_parameters
+
+    c = count_parameters(model)
+    table = Table(title=title)
+    table.add_column("parameters")
+    table.add_column("count", justify="right")
+    table.add_column("exact", justify="right")
+    rows = [("total (without MTP)", c.total), ("active per token", c.active),
+            ("active non-embedding", c.active_non_embedding), ("MTP layer", c.mtp)]
+    unit = _unit(c.total)  # one unit for the whole table, so 0.79B reads beside 16.26B
+    for name, n in rows:
+        table.add_row(name, _fmt(n, unit), f"{n:,}")
+    return table
+
+
+def cmd_params(args, overrides) -> None:
+    from rich.console import Console
+
+    from linglab.model import build_model
+
+    cfg = _load_cfg(args, overrides)
+    model = build_model(cfg.model, device="meta")
+    Console().print(_param_table(model, f"{args.preset or 'config'}"))
+
+
+def cmd_init(args, overrides) -> None:
+    from linglab.checkpoint import save_pretrained
+    from linglab.config import META_PRESETS
+    from linglab.model import build_model, count_parameters
+
+    cfg = _load_cfg(args, overrides)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise LinglabError(f"init: {out} exists and is not empty (pass --overwrite to replace it)")
+    if args.preset in META_PRESETS:
+        n = count_parameters(build_model(cfg.model, device="meta")).total
+        raise LinglabError(f"init: preset {args.preset} has {_fmt(n)} parameters ({n * 4 / 2**30:.0f} GiB in fp32), "
+                           "too large to materialise here; use tiny or small")
+    model = build_model(cfg.model, seed=args.seed)
+    save_pretrained(model, out)
+    print(f"wrote {out} ({_fmt(count_parameters(model).total)} parameters, seed {args.seed})")
+
+
+def cmd_check(args, overrides) -> None:
+    """Build the model, print its parameter table and time one forward/backward on a random batch."""
+    import torch
+    from rich.console import Console
+
+    from linglab.model import build_model
+
+    cfg = _load_cfg(args, overrides)
+    console = Console()
+    model = build_model(cfg.model, seed=args.seed)
+    console.print(_param_table(model, f"{args.preset or 'config'}"))
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, cfg.model.vocab_size, (args.batch_size, args.seq_len + 1), generator=g)
+    start = time.perf_counter()
+    out = model(ids[:, :-1], targets=ids[:, 1:])
+    out.loss.backward()
+    elapsed = time.perf_counter() - start
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    mtp = f"{out.mtp_loss.item():.4f}" if out.mtp_loss is not None else "-"
+    console.print(f"forward+backward on [{args.batch_size} x {args.seq_len}] tokens: loss {out.main_loss.item():.4f} "
+                  f"(ln V = {torch.log(torch.tensor(float(cfg.model.vocab_size))).item():.4f}), MTP loss {mtp}, "
+                  f"grad norm {grad_norm.item():.4f}, {elapsed:.2f} s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from linglab.config import PRESETS
+
+    parser = argparse.ArgumentParser(prog="linglab", description="The Ling 2.0 recipe in readable PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_config_args(p, preset_default="tiny"):
+        p.add_argument("--preset", default=preset_default, choices=list(PRESETS),
+                       help=f"starting config (default: {preset_default})")
+        p.add_argument("--config", help="TOML file applied over the preset ([section] tables of keys)")
+        p.epilog = OVERRIDES_HELP
+
+    p = sub.add_parser("params", help="print total, active and non-embedding active parameters")
+    add_config_args(p)
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("init", help="write a randomly initialised HF BailingMoeV2 checkpoint")
+    add_config_args(p)
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--seed", type=int, default=0, help="init seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("check", help="build the model, print its parameter table, run one forward/backward")
+    add_config_args(p)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        args.func(args, rest)
+    except LinglabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

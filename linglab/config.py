@@ -1,0 +1,282 @@
+"""Configuration: one dataclass per component, presets, TOML files and `--section.key=value` overrides.
+
+Each component receives only its own section (`LingModel(cfg.model)`, never the whole tree).
+Resolution order: preset -> TOML file (`--config`) -> command-line overrides; then `validate()` checks
+every section and raises `ConfigError` with one line naming the key and what is allowed.
+
+    cfg = load_config(preset="tiny", overrides=["--model.hidden_size=256"])
+
+Presets: `tiny` (the CPU default), `small` (hidden 512, for benchmarks) and the exact released shapes
+`ling-mini-2.0`, `ling-flash-2.0`, `ling-1t` (SPEC §1.1), which are built on the meta device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from linglab.errors import LinglabError
+
+
+class ConfigError(LinglabError):
+    """A bad config key, type, range or combination."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config: {key} {message}")
+
+
+@dataclass
+class ModelConfig:
+    """BailingMoeV2 architecture (SPEC §1); field names are the HF config.json keys (SPEC §1.6)."""
+
+    vocab_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 384  # dense SwiGLU FFN of the first_k_dense_replace layers
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    moe_intermediate_size: int = 64  # each routed expert, and the shared expert
+    num_experts: int = 16
+    num_shared_experts: int = 1
+    num_experts_per_tok: int = 4
+    n_group: int = 4
+    topk_group: int = 2
+    first_k_dense_replace: int = 1
+    routed_scaling_factor: float = 2.5
+    partial_rotary_factor: float = 0.5
+    rope_theta: float = 600000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    use_qk_norm: bool = True
+    num_nextn_predict_layers: int = 1  # MTP depth (SPEC §1.5): 0 or 1
+    mtp_loss_scaling_factor: float = 0.1
+    router_z_loss_coef: float = 0.0  # SPEC §1.4: optional, 3.5e-6 in the public CPT scripts
+    initializer_range: float = 0.006
+    pad_token_id: int = 1
+    eos_token_id: int = 0
+
+    @property
+    def rope_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "moe_intermediate_size",
+                     "num_experts", "num_experts_per_tok", "n_group", "topk_group"):
+            _check(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.num_shared_experts >= 0, "model.num_shared_experts", "must be >= 0")
+        _check(self.num_attention_heads % self.num_key_value_heads == 0, "model.num_attention_heads",
+               f"({self.num_attention_heads}) must be divisible by num_key_value_heads ({self.num_key_value_heads})")
+        _check(self.num_experts % self.n_group == 0, "model.num_experts",
+               f"({self.num_experts}) must be divisible by n_group ({self.n_group})")
+        per_group = self.num_experts // self.n_group
+        _check(per_group >= 2, "model.n_group",
+               f"({self.n_group}) leaves {per_group} expert(s) per group; group scores need >= 2")
+        _check(self.topk_group <= self.n_group, "model.topk_group",
+               f"({self.topk_group}) must be <= n_group ({self.n_group})")
+        _check(self.num_experts_per_tok <= self.topk_group * per_group, "model.num_experts_per_tok",
+               f"({self.num_experts_per_tok}) must be <= topk_group * experts per group ({self.topk_group * per_group})")
+        _check(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "model.first_k_dense_replace",
+               f"must be in [0, num_hidden_layers={self.num_hidden_layers}], got {self.first_k_dense_replace}")
+        _check(0.0 < self.partial_rotary_factor <= 1.0, "model.partial_rotary_factor", "must be in (0, 1]")
+        _check(self.rope_dim % 2 == 0 and self.rope_dim >= 2, "model.partial_rotary_factor",
+               f"gives rope_dim={self.rope_dim}; it must be even and >= 2")
+        _check(self.num_nextn_predict_layers in (0, 1), "model.num_nextn_predict_layers", "must be 0 or 1")
+        _check(self.rms_norm_eps > 0, "model.rms_norm_eps", "must be > 0")
+        _check(self.rope_theta > 0, "model.rope_theta", "must be > 0")
+        _check(self.routed_scaling_factor > 0, "model.routed_scaling_factor", "must be > 0")
+        _check(self.initializer_range > 0, "model.initializer_range", "must be > 0")
+        _check(self.mtp_loss_scaling_factor >= 0, "model.mtp_loss_scaling_factor", "must be >= 0")
+        _check(self.router_z_loss_coef >= 0, "model.router_z_loss_coef", "must be >= 0")
+        for name in ("pad_token_id", "eos_token_id"):
+            _check(0 <= getattr(self, name) < self.vocab_size, f"model.{name}", f"must be in [0, vocab_size={self.vocab_size})")
+
+
+@dataclass
+class Config:
+    """The whole tree; every component gets only its own section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Shapes of the released family (SPEC §1.1); the common fields (256 experts, top-8, ...) are shared.
+_LING_COMMON = dict(
+    vocab_size=157184, num_experts=256, num_shared_experts=1, num_experts_per_tok=8, n_group=8,
+    topk_group=4, routed_scaling_factor=2.5, partial_rotary_factor=0.5, rope_theta=600000.0,
+    max_position_embeddings=32768, head_dim=128, num_nextn_predict_layers=1,
+    pad_token_id=156892, eos_token_id=156895,
+)
+
+PRESETS: dict[str, dict[str, dict]] = {
+    # The CPU default: trains in minutes on 2 cores.
+    "tiny": {"model": dict()},
+    # For benchmarks: hidden 512, matmuls large enough to measure MFU on a CPU.
+    "small": {"model": dict(
+        vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=64, moe_intermediate_size=512,
+        num_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1)},
+    "ling-mini-2.0": {"model": dict(
+        _LING_COMMON, num_hidden_layers=20, hidden_size=2048, num_attention_heads=16,
+        num_key_value_heads=4, intermediate_size=5120, moe_intermediate_size=512, first_k_dense_replace=1)},
+    "ling-flash-2.0": {"model": dict(
+        _LING_COMMON, num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
+        num_key_value_heads=4, intermediate_size=9216, moe_intermediate_size=1024, first_k_dense_replace=1)},
+    "ling-1t": {"model": dict(
+        _LING_COMMON, num_hidden_layers=80, hidden_size=8192, num_attention_heads=64,
+        num_key_value_heads=8, intermediate_size=18432, moe_intermediate_size=2048, first_k_dense_replace=4)},
+}
+
+# Presets too large to materialise on a laptop: built on the meta device (shapes and counts only).
+META_PRESETS = ("ling-mini-2.0", "ling-flash-2.0", "ling-1t")
+
+
+def _coerce(value, typ, key: str):
+    """Convert a TOML or command-line value to the field's declared type, or raise ConfigError."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config: {key} expects true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config: {key} expects an integer, got {value!r}")
+        try:
+            if isinstance(value, str):
+                return int(value.replace("_", ""))
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"config: {key} expects an integer, got {value!r}") from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config: {key} expects a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config: {key} expects a number, got {value!r}") from None
+    if typ is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"config: {key} expects a string, got {value!r}")
+        return str(value)
+    if origin is list:
+        (item,) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, list):
+            raise ConfigError(f"config: {key} expects a list, got {value!r}")
+        return [_coerce(v, item, key) for v in value]
+    raise ConfigError(f"config: {key} has an unsupported type {typ}")
+
+
+def _section_types(section) -> dict[str, type]:
+    return typing.get_type_hints(type(section))
+
+
+def set_value(cfg: Config, dotted: str, value) -> None:
+    """Set `section.key` on the tree, converting the value to the field's type."""
+    parts = dotted.split(".")
+    sections = [f.name for f in dataclasses.fields(cfg)]
+    if len(parts) != 2 or parts[0] not in sections:
+        raise ConfigError(f"config: unknown key '{dotted}' (sections: {', '.join(sections)}; use section.key)")
+    section = getattr(cfg, parts[0])
+    types_ = _section_types(section)
+    if parts[1] not in types_:
+        raise ConfigError(f"config: unknown key '{dotted}' (keys of [{parts[0]}]: {', '.join(types_)})")
+    setattr(section, parts[1], _coerce(value, types_[parts[1]], dotted))
+
+
+def apply_dict(cfg: Config, tree: dict, source: str = "") -> None:
+    """Apply a nested {section: {key: value}} mapping (a preset or a parsed TOML file)."""
+    for section, values in tree.items():
+        if not isinstance(values, dict):
+            where = f" in {source}" if source else ""
+            raise ConfigError(f"config: '{section}'{where} must be a [section] table of keys")
+        for key, value in values.items():
+            set_value(cfg, f"{section}.{key}", value)
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """`--section.key=value` (or `--section.key value`) pairs from a list of CLI words."""
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=")[0]:
+            raise ConfigError(f"config: cannot read argument '{arg}' (expected --section.key=value)")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, value = arg[2:], args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"config: {arg} needs a value (--section.key=value)")
+        pairs.append((key, value))
+        i += 1
+    return pairs
+
+
+def load_config(preset: str | None = "tiny", path: str | Path | None = None,
+                overrides: list[str] | None = None) -> Config:
+    """Preset, then TOML file, then `--section.key=value` overrides; validated."""
+    cfg = Config()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"config: unknown preset '{preset}' (choose from: {', '.join(PRESETS)})")
+        apply_dict(cfg, PRESETS[preset])
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config: file not found: {path}")
+        try:
+            tree = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config: {path} is not valid TOML ({e})") from None
+        apply_dict(cfg, tree, source=str(path))
+    for key, value in parse_overrides(overrides or []):
+        set_value(cfg, key, value)
+    cfg.validate()
+    return cfg
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (written into each run directory)."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if v is None:
+        return '"none"'
+    return repr(v)

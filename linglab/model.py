@@ -1,0 +1,279 @@
+"""BailingMoeV2 (Ling 2.0) as single-device PyTorch, exact to SPEC §1.
+
+Module and parameter names follow the HF checkpoint (SPEC §1.6), so the state dict maps onto a
+BailingMoeV2 checkpoint with one change: routed experts are stacked ([E, out, in]) for the grouped GEMM
+and unstacked by `linglab.checkpoint`.
+
+    model = LingForCausalLM(cfg.model)
+    logits = model(input_ids)                          # [B, T, V], main head
+    out = model(input_ids, targets=targets)            # ModelOutput with loss = main + 0.1 * MTP (+ z-loss)
+
+Parallelism (FSDP2, expert/pipeline parallel) wraps this model from outside (`linglab/parallel/`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from linglab.config import ModelConfig
+from linglab.moe import MoE, SwiGLU
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, learned weight initialised to 1 (SPEC §1.2)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(rope_dim: int, theta: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [T, rope_dim] for NeoX-style RoPE with frequencies over rope_dim (SPEC §1.3 step 3)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32, device=positions.device) / rope_dim)
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rope_dim channels of each head (rotate-half pairs i with i + rope_dim/2); the rest pass.
+
+    x: [B, T, heads, hd]; cos/sin: [T, rope_dim].
+    """
+    rope_dim = cos.shape[-1]
+    rot, rest = x[..., :rope_dim], x[..., rope_dim:]
+    x1, x2 = rot[..., : rope_dim // 2], rot[..., rope_dim // 2:]
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    rotated = rot * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return torch.cat([rotated, rest], dim=-1)
+
+
+class KVCache:
+    """Preallocated keys/values for incremental decoding: [layers, B, kv_heads, max_len, head_dim]."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # tokens already cached
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, kv_heads, T, hd] at the current position; return everything cached so far."""
+        t = k.shape[2]
+        end = self.pos + t
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} tokens > max_len {self.max_len}")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    """Fused QKV -> QK-norm -> partial RoPE -> causal GQA -> dense (SPEC §1.3, in that order)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.query_key_value = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=False)
+        self.use_qk_norm = cfg.use_qk_norm
+        if cfg.use_qk_norm:
+            self.query_layernorm = RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.key_layernorm = RMSNorm(self.hd, cfg.rms_norm_eps)
+        self.dense = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        qkv = self.query_key_value(x).view(b, t, self.nh + 2 * self.nkv, self.hd)
+        q, k, v = qkv.split([self.nh, self.nkv, self.nkv], dim=2)
+        if self.use_qk_norm:
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
+        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
+
+        mask, causal = None, True
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(self.layer_idx, k, v)
+            if past > 0:
+                causal = False
+                if t > 1:  # queries at positions past..past+t-1 see keys 0..their own position
+                    kpos = torch.arange(past + t, device=x.device)
+                    qpos = torch.arange(past, past + t, device=x.device)
+                    mask = kpos[None, :] <= qpos[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and t > 1,
+                                           scale=1.0 / math.sqrt(self.hd), enable_gqa=self.nkv != self.nh)
+        return self.dense(y.transpose(1, 2).reshape(b, t, self.nh * self.hd))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + Attention(norm(x)), then x + FFN(norm(x)); FFN dense below first_k_dense_replace."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, moe: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attention(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MTPLayer(DecoderLayer):
+    """Multi-token prediction, depth 1 (SPEC §1.5): predicts t_{i+2} from H_i and Emb(t_{i+1}).
+
+    h = eh_proj([enorm(Emb(t_{i+1})), hnorm(H_i)]), then a full MoE decoder layer and its own final norm;
+    the caller applies the shared lm_head. Stored at HF layer index num_hidden_layers.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx, moe=True)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, next_emb: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(hidden)], dim=-1))
+        return self.final_layernorm(super().forward(h, cos, sin))
+
+
+class LingModel(nn.Module):
+    """Embedding, decoder stack, final norm (HF: `model.*`); the MTP layer lives in `mtp_layers`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, moe=i >= cfg.first_k_dense_replace) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mtp_layers = nn.ModuleList(
+            MTPLayer(cfg, cfg.num_hidden_layers + j) for j in range(cfg.num_nextn_predict_layers))
+
+
+@dataclass
+class ModelOutput:
+    loss: torch.Tensor  # what the optimizer minimises: main + mtp_scale * mtp + z-loss
+    main_loss: torch.Tensor
+    mtp_loss: torch.Tensor | None
+    z_loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean token cross-entropy in fp32 over positions where mask is nonzero (all positions if None)."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    if mask is None:
+        return ce.mean()
+    mask = mask.flatten().to(ce.dtype)
+    return (ce * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class LingForCausalLM(nn.Module):
+    """BailingMoeV2ForCausalLM: `model` + untied `lm_head` (SPEC §1.2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = LingModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Pretraining init (SPEC §1.2): every weight ~ N(0, 0.006); norms 1; expert bias 0."""
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, self.cfg.initializer_range)
+        for m in self.modules():
+            if isinstance(m, MoE) and not m.gate.expert_bias.is_meta:
+                m.gate.expert_bias.zero_()
+                m.tokens_per_expert.zero_()
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE blocks of the main stack (the MTP layer's router is excluded from balancing stats)."""
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None, cache: KVCache | None = None):
+        """Logits [B, T, V] when `targets` is None, else a ModelOutput with the training loss.
+
+        targets[:, i] is the token after input_ids[:, i]; the MTP head at position i predicts
+        targets[:, i + 1] from Emb(targets[:, i]) = Emb(t_{i+1}) and the main hidden state H_i.
+        """
+        t = input_ids.shape[1]
+        start = cache.pos if cache is not None else 0
+        cos, sin = rope_cos_sin(self.cfg.rope_dim, self.cfg.rope_theta,
+                                torch.arange(start, start + t, device=input_ids.device))
+        x = self.model.word_embeddings(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache)
+        if cache is not None:
+            cache.pos += t
+        hidden = self.model.norm(x)
+        logits = self.lm_head(hidden)
+        if targets is None:
+            return logits
+
+        main = masked_cross_entropy(logits, targets, loss_mask)
+        loss, mtp_loss = main, None
+        if len(self.model.mtp_layers) > 0 and t > 1:
+            mtp = self.model.mtp_layers[0]
+            h = mtp(self.model.word_embeddings(targets[:, :-1]), hidden[:, :-1], cos[:-1], sin[:-1])
+            mtp_loss = masked_cross_entropy(self.lm_head(h), targets[:, 1:],
+                                            None if loss_mask is None else loss_mask[:, 1:])
+            loss = loss + self.cfg.mtp_loss_scaling_factor * mtp_loss
+        z_loss = None
+        if self.cfg.router_z_loss_coef > 0 and self.training:
+            z_loss = sum(m.mlp.router_z_loss for m in [*self.model.layers, *self.model.mtp_layers]
+                         if isinstance(m.mlp, MoE))
+            loss = loss + z_loss
+        return ModelOutput(loss=loss, main_loss=main, mtp_loss=mtp_loss, z_loss=z_loss, logits=logits)
+
+
+@dataclass
+class ParamCounts:
+    total: int  # without the MTP layer, as the released totals are stated (SPEC §1.1)
+    active: int  # per token: embedding + head + attention + dense FFN + k routed + shared experts + routers
+    active_non_embedding: int  # active without embedding and lm_head
+    mtp: int  # the MTP layer, reported apart
+
+
+def count_parameters(model: LingForCausalLM) -> ParamCounts:
+    """Total / active / active non-embedding parameter counts from the module tree (works on meta)."""
+    cfg = model.cfg
+    mtp = sum(p.numel() for p in model.model.mtp_layers.parameters())
+    total = sum(p.numel() for p in model.parameters()) - mtp
+    inactive = sum(
+        (cfg.num_experts - cfg.num_experts_per_tok) * sum(p[0].numel() for p in m.experts.parameters())
+        for m in model.moe_layers())
+    active = total - inactive
+    embedding = model.model.word_embeddings.weight.numel() + model.lm_head.weight.numel()
+    return ParamCounts(total=total, active=active, active_non_embedding=active - embedding, mtp=mtp)
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = None) -> LingForCausalLM:
+    """Instantiate (on `device`; "meta" gives shapes only) and initialise with an optional seed."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device(device):
+        return LingForCausalLM(cfg)
