@@ -43,7 +43,7 @@ _FIXED_KEYS = {
     "router_dtype": "fp32",
     "moe_router_enable_expert_bias": True,
 }
-_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
+_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 _HF_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -87,7 +87,12 @@ def to_hf_state_dict(model: LingForCausalLM) -> dict[str, torch.Tensor]:
     for name, t in model.state_dict().items():
         name = re.sub(r"^model\.mtp_layers\.(\d+)\.", lambda m: f"model.layers.{n_layers + int(m.group(1))}.", name)
         m = _EXPERT_KEY.match(name)
-        if m:
+        if m and m.group(2) == "gate_up_proj":
+            gate, up = t.chunk(2, dim=1)
+            for e in range(t.shape[0]):
+                out[f"{m.group(1)}.{e}.gate_proj.weight"] = gate[e].contiguous()
+                out[f"{m.group(1)}.{e}.up_proj.weight"] = up[e].contiguous()
+        elif m:
             for e in range(t.shape[0]):
                 out[f"{m.group(1)}.{e}.{m.group(2)}.weight"] = t[e].contiguous()
         else:
@@ -108,10 +113,19 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
             experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = t
         else:
             out[name] = t
+    stacked = {}
     for (prefix, proj), per_expert in experts.items():
         if sorted(per_expert) != list(range(cfg.num_experts)):
             raise CheckpointError(f"{prefix}.*.{proj}: found {len(per_expert)} experts, config says {cfg.num_experts}")
-        out[f"{prefix}.{proj}"] = torch.stack([per_expert[e] for e in range(cfg.num_experts)])
+        stacked[(prefix, proj)] = torch.stack([per_expert[e] for e in range(cfg.num_experts)])
+    for (prefix, proj), t in stacked.items():
+        if proj == "down_proj":
+            out[f"{prefix}.down_proj"] = t
+        elif proj == "gate_proj":
+            up = stacked.get((prefix, "up_proj"))
+            if up is None or up.shape != t.shape:
+                raise CheckpointError(f"{prefix}.*.up_proj.weight: missing or not shaped like gate_proj")
+            out[f"{prefix}.gate_up_proj"] = torch.cat([t, up], dim=1)
     return out
 
 
@@ -210,14 +224,24 @@ def load_state_into(model: LingForCausalLM, hf_tensors: dict[str, torch.Tensor],
         raise CheckpointError(f"checkpoint {source}: unexpected tensor {unexpected[0]} for this config")
     for k, t in sd.items():
         if tuple(t.shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"checkpoint {source}: {to_hf_name(k, model.cfg)} has shape {tuple(t.shape)}, "
-                                  f"the model expects {tuple(expected[k].shape)}")
+            got, want = tuple(t.shape), tuple(expected[k].shape)
+            m = _EXPERT_KEY.match(k)
+            if m:  # report one expert's shape as the file stores it (gate and up apart)
+                half = 2 if m.group(2) == "gate_up_proj" else 1
+                got, want = (got[1] // half, got[2]), (want[1] // half, want[2])
+            raise CheckpointError(f"checkpoint {source}: {to_hf_name(k, model.cfg)} has shape {got}, "
+                                  f"the model expects {want}")
     model.load_state_dict({k: t.to(expected[k].dtype) for k, t in sd.items()}, strict=True)
 
 
 def to_hf_name(internal: str, cfg: ModelConfig) -> str:
-    return re.sub(r"^model\.mtp_layers\.(\d+)\.", lambda m: f"model.layers.{cfg.num_hidden_layers + int(m.group(1))}.",
-                  internal)
+    """The HF name of an internal tensor, for messages; stacked experts read as `experts.*.<proj>.weight`."""
+    name = re.sub(r"^model\.mtp_layers\.(\d+)\.",
+                  lambda m: f"model.layers.{cfg.num_hidden_layers + int(m.group(1))}.", internal)
+    m = _EXPERT_KEY.match(name)
+    if not m:
+        return name
+    return f"{m.group(1)}.*.{'gate_proj' if m.group(2) == 'gate_up_proj' else m.group(2)}.weight"
 
 
 def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> LingForCausalLM:
