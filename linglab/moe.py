@@ -101,10 +101,45 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return torch._grouped_mm(x, w, offs=offs)
 
 
+class _Dispatch(torch.autograd.Function):
+    """x [N, H] -> the k copies of each token sorted by expert [N*k, H]; backward gathers and sums.
+
+    Dispatch and combine are each other's adjoint. Writing both as gathers (index_select) instead of
+    scatter-adds keeps them free of atomics: on a CPU this halves the time of everything but the GEMMs.
+    """
+
+    @staticmethod
+    def forward(ctx, x, token_of, inverse, k):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, token_of)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse).view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """Expert outputs sorted by expert [N*k, H] -> per-token sum over its k experts [N, H]."""
+
+    @staticmethod
+    def forward(ctx, out, token_of, inverse, k):
+        ctx.save_for_backward(token_of)
+        return out.index_select(0, inverse).view(-1, k, out.shape[-1]).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (token_of,) = ctx.saved_tensors
+        return grad.contiguous().index_select(0, token_of), None, None, None
+
+
 class MoE(nn.Module):
     """Routed experts + shared expert, dropless (SPEC §1.4 step 5).
 
-    While training, the number of tokens routed to each expert accumulates in `tokens_per_expert`
+    Dispatch: the N*k (token, expert) pairs are sorted by expert (stable, so deterministic), each
+    expert's contiguous segment goes through the grouped GEMMs, and combine sums every token's k
+    weighted outputs. While training, tokens routed to each expert accumulate in `tokens_per_expert`
     (a non-persistent buffer) for the trainer's bias update and the MaxVio metric.
     """
 
@@ -125,11 +160,14 @@ class MoE(nn.Module):
         k = idx.shape[1]
 
         flat_idx = idx.flatten()
-        order = flat_idx.argsort(stable=True)  # stable: deterministic token order inside each expert
-        counts = torch.bincount(flat_idx, minlength=self.cfg.num_experts)
+        order = flat_idx.argsort(stable=True)  # sorted slot -> (token, k) pair
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
         token_of = order // k
-        out = self.experts(x[token_of], weights.flatten()[order], counts)
-        y = torch.zeros_like(x).index_add_(0, token_of, out)
+        counts = torch.bincount(flat_idx, minlength=self.cfg.num_experts)
+
+        out = self.experts(_Dispatch.apply(x, token_of, inverse, k), weights.flatten()[order], counts)
+        y = _Combine.apply(out, token_of, inverse, k)
 
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
