@@ -1,0 +1,233 @@
+"""Training data: user text files, documents packed into fixed-length rows, and a resumable loader.
+
+A document is `tokens(prompt) + tokens(solution) + [eos]` (task corpus) or `tokens(text) + [eos]`
+(user data). Each token carries a loss-mask bit: 0 on prompt tokens, 1 on solution tokens and the
+EOS, so the model is trained to solve, not to pose, problems (`loss_on_prompt=True` trains on
+everything; user text is always trained on everything). Prompt and solution are encoded separately,
+exactly as the prompt is encoded alone when sampling.
+
+Packing: all documents are laid back to back in one stream, which is cut into rows of `seq_len + 1`
+tokens starting every `seq_len` tokens, so each row's last token is the next row's first and every
+adjacent pair of tokens is trained exactly once. Documents are split across rows where a row ends
+(standard packing); the leftover tail shorter than a row is dropped.
+
+    dataset = PackedDataset.from_pairs(pairs, tokenizer, seq_len=128)
+    loader = DataLoader(dataset, batch_size=32, seed=0)
+    inputs, targets, loss_mask = loader.next_batch()
+    state = loader.state_dict()            # save with the checkpoint; load_state_dict to resume
+
+User files (`load_text_documents`): `.txt` holds one document per block of lines separated by blank
+lines, `.jsonl` one JSON object with a string `text` field per line, `.parquet` a string `text`
+column; a directory means all such files directly inside it, in sorted order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from linglab.errors import LinglabError
+from linglab.tokenizer import Tokenizer
+
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+_BLANK_LINES = re.compile(r"\n[ \t]*\n")
+
+
+# ---------------------------------------------------------------- user files
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise LinglabError(f"{path}: not UTF-8 text (byte {error.start})") from None
+
+
+def _txt_documents(path: Path) -> list[str]:
+    text = _read_utf8(path).replace("\r\n", "\n")
+    # Strip only newlines so indentation at the start of a block survives.
+    return [block.strip("\n") for block in _BLANK_LINES.split(text) if block.strip()]
+
+
+def _jsonl_documents(path: Path) -> list[str]:
+    documents = []
+    for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise LinglabError(f"{path}: line {number}: invalid JSON ({error.msg})") from None
+        if not isinstance(record, dict) or "text" not in record:
+            raise LinglabError(f"{path}: line {number}: no 'text' field")
+        if not isinstance(record["text"], str):
+            raise LinglabError(f"{path}: line {number}: 'text' is not a string")
+        if record["text"].strip():
+            documents.append(record["text"])
+    return documents
+
+
+def _parquet_documents(path: Path) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as error:
+        raise LinglabError(f"{path}: not a readable parquet file ({str(error).splitlines()[0]})") from None
+    if "text" not in schema.names:
+        raise LinglabError(f"{path}: no 'text' column (columns: {', '.join(schema.names)})")
+    if not (pa.types.is_string(schema.field("text").type) or pa.types.is_large_string(schema.field("text").type)):
+        raise LinglabError(f"{path}: 'text' column is {schema.field('text').type}, not string")
+    texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    return [text for text in texts if text is not None and text.strip()]
+
+
+_READERS = {".txt": _txt_documents, ".jsonl": _jsonl_documents, ".parquet": _parquet_documents}
+
+
+def _file_documents(path: Path) -> list[str]:
+    if path.suffix not in _READERS:
+        raise LinglabError(f"{path}: unsupported file type (expected {', '.join(SUFFIXES)})")
+    if path.stat().st_size == 0:
+        raise LinglabError(f"{path}: file is empty")
+    documents = _READERS[path.suffix](path)
+    if not documents:
+        raise LinglabError(f"{path}: contains no documents")
+    return documents
+
+
+def load_text_documents(path: str | Path) -> list[str]:
+    """The documents in a `.txt`/`.jsonl`/`.parquet` file, or in all such files of a directory."""
+    path = Path(path)
+    if not path.exists():
+        raise LinglabError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        return _file_documents(path)
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in SUFFIXES)
+    if not files:
+        raise LinglabError(f"{path}: directory has no {', '.join(SUFFIXES)} files")
+    return [document for file in files for document in _file_documents(file)]
+
+
+# ---------------------------------------------------------------- packing
+
+
+def _stream(pieces: list[list[int]], bits: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate token pieces into one stream; every token of `pieces[i]` gets loss-mask bit `bits[i]`."""
+    lengths = np.fromiter((len(piece) for piece in pieces), dtype=np.int64, count=len(pieces))
+    tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=int(lengths.sum()))
+    return tokens, np.repeat(np.array(bits, dtype=np.bool_), lengths)
+
+
+class PackedDataset:
+    """Documents packed into rows: `tokens` and per-token `loss_mask`, both `[num_rows, seq_len + 1]`.
+
+    `loss_mask[r, j]` says whether token j of row r is trained as a target (it matters for j >= 1).
+    """
+
+    def __init__(self, tokens: torch.Tensor, loss_mask: torch.Tensor) -> None:
+        if tokens.shape != loss_mask.shape or tokens.dim() != 2:
+            raise ValueError(f"tokens {tuple(tokens.shape)} and loss_mask {tuple(loss_mask.shape)} "
+                             "must have the same 2-D shape")
+        self.tokens = tokens
+        self.loss_mask = loss_mask
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens.shape[1] - 1
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @classmethod
+    def from_stream(cls, tokens: np.ndarray, loss_mask: np.ndarray, seq_len: int,
+                    doc_starts: np.ndarray | None = None) -> PackedDataset:
+        """Cut a flat token stream into rows of `seq_len + 1` tokens that start every `seq_len` tokens.
+
+        With `doc_starts` (True at each document's first token), the loss is masked on a row's leading
+        fragment of a document that began in the previous row: its prompt is out of view, so its
+        answer digits cannot be predicted and would only add noise (~1/4 of the targets otherwise).
+        """
+        num_rows = (len(tokens) - 1) // seq_len
+        if num_rows < 1:
+            raise LinglabError(f"data has only {len(tokens)} tokens; need at least seq_len + 1 = {seq_len + 1}")
+        # Overlapping rows by one token is a strided view of the stream; copy it out once.
+        rows = np.lib.stride_tricks.sliding_window_view(tokens, seq_len + 1)[::seq_len][:num_rows]
+        mask_rows = np.lib.stride_tricks.sliding_window_view(loss_mask, seq_len + 1)[::seq_len][:num_rows].copy()
+        if doc_starts is not None:
+            start_rows = np.lib.stride_tricks.sliding_window_view(doc_starts, seq_len + 1)[::seq_len][:num_rows]
+            first_start = np.where(start_rows.any(axis=1), start_rows.argmax(axis=1), seq_len + 1)
+            mask_rows &= np.arange(seq_len + 1)[None, :] >= first_start[:, None]
+        return cls(torch.from_numpy(rows.copy()), torch.from_numpy(mask_rows))
+
+    @classmethod
+    def from_pairs(cls, pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, seq_len: int,
+                   loss_on_prompt: bool = False) -> PackedDataset:
+        """Pack (prompt, solution) documents; the loss covers the solution and EOS (and the prompt if asked)."""
+        encoded = tokenizer.encode_batch([text for pair in pairs for text in pair])
+        eos = [tokenizer.eos_id]
+        pieces = [piece for i in range(0, len(encoded), 2) for piece in (encoded[i], encoded[i + 1], eos)]
+        tokens, mask = _stream(pieces, [int(loss_on_prompt), 1, 1] * len(pairs))
+        _, starts = _stream(pieces, [1, 0, 0] * len(pairs))
+        first_of_prompt = starts & np.concatenate([[True], ~starts[:-1]])  # first token of each prompt
+        return cls.from_stream(tokens, mask, seq_len, doc_starts=first_of_prompt)
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str], tokenizer: Tokenizer, seq_len: int) -> PackedDataset:
+        """Pack plain-text documents, each followed by EOS, with the loss on every token."""
+        eos = [tokenizer.eos_id]
+        pieces = [piece for ids in tokenizer.encode_batch(texts) for piece in (ids, eos)]
+        tokens, mask = _stream(pieces, [1] * len(pieces))
+        return cls.from_stream(tokens, mask, seq_len)
+
+
+# ---------------------------------------------------------------- loading
+
+
+class DataLoader:
+    """Endless shuffled batches of rows, deterministic in `seed` and resumable from `state_dict()`.
+
+    Epoch e visits the rows in a permutation drawn from a generator seeded by (seed, e); a final
+    partial batch is skipped so every batch has `batch_size` rows.
+    """
+
+    def __init__(self, dataset: PackedDataset, batch_size: int, seed: int) -> None:
+        if len(dataset) < batch_size:
+            raise LinglabError(f"dataset has {len(dataset)} rows, fewer than batch_size={batch_size}; "
+                               "add data or lower the batch size")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0  # index into this epoch's permutation of the next batch's first row
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        # SeedSequence mixes (seed, epoch) so neighbouring seeds and epochs give unrelated orders.
+        mixed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        generator = torch.Generator().manual_seed(mixed)
+        return torch.randperm(len(self.dataset), generator=generator)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs, targets, loss_mask), each `[batch_size, seq_len]`: int64, int64, float32."""
+        if self.position + self.batch_size > len(self.dataset):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        rows = self._order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        tokens = self.dataset.tokens[rows].long()
+        return tokens[:, :-1], tokens[:, 1:], self.dataset.loss_mask[rows, 1:].float()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation(self.epoch)
