@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from linglab.flops import matmul_peak_flops  # noqa: F401  (re-exported for the scripts)
+
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
@@ -26,16 +28,6 @@ def time_it(fn, repeats: int = 5, warmup: int = 2) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def matmul_peak_flops(n: int = 4096, repeats: int = 3) -> float:
-    """fp32 FLOP/s of a large square matmul, measured now, in this process: the MFU denominator.
-
-    4096 rather than 2048: on this CPU the 2048 GEMM reaches only ~75% of the large-GEMM rate, which
-    would inflate every MFU computed against it.
-    """
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / time_it(lambda: a @ b, repeats=repeats)
 
 
 def report(script: str, results: dict[str, tuple[float, float]], extra: dict | None = None) -> None:

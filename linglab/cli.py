@@ -109,6 +109,15 @@ def cmd_check(args, overrides) -> None:
                   f"grad norm {grad_norm.item():.4f}, {elapsed:.2f} s")
 
 
+def cmd_train(args, overrides) -> None:
+    from linglab.train import run_training
+
+    cfg = _load_cfg(args, overrides)
+    out = Path(args.out or f"runs/{args.preset}")
+    command = "linglab " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
+    run_training(cfg, out, resume=args.resume, overwrite=args.overwrite, command=command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from linglab.config import PRESETS
 
@@ -138,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("train", help="pretrain a model (default: tiny preset on the embedded arithmetic corpus)")
+    add_config_args(p)
+    p.add_argument("--out", help="run directory (default: runs/<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start over")
+    p.set_defaults(func=cmd_train, command_line=None)
     return parser
 
 

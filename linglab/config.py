@@ -100,10 +100,76 @@ class ModelConfig:
 
 
 @dataclass
+class DataConfig:
+    """Training data and tokenizer (issue: training). Empty `path` = the embedded arithmetic corpus."""
+
+    path: str = ""  # .txt / .jsonl / .parquet file or directory of them; "" = linglab.tasks corpus
+    tokenizer: str = ""  # tokenizer.json to load; "" = train a byte-level BPE on the training data
+    vocab_size: int = 512  # for a trained tokenizer
+    seq_len: int = 128
+    num_documents: int = 40000  # size of the embedded corpus
+    tiers: list[int] = field(default_factory=lambda: [0, 1, 1, 2, 2, 2])  # repeats weight a tier
+    loss_on_prompt: bool = False  # embedded corpus: train on prompts too (default: answers only)
+    seed: int = 0  # corpus generation
+
+    def validate(self) -> None:
+        _check(self.seq_len >= 8, "data.seq_len", f"must be >= 8, got {self.seq_len}")
+        _check(self.vocab_size >= 258, "data.vocab_size", "must be >= 258 (256 bytes + eos + pad)")
+        _check(self.num_documents >= 1, "data.num_documents", "must be >= 1")
+        _check(len(self.tiers) >= 1 and all(t in (0, 1, 2) for t in self.tiers), "data.tiers",
+               f"must be a non-empty list of tiers 0, 1, 2, got {self.tiers}")
+
+
+@dataclass
+class TrainConfig:
+    """The pretraining loop (SPEC §2): AdamW, warmup then WSD or WSM, checkpoints, balancing."""
+
+    max_steps: int = 600
+    batch_size: int = 32  # sequences per optimizer step (split into grad_accum micro-batches)
+    grad_accum: int = 1
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    schedule: str = "wsd"  # "wsd": decay at the end; "wsm": constant LR, decay by merging checkpoints
+    decay_frac: float = 0.3  # wsd: fraction of steps in the final linear decay to 0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    bias_update_rate: float = 1e-3  # u of the aux-loss-free balancing (SPEC §1.4)
+    seed: int = 0
+    ckpt_every: int = 100  # steps between checkpoints
+    keep_last: int = 3  # checkpoints kept (the final one is always kept)
+    eval_every: int = 200  # steps between held-out evaluations (0 = only at the end)
+    eval_problems: int = 100  # held-out problems per tier for accuracy
+    log_every: int = 10  # steps between progress-bar refreshes
+    load_every: int = 50  # steps between expert-load snapshots in metrics.jsonl
+    max_bad_steps: int = 5  # consecutive non-finite steps that stop the run
+    num_samples: int = 12  # generated samples written at the end
+
+    def validate(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "ckpt_every", "keep_last", "log_every",
+                     "load_every", "max_bad_steps", "eval_problems"):
+            _check(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.batch_size % self.grad_accum == 0, "train.batch_size",
+               f"({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _check(self.schedule in ("wsd", "wsm"), "train.schedule", f"must be 'wsd' or 'wsm', got {self.schedule!r}")
+        _check(0.0 <= self.decay_frac <= 1.0, "train.decay_frac", "must be in [0, 1]")
+        _check(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "train.beta1/beta2", "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.grad_clip > 0, "train.grad_clip", "must be > 0")
+        _check(self.bias_update_rate >= 0, "train.bias_update_rate", "must be >= 0")
+        _check(self.eval_every >= 0 and self.num_samples >= 0, "train.eval_every/num_samples", "must be >= 0")
+
+
+@dataclass
 class Config:
     """The whole tree; every component gets only its own section."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

@@ -39,7 +39,7 @@ def rope(x, pos, rope_dim, theta):
 def router_ref(x, gate_w, bias, cfg):
     """Per token: sigmoid scores, bias for selection only, group-limited top-k, normalised weights."""
     E, G, kg, k = cfg["num_experts"], cfg["n_group"], cfg["topk_group"], cfg["num_experts_per_tok"]
-    s = torch.sigmoid((gate_w.double() @ x.double()))
+    s = torch.sigmoid(gate_w.double() @ x.double())
     sel = s + bias.double()
     per = E // G
     group_scores = [sorted(sel[g * per:(g + 1) * per].tolist(), reverse=True)[:2] for g in range(G)]

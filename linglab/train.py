@@ -1,0 +1,402 @@
+"""Pretraining (SPEC §2): AdamW, linear warmup then WSD or WSM, MTP, aux-loss-free balancing, exact resume.
+
+    linglab train --preset tiny --out runs/tiny            # the main job (`make run`)
+    linglab train --out runs/tiny --resume                  # continue bit-exactly from the last checkpoint
+
+A run directory holds the resolved `config.toml`, `tokenizer.json`, `metrics.jsonl`, TensorBoard events
+(when tensorboard is installed), `checkpoints/step_NNNNNN/` (each an HF BailingMoeV2 checkpoint plus
+`train_state.pt`), `final/` (the last model as an HF checkpoint with its tokenizer), held-out
+evaluations, samples, plots and `report.md`.
+
+Per step: a forward/backward per micro-batch, gradient clipping, a skip if the loss or the gradient is
+not finite, the AdamW step, then the expert-bias update from this step's expert loads (SPEC §1.4).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from linglab import checkpoint as ckpt
+from linglab.config import Config, DataConfig, TrainConfig, to_toml
+from linglab.data import DataLoader, PackedDataset, load_text_documents
+from linglab.errors import LinglabError
+from linglab.flops import flops_per_token, matmul_peak_flops
+from linglab.model import LingForCausalLM, build_model, count_parameters
+from linglab.moe import max_violation, update_expert_bias
+from linglab.tasks import TIERS, format_document, generate_problems
+from linglab.tokenizer import Tokenizer, load_tokenizer
+
+STATE_NAME = "train_state.pt"
+
+
+class TrainingDiverged(LinglabError):
+    """Too many consecutive non-finite steps."""
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """LR for optimizer step `step` (1-based): linear warmup, then constant (WSM) or constant + linear decay (WSD)."""
+    if cfg.warmup_steps and step <= cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    if cfg.schedule == "wsd":
+        decay_steps = int(cfg.max_steps * cfg.decay_frac)
+        decay_start = cfg.max_steps - decay_steps
+        if decay_steps and step > decay_start:
+            return cfg.lr * (cfg.max_steps - step) / decay_steps
+    return cfg.lr
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class RunData:
+    tokenizer: Tokenizer
+    train: PackedDataset
+    heldout: PackedDataset | None
+    heldout_problems: dict[int, list] = field(default_factory=dict)  # tier -> problems (embedded corpus)
+
+
+def build_data(cfg: DataConfig, run_dir: Path, eval_problems: int) -> RunData:
+    """Corpus, tokenizer (loaded, reused from the run dir, or trained and saved there) and packed datasets."""
+    heldout_problems, heldout = {}, None
+    if cfg.path:
+        texts = load_text_documents(cfg.path)
+        pairs = None
+    else:
+        problems = generate_problems(cfg.num_documents, tiers=cfg.tiers, seed=cfg.seed, split="train")
+        pairs = [format_document(p) for p in problems]
+        texts = [prompt + solution for prompt, solution in pairs]
+        for tier in sorted(set(cfg.tiers)):
+            heldout_problems[tier] = generate_problems(eval_problems, tiers=[tier], seed=cfg.seed + 1 + tier,
+                                                       split="heldout")
+
+    saved = run_dir / "tokenizer.json"
+    if cfg.tokenizer:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    elif saved.is_file():
+        tokenizer = load_tokenizer(saved)
+    else:
+        tokenizer = Tokenizer.train(texts[:20000], vocab_size=cfg.vocab_size)
+    tokenizer.save(saved)
+
+    if pairs is not None:
+        train = PackedDataset.from_pairs(pairs, tokenizer, cfg.seq_len, loss_on_prompt=cfg.loss_on_prompt)
+        held_pairs = [format_document(p) for tier in heldout_problems for p in heldout_problems[tier]]
+        heldout = PackedDataset.from_pairs(held_pairs, tokenizer, cfg.seq_len) if held_pairs else None
+    else:
+        train = PackedDataset.from_texts(texts, tokenizer, cfg.seq_len)
+    return RunData(tokenizer, train, heldout, heldout_problems)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temp dirs of an interrupted write are ignored)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
+                  and (p / STATE_NAME).is_file())
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, loader: DataLoader, tokenizer: Tokenizer, step: int,
+                    counters: dict, keep_last: int) -> Path:
+    """HF checkpoint + training state, written atomically; prunes all but the last `keep_last`."""
+    out = run_dir / "checkpoints" / f"step_{step:06d}"
+    state = {"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
+             "rng": _rng_state(), "counters": dict(counters)}
+
+    def write(tmp: Path) -> None:
+        ckpt.write_model_files(model, tmp)
+        tokenizer.save(tmp / "tokenizer.json")
+        torch.save(state, tmp / STATE_NAME)
+
+    ckpt.write_atomically(out, write)
+    for old in checkpoint_dirs(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def load_checkpoint(path: Path, model, optimizer, loader: DataLoader) -> dict:
+    """Restore weights, optimizer, data position and RNG from a checkpoint directory; returns the state."""
+    ckpt.load_state_into(model, ckpt.load_hf_tensors(path), str(path))
+    try:
+        state = torch.load(path / STATE_NAME, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+    except (OSError, RuntimeError, KeyError, ValueError, EOFError) as e:
+        raise ckpt.CheckpointError(f"checkpoint {path}: unreadable training state ({e})") from None
+    loader.load_state_dict(state["loader"])
+    _set_rng_state(state["rng"])
+    return state
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def make_optimizer(model: LingForCausalLM, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (SPEC §2); no weight decay on norms (1-D weights), as is standard."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+class Trainer:
+    """Owns the state of one run: model, optimizer, loader, counters, metrics file."""
+
+    def __init__(self, cfg: Config, run_dir: Path, data: RunData, model: LingForCausalLM, log=print):
+        self.cfg, self.tcfg = cfg, cfg.train
+        self.run_dir = run_dir
+        self.data = data
+        self.model = model
+        self.log = log
+        self.optimizer = make_optimizer(model, self.tcfg)
+        self.loader = DataLoader(data.train, batch_size=self.tcfg.batch_size, seed=self.tcfg.seed)
+        self.step = 0
+        self.counters = {"tokens": 0, "skipped": 0, "bad_in_a_row": 0, "elapsed": 0.0}
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak_flops = matmul_peak_flops(repeats=2)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.tb = _tensorboard_writer(run_dir)
+
+    # -- state
+
+    def resume(self) -> Path | None:
+        ckpts = checkpoint_dirs(self.run_dir)
+        if not ckpts:
+            return None
+        state = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.loader)
+        self.step = state["step"]
+        self.counters.update(state["counters"])
+        self.counters["bad_in_a_row"] = 0
+        _truncate_metrics(self.metrics_path, self.step)
+        return ckpts[-1]
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.model, self.optimizer, self.loader, self.data.tokenizer,
+                               self.step, self.counters, self.tcfg.keep_last)
+
+    # -- one optimizer step
+
+    def train_step(self) -> dict:
+        """Forward/backward over grad_accum micro-batches, clip, skip if non-finite, AdamW, bias update."""
+        model, tcfg = self.model, self.tcfg
+        model.train()
+        moe_layers = model.moe_layers()
+        for m in moe_layers:
+            m.tokens_per_expert.zero_()
+        lr = lr_at(self.step + 1, tcfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        inputs, targets, mask = self.loader.next_batch()
+        totals = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "z_loss": 0.0}
+        for mi, ti, ki in zip(inputs.chunk(tcfg.grad_accum), targets.chunk(tcfg.grad_accum),
+                              mask.chunk(tcfg.grad_accum)):
+            out = model(mi, targets=ti, loss_mask=ki)
+            (out.loss / tcfg.grad_accum).backward()
+            for key in totals:
+                value = getattr(out, key)
+                totals[key] += 0.0 if value is None else value.item() / tcfg.grad_accum
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip).item()
+        finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            loads = [m.tokens_per_expert.clone() for m in moe_layers]
+            for m, load in zip(moe_layers, loads):
+                update_expert_bias(m.gate.expert_bias, load, tcfg.bias_update_rate)
+            self.counters["bad_in_a_row"] = 0
+        else:
+            loads = [m.tokens_per_expert.clone() for m in moe_layers]
+            self.counters["skipped"] += 1
+            self.counters["bad_in_a_row"] += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.counters["tokens"] += inputs.numel()
+        vios = [max_violation(load) for load in loads]
+        row = {"kind": "train", "step": self.step, "tokens": self.counters["tokens"], "lr": lr,
+               "grad_norm": grad_norm, "maxvio": max(vios, default=0.0), "maxvio_per_layer": vios,
+               "skipped": not finite, **totals}
+        if not self.cfg.model.num_nextn_predict_layers:
+            row["mtp_loss"] = None
+        if self.cfg.model.router_z_loss_coef == 0:
+            row["z_loss"] = None
+        if self.step % tcfg.load_every == 0 or self.step == 1:
+            row["expert_load"] = [(load / load.sum().clamp(min=1)).tolist() for load in loads]
+        return row
+
+    def write_metrics(self, row: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self.tb.add_scalar(f"{row['kind']}/{key}", value, row["step"])
+                elif isinstance(value, dict):
+                    for k, v in value.items():
+                        self.tb.add_scalar(f"{row['kind']}/{key}/{k}", v, row["step"])
+
+    # -- the run
+
+    def fit(self, progress=None, task=None, evaluate=None) -> None:
+        """Train to max_steps with checkpoints, evals and metrics; `evaluate(step)` returns an eval row."""
+        tcfg = self.tcfg
+        while self.step < tcfg.max_steps:
+            start = time.perf_counter()
+            row = self.train_step()
+            elapsed = time.perf_counter() - start
+            self.counters["elapsed"] += elapsed
+            tokens = self.tcfg.batch_size * self.cfg.data.seq_len
+            row.update(time=self.counters["elapsed"], tokens_per_s=tokens / elapsed,
+                       mfu=self.flops_per_token * tokens / elapsed / self.peak_flops)
+            self.write_metrics(row)
+            if row["skipped"]:
+                self.log(f"step {self.step}: non-finite loss or gradient, step skipped "
+                         f"({self.counters['bad_in_a_row']} in a row)")
+                if self.counters["bad_in_a_row"] >= tcfg.max_bad_steps:
+                    last = checkpoint_dirs(self.run_dir)
+                    where = f"; last good checkpoint: {last[-1]}" if last else ""
+                    raise TrainingDiverged(f"train: {tcfg.max_bad_steps} non-finite steps in a row at step "
+                                           f"{self.step}, stopping{where}")
+            if progress is not None:
+                progress.update(task, completed=self.step, loss=row["loss"], tps=row["tokens_per_s"])
+            if evaluate is not None and tcfg.eval_every and self.step % tcfg.eval_every == 0 \
+                    and self.step < tcfg.max_steps:
+                self.write_metrics(evaluate(self.step))
+            if self.step % tcfg.ckpt_every == 0 or self.step == tcfg.max_steps:
+                self.save()
+        if self.tb is not None:
+            self.tb.flush()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past `step` (and a torn last line): a resumed run rewrites them."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _tensorboard_writer(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an existing run unless asked; --resume needs an existing run."""
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if resume:
+        if not exists:
+            raise LinglabError(f"train: --resume given but {run_dir} has no run to resume")
+        return
+    if exists and not overwrite:
+        raise LinglabError(f"train: {run_dir} already holds a run (use --resume to continue it or "
+                           "--overwrite to start over)")
+    if exists:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def run_training(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False,
+                 command: str = "", console=None) -> dict:
+    """The whole job: data, model, training loop, final checkpoint, evaluation, samples, report."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from linglab import evals, report
+
+    console = console or Console()
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, resume, overwrite)
+    if resume and (run_dir / "config.toml").is_file() and (run_dir / "config.toml").read_text() != to_toml(cfg):
+        console.print("[yellow]note: the config differs from the run's config.toml; using the one given now")
+    (run_dir / "config.toml").write_text(to_toml(cfg))
+
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    data = build_data(cfg.data, run_dir, cfg.train.eval_problems)
+    if data.tokenizer.vocab_size > cfg.model.vocab_size:
+        raise LinglabError(f"train: tokenizer has {data.tokenizer.vocab_size} tokens but model.vocab_size is "
+                           f"{cfg.model.vocab_size}")
+    model = build_model(cfg.model, seed=cfg.train.seed)
+    counts = count_parameters(model)
+    (run_dir / "params.json").write_text(json.dumps(counts.__dict__, indent=2) + "\n")
+    trainer = Trainer(cfg, run_dir, data, model, log=console.print)
+    if resume:
+        resumed_from = trainer.resume()
+        console.print(f"resumed from {resumed_from}" if resumed_from else "no checkpoint yet: starting from step 0")
+        if resumed_from is None:
+            _truncate_metrics(trainer.metrics_path, 0)
+
+    def evaluate(step: int) -> dict:
+        return evals.evaluate_run(model, data, step, cfg.data.seq_len)
+
+    console.print(f"training {counts.total / 1e6:.2f}M parameters ({counts.active / 1e6:.2f}M active) on "
+                  f"{len(data.train)} sequences of {cfg.data.seq_len} tokens -> {run_dir}")
+    columns = [TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
+               TextColumn("{task.fields[tps]:.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("train", total=cfg.train.max_steps, completed=trainer.step, loss=float("nan"), tps=0.0)
+        trainer.fit(progress, task, evaluate)
+
+    final_ckpt = checkpoint_dirs(run_dir)[-1]
+    final = run_dir / "final"
+    ckpt.write_atomically(final, lambda tmp: _copy_model_files(final_ckpt, tmp))
+
+    final_eval = evaluate(trainer.step)
+    trainer.write_metrics(final_eval)
+    tiers = {TIERS[t].name: {"accuracy": final_eval["accuracy"][TIERS[t].name], "n": len(data.heldout_problems[t]),
+                             "description": TIERS[t].description} for t in data.heldout_problems}
+    (run_dir / "final_eval.json").write_text(json.dumps(
+        {"step": trainer.step, "heldout_loss": final_eval.get("heldout_loss"), "tiers": tiers}, indent=2) + "\n")
+    samples = evals.sample_completions(model, data, cfg.train.num_samples, seed=cfg.train.seed)
+    (run_dir / "samples.json").write_text(json.dumps(samples, indent=2) + "\n")
+    summary = {"steps": trainer.step, "tokens": trainer.counters["tokens"], "wall_time_s": trainer.counters["elapsed"],
+               "skipped_steps": trainer.counters["skipped"], "final_checkpoint": str(final), "command": command}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    report_path = report.write_report(run_dir)  # draws the plots too
+    for name, tier in tiers.items():
+        console.print(f"held-out {name:7s} exact match {tier['accuracy']:.1%} (n={tier['n']})")
+    console.print(f"report: {report_path}")
+    return summary
+
+
+def _copy_model_files(src: Path, dst: Path) -> None:
+    for name in (ckpt.CONFIG_NAME, ckpt.WEIGHTS_NAME, "tokenizer.json"):
+        shutil.copy2(src / name, dst / name)

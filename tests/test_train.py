@@ -1,0 +1,153 @@
+"""Training: schedule, bit-exact resume after SIGKILL, non-finite steps, and one-line errors (exit 2)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from linglab.cli import main
+from linglab.config import TrainConfig, load_config
+from linglab.model import build_model
+from linglab.train import Trainer, TrainingDiverged, build_data, checkpoint_dirs, lr_at, prepare_run_dir
+
+# A fast run: small batch, short sequences, a small corpus and few held-out problems.
+FAST = ["--train.batch_size=8", "--data.seq_len=64", "--data.num_documents=1500", "--train.eval_problems=4",
+        "--train.num_samples=2", "--train.eval_every=0", "--model.num_hidden_layers=2", "--train.warmup_steps=5"]
+
+
+def test_lr_schedules():
+    wsd = TrainConfig(lr=1.0, warmup_steps=10, max_steps=100, schedule="wsd", decay_frac=0.2)
+    assert lr_at(5, wsd) == 0.5 and lr_at(10, wsd) == 1.0 and lr_at(80, wsd) == 1.0
+    assert lr_at(90, wsd) == pytest.approx(0.5) and lr_at(100, wsd) == 0.0
+    wsm = TrainConfig(lr=1.0, warmup_steps=10, max_steps=100, schedule="wsm")
+    assert lr_at(100, wsm) == 1.0 and lr_at(3, wsm) == pytest.approx(0.3)
+
+
+def _train_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "linglab.cli", "train", "--out", str(out), "--train.max_steps=40",
+            "--train.ckpt_every=10", *FAST, *extra]
+
+
+def test_sigkill_then_resume_is_bit_exact(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    full = tmp_path / "full"
+    subprocess.run(_train_cmd(full), check=True, capture_output=True, env=env)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(d.name >= "step_000020" for d in checkpoint_dirs(killed)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint_dirs(killed), "the run was killed before its first checkpoint"
+    assert not (killed / "final").exists(), "the run finished before it could be killed"
+    subprocess.run(_train_cmd(killed, "--resume"), check=True, capture_output=True, env=env)
+
+    a = (full / "final" / "model.safetensors").read_bytes()
+    b = (killed / "final" / "model.safetensors").read_bytes()
+    assert a == b
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, 41)), "a resumed run rewrites the metrics past its checkpoint exactly once"
+    for name in ("report.md", "final_eval.json", "samples.json", "plots/loss.png", "final/tokenizer.json"):
+        assert (killed / name).is_file(), name
+
+
+def _trainer(tmp_path, max_bad_steps=3):
+    cfg = load_config("tiny", overrides=FAST + ["--train.max_steps=20", "--train.ckpt_every=2",
+                                                f"--train.max_bad_steps={max_bad_steps}"])
+    prepare_run_dir(tmp_path, resume=False, overwrite=True)
+    data = build_data(cfg.data, tmp_path, cfg.train.eval_problems)
+    return Trainer(cfg, tmp_path, data, build_model(cfg.model, seed=0), log=lambda *a: None)
+
+
+def test_non_finite_steps_are_skipped_and_too_many_stop_with_last_good_checkpoint(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path)
+    real_forward = trainer.model.forward
+
+    def forward(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        return _poisoned(out) if trainer.step + 1 in {3, 6, 7, 8} else out
+
+    monkeypatch.setattr(trainer.model, "forward", forward)
+    with pytest.raises(TrainingDiverged, match="3 non-finite steps in a row at step 8.*step_000006"):
+        trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["skipped"]] == [3, 6, 7, 8]
+    assert trainer.counters["skipped"] == 4
+    assert checkpoint_dirs(tmp_path)[-1].name == "step_000006"  # no checkpoint of the diverged state
+
+
+def test_skipped_step_does_not_change_weights(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path, max_bad_steps=5)
+    trainer.train_step()
+    real_forward = trainer.model.forward
+    monkeypatch.setattr(trainer.model, "forward",
+                        lambda *a, **k: _poisoned(real_forward(*a, **k)))
+    snapshot = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    row = trainer.train_step()
+    assert row["skipped"] and trainer.counters["bad_in_a_row"] == 1
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, snapshot[k]), k
+
+
+def _poisoned(out):
+    out.loss = out.loss * float("inf")
+    return out
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--train.max_steps=4", "--train.ckpt_every=2", *FAST]) == 0
+    return out
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+def test_existing_run_is_never_overwritten_without_flag(finished_run, capsys):
+    before = (finished_run / "final" / "model.safetensors").read_bytes()
+    assert main(["train", "--out", str(finished_run), *FAST]) == 2
+    assert "already holds a run" in _error(capsys)
+    assert (finished_run / "final" / "model.safetensors").read_bytes() == before
+
+
+def test_resume_with_another_shape_is_refused(finished_run, capsys):
+    assert main(["train", "--out", str(finished_run), "--resume", "--train.max_steps=6", *FAST,
+                 "--model.hidden_size=64"]) == 2
+    assert "has shape" in _error(capsys)
+
+
+def test_resume_from_corrupted_checkpoint_is_refused(finished_run, capsys):
+    last = checkpoint_dirs(finished_run)[-1] / "model.safetensors"
+    last.write_bytes(last.read_bytes()[:100])
+    assert main(["train", "--out", str(finished_run), "--resume", "--train.max_steps=6", *FAST]) == 2
+    assert "corrupted" in _error(capsys)
+
+
+@pytest.mark.parametrize("setup, args, message", [
+    (None, ["--data.path={tmp}/missing.jsonl"], "missing.jsonl"),
+    ("empty.txt", ["--data.path={tmp}/empty.txt"], "empty.txt"),
+    ("bad.json", ["--data.tokenizer={tmp}/bad.json"], "bad.json"),
+    (None, ["--train.bogus=1"], "unknown key 'train.bogus'"),
+    (None, ["--train.schedule=cosine"], "train.schedule must be 'wsd' or 'wsm'"),
+])
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, setup, args, message):
+    if setup == "empty.txt":
+        (tmp_path / "empty.txt").write_text("")
+    if setup == "bad.json":
+        (tmp_path / "bad.json").write_text("{not a tokenizer")
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert main(["train", "--out", str(tmp_path / "run"), *FAST, *args]) == 2
+    assert message in _error(capsys)
