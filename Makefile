@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/linglab check
+	$(VENV)/bin/linglab train --preset tiny --out runs/tiny --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -118,6 +118,79 @@ def cmd_train(args, overrides) -> None:
     run_training(cfg, out, resume=args.resume, overwrite=args.overwrite, command=command)
 
 
+def cmd_merge(args, overrides) -> None:
+    """WSM (SPEC §2): average checkpoints with weights that realise a target decay."""
+    from linglab.merge import decay_schedule, merge_checkpoints, merge_weights_from_decay
+
+    if overrides:
+        raise LinglabError(f"merge: unexpected arguments {' '.join(overrides)}")
+    ckpts = [Path(p) for p in args.ckpts]
+    if len(ckpts) == 1 and (ckpts[0] / "checkpoints").is_dir():  # a run directory: its kept checkpoints
+        from linglab.train import checkpoint_dirs
+
+        ckpts = checkpoint_dirs(ckpts[0])
+    if len(ckpts) < 2:
+        raise LinglabError(f"merge: need at least 2 checkpoints, got {len(ckpts)}")
+    weights = merge_weights_from_decay(decay_schedule(args.decay, len(ckpts) - 1))
+    merge_checkpoints(ckpts, weights, Path(args.out))
+    for path, w in zip(ckpts, weights):
+        print(f"  {w:.4f}  {path}")
+    print(f"wrote {args.out} (merge of {len(ckpts)} checkpoints, target decay '{args.decay}')")
+
+
+def cmd_generate(args, overrides) -> None:
+    from linglab.checkpoint import from_pretrained
+    from linglab.generate import generate
+    from linglab.tokenizer import load_tokenizer
+
+    if overrides:
+        raise LinglabError(f"generate: unexpected arguments {' '.join(overrides)}")
+    model = from_pretrained(args.ckpt)
+    tokenizer = load_tokenizer(Path(args.ckpt) / "tokenizer.json")
+    prompt = args.prompt.replace("\\n", "\n")
+    if not prompt.endswith("\n") and not args.raw:
+        prompt += "\n"  # the embedded tasks put the answer after the prompt's newline
+    print(prompt, end="", flush=True)
+    pieces: list[int] = []
+
+    def stream(row: int, token: int) -> None:  # decode the growing sequence; print only the new text
+        before = tokenizer.decode(pieces)
+        pieces.append(token)
+        print(tokenizer.decode(pieces)[len(before):], end="", flush=True)
+
+    generate(model, [tokenizer.encode(prompt)], args.max_new_tokens, tokenizer.eos_id, temperature=args.temperature,
+             top_p=args.top_p, seed=args.seed, use_cache=True, on_token=stream)
+    print()
+
+
+def cmd_eval(args, overrides) -> None:
+    """Held-out loss and greedy exact match per tier of a checkpoint, on the embedded tasks."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from linglab import evals
+    from linglab.checkpoint import from_pretrained
+    from linglab.data import PackedDataset
+    from linglab.tasks import TIERS, format_document, generate_problems
+    from linglab.tokenizer import load_tokenizer
+
+    if overrides:
+        raise LinglabError(f"eval: unexpected arguments {' '.join(overrides)}")
+    model = from_pretrained(args.ckpt)
+    tokenizer = load_tokenizer(Path(args.ckpt) / "tokenizer.json")
+    table = Table(title=f"held-out evaluation of {args.ckpt}")
+    for col in ("tier", "description", "exact match", "n", "held-out loss"):
+        table.add_column(col)
+    for tier, info in enumerate(TIERS):
+        # Same held-out problems as the training run's evaluation with data.seed = args.data_seed.
+        problems = generate_problems(args.problems, tiers=[tier], seed=args.data_seed + 1 + tier, split="heldout")
+        packed = PackedDataset.from_pairs([format_document(p) for p in problems], tokenizer, args.seq_len)
+        acc = evals.tier_accuracy(model, tokenizer, problems)
+        table.add_row(info.name, info.description, f"{acc:.1%}", str(len(problems)),
+                      f"{evals.heldout_loss(model, packed):.4f}")
+    Console().print(table)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from linglab.config import PRESETS
 
@@ -154,6 +227,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start over")
     p.set_defaults(func=cmd_train, command_line=None)
+
+    p = sub.add_parser("merge", help="WSM: merge checkpoints with weights from a target decay (SPEC §2)")
+    p.add_argument("ckpts", nargs="+", help="checkpoint dirs, oldest first, or one run dir (its kept checkpoints)")
+    p.add_argument("--out", required=True, help="merged checkpoint directory to write")
+    p.add_argument("--decay", default="linear", choices=["linear", "cosine", "sqrt"],
+                   help="target decay the merge emulates (linear = plain mean; default)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("generate", help="sample from a checkpoint, streaming (KV cache)")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory with tokenizer.json")
+    p.add_argument("--prompt", required=True, help="prompt text (\\n for newlines), e.g. '47+58=?'")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="do not append a newline to the prompt")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="held-out loss and exact match per difficulty tier of a checkpoint")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory with tokenizer.json")
+    p.add_argument("--problems", type=int, default=100, help="held-out problems per tier (default 100)")
+    p.add_argument("--data-seed", type=int, default=0, help="data.seed of the training run (default 0)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

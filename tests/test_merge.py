@@ -163,7 +163,7 @@ def test_merge_checkpoints_end_to_end(tmp_path):
 
 def test_merge_checkpoints_rejects_different_configs(tmp_path):
     a = one_layer_checkpoint(tmp_path / "a", seed=0)
-    b = one_layer_checkpoint(tmp_path / "b", seed=1, rope_theta=10000.0)
+    b = one_layer_checkpoint(tmp_path / "b", seed=1, rope_theta=20000.0)
     with pytest.raises(LinglabError, match="differs .* at 'rope_theta'"):
         merge_checkpoints([a, b], [0.5, 0.5], tmp_path / "out")
     assert not (tmp_path / "out").exists()

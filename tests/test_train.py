@@ -151,3 +151,24 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, setup, args, message)
     args = [a.format(tmp=tmp_path) for a in args]
     assert main(["train", "--out", str(tmp_path / "run"), *FAST, *args]) == 2
     assert message in _error(capsys)
+
+
+def test_merge_generate_and_eval_commands_on_a_run(finished_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    merged = tmp_path / "merged"
+    assert main(["merge", str(finished_run), "--out", str(merged)]) == 0  # a run dir: its kept checkpoints
+    ckpts = checkpoint_dirs(finished_run)
+    tensors = [load_file(str(c / "model.safetensors")) for c in ckpts]
+    out = load_file(str(merged / "model.safetensors"))
+    name = "lm_head.weight"
+    assert torch.allclose(out[name], sum(t[name] for t in tensors) / len(tensors), atol=1e-6)  # linear = mean
+    assert (merged / "tokenizer.json").is_file()
+
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(finished_run / "final"), "--prompt", "12+34=?", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.startswith("12+34=?\n")
+    assert main(["eval", "--ckpt", str(merged), "--problems", "3", "--seq-len", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "easy" in out and "hard" in out
+    assert main(["merge", str(ckpts[-1]), "--out", str(tmp_path / "m2")]) == 2
