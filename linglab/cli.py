@@ -114,8 +114,7 @@ def cmd_train(args, overrides) -> None:
 
     cfg = _load_cfg(args, overrides)
     out = Path(args.out or f"runs/{args.preset}")
-    command = "linglab " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
-    run_training(cfg, out, resume=args.resume, overwrite=args.overwrite, command=command)
+    run_training(cfg, out, resume=args.resume, overwrite=args.overwrite, command="linglab " + " ".join(sys.argv[1:]))
 
 
 def cmd_merge(args, overrides) -> None:
@@ -226,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start over")
-    p.set_defaults(func=cmd_train, command_line=None)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("merge", help="WSM: merge checkpoints with weights from a target decay (SPEC §2)")
     p.add_argument("ckpts", nargs="+", help="checkpoint dirs, oldest first, or one run dir (its kept checkpoints)")

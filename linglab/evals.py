@@ -54,13 +54,13 @@ def evaluate_run(model: LingForCausalLM, data, step: int, seq_len: int) -> dict:
     return row
 
 
-def sample_completions(model: LingForCausalLM, data, n: int, seed: int) -> list[dict]:
+def sample_completions(model: LingForCausalLM, data, n: int) -> list[dict]:
     """Up to n greedy completions of held-out prompts, spread over tiers, for the run report."""
-    tiers = list(data.heldout_problems)
-    if not tiers or n == 0:
+    # Round-robin over tiers: the first problem of each tier, then the second of each, ...
+    interleaved = [p for group in zip(*data.heldout_problems.values()) for p in group]
+    chosen = interleaved[:n]
+    if not chosen:
         return []
-    chosen = [data.heldout_problems[tiers[i % len(tiers)]][i // len(tiers)] for i in range(n)
-              if i // len(tiers) < len(data.heldout_problems[tiers[i % len(tiers)]])]
     completions = generate_text(model, data.tokenizer, [p.prompt for p in chosen], max_new_tokens=MAX_NEW_TOKENS,
                                 temperature=0.0)
     return [{"prompt": p.prompt, "completion": c, "answer": p.answer, "correct": is_correct(c, p),

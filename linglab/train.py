@@ -222,14 +222,13 @@ class Trainer:
 
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip).item()
         finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
+        loads = [m.tokens_per_expert for m in moe_layers]  # zeroed only at the start of the next step
         if finite:
             self.optimizer.step()
-            loads = [m.tokens_per_expert.clone() for m in moe_layers]
             for m, load in zip(moe_layers, loads):
                 update_expert_bias(m.gate.expert_bias, load, tcfg.bias_update_rate)
             self.counters["bad_in_a_row"] = 0
         else:
-            loads = [m.tokens_per_expert.clone() for m in moe_layers]
             self.counters["skipped"] += 1
             self.counters["bad_in_a_row"] += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -385,7 +384,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bo
                              "description": TIERS[t].description} for t in data.heldout_problems}
     (run_dir / "final_eval.json").write_text(json.dumps(
         {"step": trainer.step, "heldout_loss": final_eval.get("heldout_loss"), "tiers": tiers}, indent=2) + "\n")
-    samples = evals.sample_completions(model, data, cfg.train.num_samples, seed=cfg.train.seed)
+    samples = evals.sample_completions(model, data, cfg.train.num_samples)
     (run_dir / "samples.json").write_text(json.dumps(samples, indent=2) + "\n")
     summary = {"steps": trainer.step, "tokens": trainer.counters["tokens"], "wall_time_s": trainer.counters["elapsed"],
                "skipped_steps": trainer.counters["skipped"], "final_checkpoint": str(final), "command": command}
