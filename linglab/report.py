@@ -30,7 +30,7 @@ matplotlib.use("Agg")  # files only: training machines have no display and tests
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.colors import ListedColormap, Normalize, TwoSlopeNorm  # noqa: E402
+from matplotlib.colors import ListedColormap, LogNorm, Normalize, TwoSlopeNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 from linglab.errors import LinglabError  # noqa: E402
@@ -343,6 +343,76 @@ _PLOTS: list[tuple[str, Callable[[list[dict], list[dict], Path], str | None]]] =
 ]
 
 
+def read_fp8_samples(path: str | Path) -> list[dict]:
+    """The FP8 safeguard-monitor rows of a metrics.jsonl (`kind: fp8`), sorted by step, the later one per step."""
+    by_step = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("kind") == "fp8" and _is_int(row.get("step")) \
+                    and isinstance(row.get("ops"), dict):
+                by_step[row["step"]] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+FP8_KINDS = ("act", "weight", "grad")
+
+
+def fp8_matrices(sample: dict) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(op names, underflow [ops, 3], 1 - cosine [ops, 3]) of one monitor sample; NaN where a kind is absent."""
+    names = sorted(sample["ops"], key=_op_order)
+    under = np.full((len(names), len(FP8_KINDS)), np.nan)
+    dist = np.full_like(under, np.nan)
+    for i, name in enumerate(names):
+        for j, kind in enumerate(FP8_KINDS):
+            pair = sample["ops"][name].get(kind)
+            if isinstance(pair, list) and len(pair) == 2 and all(_is_num(v) for v in pair):
+                under[i, j], dist[i, j] = pair[0], 1.0 - pair[1]
+    return names, under, dist
+
+
+def _op_order(name: str):
+    """Layer index first (model.layers.3.x, model.mtp_layers.0.x after the stack), then the op name."""
+    numbers = [int(n) for n in re.findall(r"\.(\d+)\.", name)]
+    return ("mtp" in name, numbers[0] if numbers else -1, name)
+
+
+def _short_op(name: str) -> str:
+    return (name.replace("model.layers.", "L").replace("model.mtp_layers.", "MTP").replace(".attention.", " attn.")
+            .replace(".mlp.shared_experts.", " shared.").replace(".mlp.experts.", " experts.").replace(".mlp.", " mlp."))
+
+
+def _plot_fp8_monitor(samples: list[dict], path: Path) -> str | None:
+    if not samples:
+        return None
+    step = samples[-1]["step"]
+    names, under, dist = fp8_matrices(samples[-1])
+    if not names:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 1.2 + 0.22 * len(names)), layout="constrained")
+    positive = dist[dist > 0]
+    lo = float(positive.min()) if positive.size else 1e-9
+    # 1 - cosine spans decades between ops (weights ~1e-4, gradients worse): a log colour scale shows them all.
+    log_norm = LogNorm(vmin=lo, vmax=max(float(np.nanmax(dist)), lo * 10))
+    panels = ((under * 100, "underflow (% of nonzeros -> 0)", "viridis", None),
+              (np.where(dist > 0, dist, np.nan), "distortion: 1 - cosine", "magma", log_norm))
+    for ax, (m, title, cmap, norm) in zip(axes, panels):
+        image = ax.imshow(m, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+        ax.set_title(f"{title}, step {step}", fontsize=9)
+        ax.set_xticks(range(len(FP8_KINDS)), FP8_KINDS)
+        ax.set_yticks(range(len(names)), [_short_op(n) for n in names], fontsize=6)
+        fig.colorbar(image, ax=ax)
+    _save(fig, path)
+    worst_u = np.unravel_index(np.nanargmax(under), under.shape)
+    worst_d = np.unravel_index(np.nanargmax(dist), dist.shape)
+    return (f"FP8 safeguard monitor at step {step} ({len(samples)} samples): the worst underflow is "
+            f"{under[worst_u]:.3%} ({_short_op(names[worst_u[0]])}, {FP8_KINDS[worst_u[1]]}) and the worst "
+            f"distortion 1 - cosine = {dist[worst_d]:.2e} ({_short_op(names[worst_d[0]])}, {FP8_KINDS[worst_d[1]]}).")
+
+
 def _render(run_dir: Path, train: list[dict], evals: list[dict]) -> list[tuple[Path, str]]:
     """Draw every plot that has data; (path, caption) for each one written."""
     out = run_dir / "plots"
@@ -353,6 +423,10 @@ def _render(run_dir: Path, train: list[dict], evals: list[dict]) -> list[tuple[P
         caption = draw(train, evals, path)
         if caption is not None:
             made.append((path, caption))
+    path = out / "fp8_monitor.png"
+    caption = _plot_fp8_monitor(read_fp8_samples(run_dir / "metrics.jsonl"), path)
+    if caption is not None:
+        made.append((path, caption))
     return made
 
 

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from linglab import checkpoint as ckpt
-from linglab.config import Config, DataConfig, TrainConfig, to_toml
+from linglab.config import Config, DataConfig, FP8Config, TrainConfig, to_toml
 from linglab.data import DataLoader, PackedDataset, load_text_documents
 from linglab.errors import LinglabError
 from linglab.flops import flops_per_token, matmul_peak_flops
+from linglab.fp8 import Fp8Monitor, Fp8Recipe, convert_to_fp8
 from linglab.model import LingForCausalLM, build_model, count_parameters
 from linglab.moe import max_violation, update_expert_bias
 from linglab.tasks import TIERS, format_document, generate_problems
@@ -153,6 +154,16 @@ def load_checkpoint(path: Path, model, optimizer, loader: DataLoader) -> dict:
 # ---------------------------------------------------------------- the loop
 
 
+def apply_fp8(model: LingForCausalLM, cfg: FP8Config) -> Fp8Monitor | None:
+    """Convert the model's FP8 GEMMs (SPEC §3) when fp8.enabled; the monitor that samples them, or None."""
+    if not cfg.enabled:
+        return None
+    monitor = Fp8Monitor()
+    recipe = Fp8Recipe(cfg.recipe, grad_blocks=cfg.grad_blocks, pow2_scales=cfg.pow2_scales)
+    convert_to_fp8(model, recipe, cfg.backend, monitor, device=next(model.parameters()).device)
+    return monitor
+
+
 def make_optimizer(model: LingForCausalLM, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW (SPEC §2); no weight decay on norms (1-D weights), as is standard."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -179,6 +190,8 @@ class Trainer:
         self.peak_flops = matmul_peak_flops(repeats=2)
         self.metrics_path = run_dir / "metrics.jsonl"
         self.tb = _tensorboard_writer(run_dir)
+        self.fp8_monitor = apply_fp8(model, cfg.fp8)
+        self.fp8_warned: set[str] = set()
 
     # -- state
 
@@ -211,16 +224,19 @@ class Trainer:
             group["lr"] = lr
 
         inputs, targets, mask = self.loader.next_batch()
-        totals = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "z_loss": 0.0}
+        keys = ("loss", "main_loss", "mtp_loss", "z_loss")
+        sums = 0.0  # loss terms summed on the device, read once per step (one host sync on a GPU)
         for mi, ti, ki in zip(inputs.chunk(tcfg.grad_accum), targets.chunk(tcfg.grad_accum),
                               mask.chunk(tcfg.grad_accum)):
             out = model(mi, targets=ti, loss_mask=ki)
             (out.loss / tcfg.grad_accum).backward()
-            for key in totals:
-                value = getattr(out, key)
-                totals[key] += 0.0 if value is None else value.item() / tcfg.grad_accum
+            terms = [getattr(out, key) for key in keys]
+            zero = torch.zeros_like(out.loss, dtype=torch.float32)
+            sums = sums + torch.stack([zero if t is None else t.detach().float() for t in terms])
 
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        sums, grad_norm = (sums / tcfg.grad_accum).tolist(), grad_norm.item()
+        totals = dict(zip(keys, sums))
         finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
         loads = [m.tokens_per_expert for m in moe_layers]  # zeroed only at the start of the next step
         if finite:
@@ -251,26 +267,46 @@ class Trainer:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for key, value in row.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    self.tb.add_scalar(f"{row['kind']}/{key}", value, row["step"])
-                elif isinstance(value, dict):
-                    for k, v in value.items():
-                        self.tb.add_scalar(f"{row['kind']}/{key}/{k}", v, row["step"])
+                if key != "step":
+                    for tag, number in _scalars(f"{row['kind']}/{key}", value):
+                        self.tb.add_scalar(tag, number, row["step"])
+
+    def write_fp8_stats(self, monitor: Fp8Monitor) -> None:
+        """The safeguard monitor's sample as a metrics row; a warning the first time an op crosses a threshold."""
+        self.write_metrics({"kind": "fp8", "step": self.step,
+                            "ops": {name: {kind: list(v) for kind, v in ops.items()} for name, ops in monitor.stats.items()}})
+        for line in monitor.warnings(self.cfg.fp8.underflow_warn, self.cfg.fp8.distortion_warn):
+            key = line.split(":")[1]
+            if key not in self.fp8_warned:
+                self.fp8_warned.add(key)
+                self.log(f"[yellow]step {self.step}: {line} (thresholds: fp8.underflow_warn, fp8.distortion_warn)")
 
     # -- the run
 
-    def fit(self, progress=None, task=None, evaluate=None) -> None:
-        """Train to max_steps with checkpoints, evals and metrics; `evaluate(step)` returns an eval row."""
+    def fit(self, progress=None, task=None, evaluate=None, plain_log: bool = False) -> None:
+        """Train to max_steps with checkpoints, evals and metrics; `evaluate(step)` returns an eval row.
+
+        Every `train.log_every` steps the progress bar is refreshed, and with `plain_log` a plain line is
+        logged instead (for output that is not a terminal).
+        """
         tcfg = self.tcfg
         while self.step < tcfg.max_steps:
+            monitor = self.fp8_monitor
+            sample_fp8 = monitor is not None and self.cfg.fp8.monitor_every and (self.step + 1) % self.cfg.fp8.monitor_every == 0
             start = time.perf_counter()
-            row = self.train_step()
+            if sample_fp8:
+                with monitor.sampling():
+                    row = self.train_step()
+            else:
+                row = self.train_step()
             elapsed = time.perf_counter() - start
             self.counters["elapsed"] += elapsed
             tokens = self.tcfg.batch_size * self.cfg.data.seq_len
             row.update(time=self.counters["elapsed"], tokens_per_s=tokens / elapsed,
                        mfu=self.flops_per_token * tokens / elapsed / self.peak_flops)
             self.write_metrics(row)
+            if sample_fp8:
+                self.write_fp8_stats(monitor)
             if row["skipped"]:
                 self.log(f"step {self.step}: non-finite loss or gradient, step skipped "
                          f"({self.counters['bad_in_a_row']} in a row)")
@@ -279,8 +315,12 @@ class Trainer:
                     where = f"; last good checkpoint: {last[-1]}" if last else ""
                     raise TrainingDiverged(f"train: {tcfg.max_bad_steps} non-finite steps in a row at step "
                                            f"{self.step}, stopping{where}")
-            if progress is not None:
-                progress.update(task, completed=self.step, loss=row["loss"], tps=row["tokens_per_s"])
+            if self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps:
+                if progress is not None:
+                    progress.update(task, completed=self.step, loss=row["loss"], tps=row["tokens_per_s"])
+                if plain_log:  # not a terminal (CI, `make run > log`): the bar would print nothing until the end
+                    self.log(f"step {self.step}/{tcfg.max_steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                             f"gnorm {row['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s {self.counters['elapsed']:.0f}s")
             if evaluate is not None and tcfg.eval_every and self.step % tcfg.eval_every == 0 \
                     and self.step < tcfg.max_steps:
                 self.write_metrics(evaluate(self.step))
@@ -288,6 +328,18 @@ class Trainer:
                 self.save()
         if self.tb is not None:
             self.tb.flush()
+
+
+def _scalars(tag: str, value):
+    """(tag, number) for every number in a metrics value: nested dicts become tag paths (fp8/ops/<op>/act/0)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield tag, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _scalars(f"{tag}/{k}", v)
+    elif isinstance(value, list) and len(value) == 2 and tag.startswith("fp8/"):  # (underflow, cosine) pairs
+        yield f"{tag}/underflow", value[0]
+        yield f"{tag}/cosine", value[1]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -372,7 +424,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bo
                TextColumn("{task.fields[tps]:.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("train", total=cfg.train.max_steps, completed=trainer.step, loss=float("nan"), tps=0.0)
-        trainer.fit(progress, task, evaluate)
+        trainer.fit(progress, task, evaluate, plain_log=not console.is_terminal)
 
     final_ckpt = checkpoint_dirs(run_dir)[-1]
     final = run_dir / "final"

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from conftest import tiny_config
 from reference_bailing import forward_ref
@@ -24,8 +25,9 @@ def _random_model(**overrides):
     return model.eval()
 
 
-def test_logits_match_plain_reference_from_hf_tensors():
-    model = _random_model()
+@pytest.mark.parametrize("partial_rotary_factor", [0.5, 1.0])  # the released half-head RoPE, and tiny's full RoPE
+def test_logits_match_plain_reference_from_hf_tensors(partial_rotary_factor):
+    model = _random_model(partial_rotary_factor=partial_rotary_factor)
     sd = to_hf_state_dict(model)
     cfg = json.loads(json.dumps(hf_config_dict(model.cfg)))
     ids = torch.randint(0, model.cfg.vocab_size, (1, 12))

@@ -1,0 +1,518 @@
+"""FP8 training numerics of SPEC §3: E4M3 quantisers, the recipes, FP8 linear and grouped GEMMs, the monitor.
+
+Every GEMM of a linear runs on quantised operands with fp32 accumulation: y = Q(x) Q(W)^T, dx = Q(dy) Q(W),
+dW = Q(dy^T) Q(x^T)^T. Each operand is quantised along its contraction dim: activations and activation
+gradients in 1x128 tiles, weights in 128x128 blocks (square, so one block quantisation serves W and W^T),
+one fp32 scale = amax / 448 per tile or block.
+
+Two backends compute the same numbers. "emulate" dequantises the FP8 operands and multiplies in fp32: the
+operand rounding is exactly FP8's, it runs on any device, and it is what the tests check. "scaled_mm" hands
+the FP8 operands and scales to `torch._scaled_mm` (CPU: per-tensor scales only; CUDA sm90+: 1x128/128x128).
+`resolve_backend("auto", ...)` takes scaled_mm only where a probe GEMM ran there and matched the emulation.
+
+The autograd Functions save the high-precision x, not Q(x): wgrad needs x^T quantised along the token dim,
+which cannot be derived from Q(x) without quantising twice. A fused kernel would save Q(x) and Q(x^T).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+TILE = 128  # 1 x TILE activation tiles and TILE x TILE weight blocks
+
+Granularity = Literal["tile", "block", "tensor"]
+
+
+def _scale_from_amax(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
+    """fp32 scale = amax / 448 (SPEC §3), rounded up to a power of two if `pow2`; 1.0 for all-zero groups."""
+    scale = amax / E4M3_MAX
+    if pow2:
+        # frexp is exact: a power of two has mantissa 0.5 and is kept, anything else goes up to 2**exp,
+        # so amax / scale <= 448 and nothing saturates (log2 + ceil can round the wrong way).
+        mant, exp = torch.frexp(scale)
+        scale = torch.where(mant == 0.5, scale, torch.ldexp(torch.ones_like(scale), exp))
+    # An all-zero group (or one so small that amax / 448 underflows) needs a finite, nonzero scale:
+    # 1.0 keeps the division defined and dequantises its zeros to exactly 0.
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _to_e4m3(v: torch.Tensor) -> torch.Tensor:
+    """Saturating cast: E4M3 has no inf, so anything past ±448 would otherwise become nan."""
+    return v.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+def _pad_last_dims(x: torch.Tensor, mult: int, ndims: int) -> torch.Tensor:
+    """Zero-pad the last `ndims` dims up to multiples of `mult` (zeros never change an amax)."""
+    pads = [p for d in range(1, ndims + 1) for p in (0, -x.shape[-d] % mult)]
+    return F.pad(x, pads) if any(pads) else x
+
+
+def quantize_tilewise(x: torch.Tensor, tile: int = TILE, pow2_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (E4M3 q [..., K], fp32 scale [..., ceil(K / tile)]): 1 x tile groups along the last dim.
+
+    If K is not a multiple of `tile` the last tile of each row is shorter (zero padding, which leaves its amax alone).
+    """
+    k = x.shape[-1]
+    tiles = _pad_last_dims(x.float(), tile, 1).unflatten(-1, (-1, tile))
+    scale = _scale_from_amax(tiles.abs().amax(-1), pow2_scales)
+    q = _to_e4m3(tiles / scale.unsqueeze(-1)).flatten(-2)[..., :k]
+    return q.contiguous(), scale
+
+
+def dequantize_tilewise(q: torch.Tensor, scale: torch.Tensor, tile: int = TILE) -> torch.Tensor:
+    """The fp32 values q * scale of a `quantize_tilewise` result."""
+    return q.float() * scale.repeat_interleave(tile, dim=-1)[..., : q.shape[-1]]
+
+
+def quantize_blockwise(w: torch.Tensor, block: int = TILE, pow2_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] -> (E4M3 q [..., N, K], fp32 scale [..., ceil(N / block), ceil(K / block)]).
+
+    Leading dims (the E of stacked expert weights) are independent. Edge blocks of non-multiple N or K are
+    zero-padded internally, so they are smaller blocks. Quantising w^T gives q^T and scale^T.
+    """
+    n, k = w.shape[-2:]
+    blocks = _pad_last_dims(w.float(), block, 2).unflatten(-1, (-1, block)).unflatten(-3, (-1, block))
+    scale = _scale_from_amax(blocks.abs().amax(dim=(-3, -1)), pow2_scales)
+    q = _to_e4m3(blocks / scale[..., :, None, :, None]).flatten(-2).flatten(-3, -2)[..., :n, :k]
+    return q.contiguous(), scale
+
+
+def dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor, block: int = TILE) -> torch.Tensor:
+    """The fp32 values q * scale of a `quantize_blockwise` result."""
+    n, k = q.shape[-2:]
+    return q.float() * scale.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)[..., :n, :k]
+
+
+def quantize_per_tensor(x: torch.Tensor, pow2_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (E4M3 q, fp32 scale []): one scale for the whole tensor, the comparison recipe of SPEC §3."""
+    x = x.float()
+    scale = _scale_from_amax(x.abs().amax(), pow2_scales)
+    return _to_e4m3(x / scale), scale
+
+
+def dequantize_per_tensor(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The fp32 values q * scale of a `quantize_per_tensor` result."""
+    return q.float() * scale
+
+
+_QUANTIZE = {"tile": quantize_tilewise, "block": quantize_blockwise, "tensor": quantize_per_tensor}
+_DEQUANTIZE = {"tile": dequantize_tilewise, "block": dequantize_blockwise, "tensor": dequantize_per_tensor}
+
+
+def quantize_dequantize(x: torch.Tensor, granularity: Granularity, pow2_scales: bool = False) -> torch.Tensor:
+    """The fp32 reconstruction of x through E4M3 at `granularity` (tile: 1x128, block: 128x128, tensor)."""
+    return _DEQUANTIZE[granularity](*_QUANTIZE[granularity](x, pow2_scales=pow2_scales))
+
+
+@dataclass(frozen=True)
+class Fp8Recipe:
+    """Which granularity each operand gets (SPEC §3).
+
+    "tilewise" is Ling's and DeepSeek-V3's: activations and activation gradients in 1x128 tiles, weights in
+    128x128 blocks. "tensorwise" uses one scale per tensor for everything. `grad_blocks` quantises activation
+    gradients in 128x128 blocks instead, the setting DeepSeek-V3 saw diverge; `pow2_scales` rounds scales up to 2^n.
+    """
+
+    scaling: Literal["tilewise", "tensorwise"] = "tilewise"
+    grad_blocks: bool = False
+    pow2_scales: bool = False
+
+    def __post_init__(self):
+        if self.scaling not in ("tilewise", "tensorwise"):
+            raise ValueError(f"Fp8Recipe.scaling must be 'tilewise' or 'tensorwise', got {self.scaling!r}")
+        if self.grad_blocks and self.scaling != "tilewise":
+            raise ValueError("Fp8Recipe.grad_blocks only applies to the 'tilewise' recipe")
+
+    @property
+    def act(self) -> Granularity:
+        return "tile" if self.scaling == "tilewise" else "tensor"
+
+    @property
+    def weight(self) -> Granularity:
+        return "block" if self.scaling == "tilewise" else "tensor"
+
+    @property
+    def grad(self) -> Granularity:
+        return self.weight if self.grad_blocks else self.act
+
+
+def _scaled_gemm(a: torch.Tensor, a_gran: Granularity, bt: torch.Tensor, bt_gran: Granularity, pow2: bool) -> torch.Tensor:
+    """Q(a) Q(bt)^T through torch._scaled_mm, both operands quantised along their last (contraction) dim."""
+    if a.is_cuda and any(d % 16 for d in (*a.shape, bt.shape[0])):
+        raise ValueError(f"backend 'scaled_mm' on CUDA needs every GEMM dim to be a multiple of 16, got "
+                         f"{tuple(a.shape)} x {tuple(bt.shape)}^T; use backend='emulate'")
+    aq, sa = _QUANTIZE[a_gran](a, pow2_scales=pow2)
+    bq, sb = _QUANTIZE[bt_gran](bt, pow2_scales=pow2)
+    # cuBLAS layouts: 1x128 scales of the lhs are outer-dim-major; the rhs is bt^T, column-major, and its scales
+    # are given transposed with it (1x128 ones outer-dim-major again, 128x128 ones as a view of the row-major grid).
+    if a_gran == "tile":
+        sa = sa.t().contiguous().t()
+    if bt_gran == "tile":
+        sb = sb.t().contiguous()
+    elif bt_gran == "block":
+        sb = sb.t()
+    return torch._scaled_mm(aq, bq.t(), scale_a=sa, scale_b=sb, out_dtype=torch.float32)
+
+
+def _fp8_gemm(a: torch.Tensor, a_gran: Granularity, bt: torch.Tensor, bt_gran: Granularity, pow2: bool,
+              backend: str) -> torch.Tensor:
+    """Q(a) Q(bt)^T in fp32, a [M, K] and bt [N, K] quantised along K: the one GEMM all three passes reduce to."""
+    if backend == "scaled_mm":
+        return _scaled_gemm(a, a_gran, bt, bt_gran, pow2)
+    return quantize_dequantize(a, a_gran, pow2) @ quantize_dequantize(bt, bt_gran, pow2).T
+
+
+@functools.cache
+def _scaled_mm_matches(device: str, recipe: Fp8Recipe) -> bool:
+    """Whether torch._scaled_mm runs the recipe's three operand pairings on `device` and agrees with emulation."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(256, 256, generator=g).to(device) for _ in range(2))
+    pairs = ((recipe.act, recipe.weight), (recipe.grad, recipe.weight), (recipe.grad, recipe.act))
+    try:
+        return all(torch.allclose(_scaled_gemm(a, ga, b, gb, recipe.pow2_scales),
+                                  _fp8_gemm(a, ga, b, gb, recipe.pow2_scales, "emulate"), rtol=1e-4, atol=1e-3)
+                   for ga, gb in pairs)
+    except (RuntimeError, ValueError, NotImplementedError):  # torch's refusals: unsupported layout, dtype or CUDA build
+        return False
+
+
+def _scaled_mm_supported(device: torch.device, recipe: Fp8Recipe) -> bool:
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device) < ((9, 0) if recipe.scaling == "tilewise" else (8, 9)):
+            return False
+    elif device.type != "cpu" or recipe.scaling == "tilewise":  # CPU kernels take per-tensor and row-wise scales only
+        return False
+    # grad_blocks makes dgrad a 128x128 x 128x128 product, a pairing no cuBLAS kernel takes.
+    return not recipe.grad_blocks and _scaled_mm_matches(str(device), recipe)
+
+
+def resolve_backend(name: str, device: torch.device | str, recipe: Fp8Recipe) -> str:
+    """The backend to run for `name` in {auto, emulate, scaled_mm}; "auto" takes scaled_mm only where it is known to work."""
+    if name == "emulate":
+        return name
+    if name not in ("auto", "scaled_mm"):
+        raise ValueError(f"FP8 backend must be 'auto', 'emulate' or 'scaled_mm', got {name!r}")
+    supported = _scaled_mm_supported(torch.device(device), recipe)
+    if name == "scaled_mm" and not supported:
+        raise ValueError(f"torch._scaled_mm cannot run the {recipe} on {device}; use backend='emulate'")
+    return "scaled_mm" if supported else "emulate"
+
+
+@dataclass
+class Fp8Op:
+    """One FP8 op in a model: its recipe, resolved backend, monitor name and (optional) monitor."""
+
+    recipe: Fp8Recipe = Fp8Recipe()
+    backend: str = "emulate"
+    name: str = ""
+    monitor: Fp8Monitor | None = None
+
+    @property
+    def watching(self) -> bool:
+        return self.monitor is not None and self.monitor.active
+
+    def observe(self, kind: str, x: torch.Tensor, granularity: Granularity) -> None:
+        if self.watching:
+            self.monitor.record(self.name, kind, x, granularity, self.recipe.pow2_scales)
+
+
+def _linear_grads(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, op: Fp8Op, need_dx: bool, need_dw: bool):
+    """dgrad Q(dy) Q(W) (dy tiles along N, W^T blocks) and wgrad Q(dy^T) Q(x^T)^T (tiles along tokens), 2-D x, dy."""
+    r, p = op.recipe, op.recipe.pow2_scales
+    dx = _fp8_gemm(dy, r.grad, weight.float().t(), r.weight, p, op.backend) if need_dx else None
+    dw = _fp8_gemm(dy.t(), r.grad, x.t(), r.act, p, op.backend) if need_dw else None
+    return dx, dw
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """y = x W^T with all three GEMMs in FP8 (SPEC §3); saves x and W in their own precision."""
+
+    @staticmethod
+    def forward(ctx, x, weight, op):
+        ctx.save_for_backward(x, weight)
+        ctx.op = op
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        op.observe("act", x2, op.recipe.act)
+        op.observe("weight", weight, op.recipe.weight)
+        y = _fp8_gemm(x2, op.recipe.act, weight.float(), op.recipe.weight, op.recipe.pow2_scales, op.backend)
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        op = ctx.op
+        dy2 = dy.reshape(-1, dy.shape[-1]).float()
+        op.observe("grad", dy2, op.recipe.grad)
+        dx, dw = _linear_grads(dy2, x.reshape(-1, x.shape[-1]).float(), weight, op, *ctx.needs_input_grad[:2])
+        return (None if dx is None else dx.to(x.dtype).view(x.shape)), (None if dw is None else dw.to(weight.dtype)), None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe = Fp8Recipe(), backend: str = "emulate",
+               op: Fp8Op | None = None) -> torch.Tensor:
+    """x [..., K] @ weight[N, K]^T -> [..., N] in x's dtype, forward and backward in FP8 (SPEC §3).
+
+    `op` (from `convert_to_fp8`) carries an already resolved backend and the monitor; otherwise one is made.
+    """
+    return _Fp8Linear.apply(x, weight, op or Fp8Op(recipe, resolve_backend(backend, x.device, recipe)))
+
+
+def _padded_segments(offs: torch.Tensor, rows: int, mult: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Each expert segment padded to a multiple of `mult` rows: (new row of each old row, padded offs, total rows).
+
+    Token-dim tiles then start at segment starts, so none mixes two experts' tokens.
+    """
+    ends = offs.long()
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    padded = (counts + mult - 1) // mult * mult
+    padded_ends = padded.cumsum(0)
+    expert = torch.searchsorted(ends, torch.arange(rows, device=offs.device), right=True)
+    new_row = torch.arange(rows, device=offs.device) + (padded_ends - padded - (ends - counts))[expert]
+    return new_row, padded_ends.to(torch.int32), int(padded_ends[-1])
+
+
+def _scatter_rows(x: torch.Tensor, new_row: torch.Tensor, total: int) -> torch.Tensor:
+    return x.new_zeros(total, x.shape[1]).index_copy_(0, new_row, x)
+
+
+def _grouped_grads(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, recipe: Fp8Recipe,
+                   need_dx: bool, need_dw: bool):
+    """dgrad and wgrad of the grouped GEMM x[seg_e] @ w[e], all operands quantised as in `_linear_grads`."""
+    r, p = recipe, recipe.pow2_scales
+    dy = dy.float().contiguous()
+    new_row, padded_offs, total = _padded_segments(offs, x.shape[0], TILE)
+    dy_pad = _scatter_rows(dy, new_row, total)
+    if r.grad == "block":  # 128x128 blocks along tokens must not cross experts either; dgrad and wgrad share them
+        dy_wgrad = quantize_dequantize(dy_pad, "block", p)
+        dy_dgrad = dy_wgrad.index_select(0, new_row)
+    else:
+        dy_wgrad = quantize_dequantize(dy_pad.t(), r.grad, p).t().contiguous()
+        dy_dgrad = quantize_dequantize(dy, r.grad, p)
+    dx = dw = None
+    if need_dx:
+        w_t = quantize_dequantize(w.float(), r.weight, p).transpose(1, 2).contiguous()
+        dx = torch._grouped_mm(dy_dgrad, w_t, offs=offs)
+    if need_dw:
+        # wgrad contracts over each expert's own tokens: x^T tiles along the padded token dim; zero rows add nothing.
+        x_t = quantize_dequantize(_scatter_rows(x.float(), new_row, total).t(), r.act, p)
+        dw = torch._grouped_mm(x_t, dy_wgrad, offs=padded_offs)
+    return dx, dw
+
+
+class _Fp8GroupedMM(torch.autograd.Function):
+    """Segment-wise x[seg_e] @ w[e] (w [E, K, N]) with all three GEMMs in FP8, emulated, grouped via _grouped_mm."""
+
+    @staticmethod
+    def forward(ctx, x, w, offs, op):
+        ctx.save_for_backward(x, w, offs)
+        ctx.op = op
+        r, p = op.recipe, op.recipe.pow2_scales
+        op.observe("act", x, r.act)
+        op.observe("weight", w, r.weight)
+        # Blocks of w[e] [K, N] are the transposed blocks of the stored [N, K] expert weight: the same numbers.
+        y = torch._grouped_mm(quantize_dequantize(x.float(), r.act, p), quantize_dequantize(w.float(), r.weight, p), offs=offs)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, offs = ctx.saved_tensors
+        ctx.op.observe("grad", dy, ctx.op.recipe.grad)
+        dx, dw = _grouped_grads(dy, x, w, offs, ctx.op.recipe, *ctx.needs_input_grad[:2])
+        return (None if dx is None else dx.to(x.dtype)), (None if dw is None else dw.to(w.dtype)), None, None
+
+
+def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, recipe: Fp8Recipe = Fp8Recipe(),
+                   backend: str = "emulate", op: Fp8Op | None = None) -> torch.Tensor:
+    """FP8 `torch._grouped_mm(x, w, offs=offs)`: x [T, K] sorted by expert, w [E, K, N], offs int32 ends, offs[-1] == T.
+
+    Only the emulate backend exists ("auto" picks it). K and N must be multiples of 4 (_grouped_mm's 16-byte strides).
+    """
+    backend = op.backend if op is not None else backend
+    if backend not in ("auto", "emulate"):
+        raise ValueError(f"fp8_grouped_mm has only the 'emulate' backend, got {backend!r}")
+    return _Fp8GroupedMM.apply(x, w, offs, op or Fp8Op(recipe, "emulate"))
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor, row_weights: torch.Tensor | None) -> torch.Tensor:
+    h = F.silu(gate)
+    h.mul_(up)  # in place: h is the only full-size intermediate
+    if row_weights is not None:
+        h.mul_(row_weights.unsqueeze(-1).to(h.dtype))
+    return h
+
+
+def swiglu_quantize(gate_up: torch.Tensor, tile: int = TILE, pow2_scales: bool = False,
+                    row_weights: torch.Tensor | None = None, granularity: Granularity = "tile"):
+    """SwiGLU then quantisation, the down projection's input (SPEC §3 fusion): gate_up [M, 2I] -> (q, scale) of h [M, I].
+
+    gate is the first I columns and up the last I, as GroupedExperts splits them; `row_weights` [M] (the MoE routing
+    weights) scale each row of h before it is quantised. Equal bit for bit to quantize_tilewise(silu(gate) * up).
+    """
+    gate, up = gate_up.chunk(2, dim=-1)
+    h = _swiglu(gate, up, row_weights)
+    if granularity == "tile":
+        return quantize_tilewise(h, tile, pow2_scales)
+    return _QUANTIZE[granularity](h, pow2_scales=pow2_scales)
+
+
+class _Fp8SwiGLUDown(torch.autograd.Function):
+    """down(silu(gate) * up [* routing weight]) in FP8 with the SwiGLU fused into the input quantisation (SPEC §3).
+
+    Only gate_up is saved: backward recomputes h (as Ling recomputes its SwiGLU), runs dgrad/wgrad of the down
+    projection in FP8, then differentiates the SwiGLU in high precision. `offs` set: routed experts (grouped GEMM).
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up, weight, row_weights, offs, op):
+        ctx.save_for_backward(gate_up, weight, row_weights, offs)
+        ctx.op = op
+        r, p = op.recipe, op.recipe.pow2_scales
+        q, scale = swiglu_quantize(gate_up.float(), pow2_scales=p, row_weights=row_weights, granularity=r.act)
+        h_deq = _DEQUANTIZE[r.act](q, scale)
+        if op.watching:  # the monitor quantises h itself, so it needs h before quantisation
+            op.observe("act", _swiglu(*gate_up.float().chunk(2, dim=-1), row_weights), r.act)
+        op.observe("weight", weight, r.weight)
+        if offs is None:
+            y = h_deq @ quantize_dequantize(weight.float(), r.weight, p).t()
+        else:
+            y = torch._grouped_mm(h_deq, quantize_dequantize(weight.float(), r.weight, p), offs=offs)
+        return y.to(gate_up.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate_up, weight, row_weights, offs = ctx.saved_tensors
+        op = ctx.op
+        dy = dy.float().contiguous()
+        op.observe("grad", dy, op.recipe.grad)
+        with torch.enable_grad():
+            gu = gate_up.detach().float().requires_grad_()
+            rw = None if row_weights is None else row_weights.detach().float().requires_grad_()
+            gate, up = gu.chunk(2, dim=-1)
+            h = F.silu(gate) * up * (1.0 if rw is None else rw.unsqueeze(-1))
+        if offs is None:
+            dh, dw = _linear_grads(dy, h.detach(), weight, op, True, ctx.needs_input_grad[1])
+        else:
+            dh, dw = _grouped_grads(dy, h.detach(), weight, offs, op.recipe, True, ctx.needs_input_grad[1])
+        inputs = (gu,) if rw is None else (gu, rw)
+        grads = torch.autograd.grad(h, inputs, dh)
+        d_gate_up = grads[0].to(gate_up.dtype)
+        d_rw = None if rw is None else grads[1].to(row_weights.dtype)
+        return d_gate_up, (None if dw is None else dw.to(weight.dtype)), d_rw, None, None
+
+
+def fp8_swiglu_down(gate_up: torch.Tensor, weight: torch.Tensor, op: Fp8Op, row_weights: torch.Tensor | None = None,
+                    offs: torch.Tensor | None = None) -> torch.Tensor:
+    """The down projection of a SwiGLU FFN in FP8: gate_up [M, 2I] -> [M, H].
+
+    Dense or shared expert: weight is the nn.Linear weight [H, I]. Routed experts: weight is [E, I, H] as
+    `_grouped_mm` takes it, `offs` the expert segment ends and `row_weights` the routing weight of each row.
+    """
+    shape = gate_up.shape
+    out = _Fp8SwiGLUDown.apply(gate_up.reshape(-1, shape[-1]), weight, row_weights, offs, op)
+    return out.view(*shape[:-1], out.shape[-1])
+
+
+# ---------------------------------------------------------------- applying FP8 to a model
+
+
+class Fp8Linear(nn.Linear):
+    """nn.Linear whose three GEMMs run in FP8; same parameters and state dict as the layer it replaces."""
+
+    fp8: Fp8Op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, op=self.fp8)
+
+
+def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe, backend: str = "auto", monitor: Fp8Monitor | None = None,
+                   device: torch.device | str = "cpu") -> list[str]:
+    """Put the GEMMs SPEC §3 names into FP8, in place; returns the converted op names.
+
+    FP8: attention query_key_value and dense, every SwiGLU (dense FFN, shared expert) and the routed experts,
+    including those of the MTP layer's decoder block. Kept in high precision: embedding, lm_head, router gate,
+    norms and MTP eh_proj — they are simply never visited. Weights stay in their dtype; checkpoints are unchanged.
+    """
+    from linglab.moe import GroupedExperts, SwiGLU  # fp8 is below the model in the dependency order
+
+    backend = resolve_backend(backend, device, recipe)
+    converted = []
+    for name, module in model.named_modules():
+        if name.endswith(".attention"):
+            for child in ("query_key_value", "dense"):
+                linear = getattr(module, child)
+                linear.__class__ = Fp8Linear  # the same object and Parameter: optimizer state and checkpoints stay valid
+                linear.fp8 = Fp8Op(recipe, backend, f"{name}.{child}", monitor)
+                converted.append(f"{name}.{child}")
+        elif isinstance(module, (SwiGLU, GroupedExperts)):
+            # Routed experts run in the grouped GEMM, which exists in emulation only.
+            module_backend = "emulate" if isinstance(module, GroupedExperts) else backend
+            ops = tuple(Fp8Op(recipe, module_backend, f"{name}.{part}", monitor) for part in ("gate_up_proj", "down_proj"))
+            module.fp8 = ops
+            converted += [op.name for op in ops]
+    return converted
+
+
+class Fp8Monitor:
+    """The safeguard monitor (SPEC §3): underflow and distortion of every FP8 operand, per op and layer.
+
+    Inactive by default (zero cost). `with monitor.sampling():` around one training step records, for every
+    FP8 op, the tensors it quantises ("act", "weight", "grad") as `{op: {kind: (underflow, distortion)}}`.
+    """
+
+    def __init__(self):
+        self.active = False
+        self.stats: dict[str, dict[str, tuple[float, float]]] = {}
+
+    @contextlib.contextmanager
+    def sampling(self):
+        self.active, self.stats = True, {}
+        try:
+            yield self
+        finally:
+            self.active = False
+
+    @torch.no_grad()
+    def record(self, name: str, kind: str, x: torch.Tensor, granularity: Granularity, pow2_scales: bool) -> None:
+        x_deq = quantize_dequantize(x.detach(), granularity, pow2_scales)
+        stats = (float(underflow_fraction(x, x_deq)), float(distortion(x, x_deq)))
+        ops = self.stats.setdefault(name, {})
+        if kind in ops:  # an op called twice in a step (gate and up of a dense SwiGLU): keep the worse numbers
+            stats = (max(stats[0], ops[kind][0]), min(stats[1], ops[kind][1]))
+        ops[kind] = stats
+
+    def warnings(self, underflow_warn: float, distortion_warn: float) -> list[str]:
+        """One line per op and tensor kind past a threshold."""
+        out = []
+        for name, ops in self.stats.items():
+            for kind, (underflow, cos) in ops.items():
+                if underflow > underflow_warn or cos < distortion_warn:
+                    out.append(f"fp8 monitor: {name} {kind}: underflow {underflow:.2%}, distortion (cosine) {cos:.5f}")
+        return out
+
+
+def underflow_fraction(x: torch.Tensor, x_deq: torch.Tensor) -> torch.Tensor:
+    """Fraction of the nonzero elements of x that quantise to exactly 0 (SPEC §3 monitor); 0 if x has none."""
+    nonzero = x != 0
+    return (nonzero & (x_deq == 0)).sum() / nonzero.sum().clamp(min=1)
+
+
+def distortion(x: torch.Tensor, x_deq: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of x and its reconstruction, flattened, accumulated in fp64 (SPEC §3 monitor); 1 is lossless."""
+    a, b = x.double().flatten(), x_deq.double().flatten()
+    norms = a.norm() * b.norm()
+    # Two zero tensors are the same tensor; a zero and a nonzero one share no direction.
+    return torch.where(norms > 0, (a @ b) / norms, (a.norm() == b.norm()).double())
+
+
+def quantization_stats(x: torch.Tensor, granularity: Granularity, recipe: Fp8Recipe = Fp8Recipe()) -> dict[str, torch.Tensor]:
+    """{"underflow", "distortion"} of x quantised at `granularity` with the recipe's scale rounding (0-dim tensors)."""
+    x_deq = quantize_dequantize(x, granularity, recipe.pow2_scales)
+    return {"underflow": underflow_fraction(x, x_deq), "distortion": distortion(x, x_deq)}
