@@ -6,6 +6,9 @@ names and nn.Linear layouts, MTP at layer index num_hidden_layers). linglab stac
 
     save_pretrained(model, "ckpt/")          # atomic: written to a temp dir, fsynced, renamed
     model = from_pretrained("ckpt/")          # also reads sharded `model.safetensors.index.json`
+
+FP8 exports (`save_pretrained(model, dir, fp8=True)`, `export_checkpoint`) store the FP8 GEMM weights of SPEC §3 as
+E4M3 in 128x128 blocks with a `<name>_scale_inv` fp32 tensor each; loading dequantises them to fp32.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from safetensors.torch import load_file, save_file
 
 from linglab.config import ConfigError, ModelConfig
 from linglab.errors import LinglabError
+from linglab.fp8 import E4M3, TILE, dequantize_blockwise, quantize_blockwise
 from linglab.model import LingForCausalLM, build_model
+from linglab.tokenizer import FILE_NAME as TOKENIZER_NAME
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -43,12 +48,30 @@ _FIXED_KEYS = {
     "router_dtype": "fp32",
     "moe_router_enable_expert_bias": True,
 }
+# SPEC §1.6: what an FP8 export adds to config.json; weights are dequantised as q * scale_inv per 128x128 block.
+FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                           "weight_block_size": [TILE, TILE]}
+SCALE_SUFFIX = "_scale_inv"
+# The FP8 GEMM weights of SPEC §3, in every decoder layer including the MTP one (index num_hidden_layers).
+# Everything else stays high precision: word_embeddings, lm_head, norms, router gate and expert_bias, MTP eh_proj.
+_FP8_WEIGHT = re.compile(
+    r"model\.layers\.\d+\.("
+    r"attention\.(query_key_value|dense)"
+    r"|mlp\.(gate_proj|up_proj|down_proj)"  # dense FFN layers
+    r"|mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)"
+    r"|mlp\.shared_experts\.(gate_proj|up_proj|down_proj)"
+    r")\.weight")
 _EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 _HF_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 class CheckpointError(LinglabError):
     """A missing, corrupted or mismatched checkpoint."""
+
+
+def is_fp8_weight(hf_name: str) -> bool:
+    """Whether an FP8 export stores this HF tensor in E4M3: exactly the FP8 GEMM weights of SPEC §3."""
+    return _FP8_WEIGHT.fullmatch(hf_name) is not None
 
 
 def hf_config_dict(cfg: ModelConfig) -> dict:
@@ -165,20 +188,76 @@ def write_atomically(out: Path, write) -> None:
         raise
 
 
-def write_model_files(model: LingForCausalLM, directory: Path) -> None:
+def quantize_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF tensors as an FP8 export stores them (SPEC §1.6): each `is_fp8_weight` tensor in E4M3 plus its scale_inv."""
+    out = {}
+    for name, t in sd.items():
+        if is_fp8_weight(name):
+            # quantize_blockwise's scale is amax / 448 per block, i.e. q * scale is the weight: HF's scale_inv.
+            out[name], out[name + SCALE_SUFFIX] = quantize_blockwise(t, TILE)
+        else:
+            out[name] = t
+    return out
+
+
+def dequantize_hf_state_dict(sd: dict[str, torch.Tensor], block: int, source: str) -> dict[str, torch.Tensor]:
+    """Inverse of `quantize_hf_state_dict`: fp32 q * scale_inv for every tensor with a scale, scales dropped."""
+    out = {}
+    for name, t in sd.items():
+        if name.endswith(SCALE_SUFFIX):
+            if name.removesuffix(SCALE_SUFFIX) not in sd:
+                raise CheckpointError(f"checkpoint {source}: {name} has no weight {name.removesuffix(SCALE_SUFFIX)}")
+            continue
+        scale = sd.get(name + SCALE_SUFFIX)
+        if scale is None:
+            if t.dtype == E4M3:
+                raise CheckpointError(f"checkpoint {source}: {name} is float8_e4m3fn but has no {name}{SCALE_SUFFIX}")
+            out[name] = t
+            continue
+        if t.dtype != E4M3 or t.dim() != 2:
+            raise CheckpointError(f"checkpoint {source}: {name} has a {SCALE_SUFFIX} but is a {t.dtype} tensor of "
+                                  f"shape {tuple(t.shape)}, expected a 2-D float8_e4m3fn weight")
+        want = tuple(-(-d // block) for d in t.shape)
+        if tuple(scale.shape) != want:
+            raise CheckpointError(f"checkpoint {source}: {name}{SCALE_SUFFIX} has shape {tuple(scale.shape)}, "
+                                  f"expected {want} for {tuple(t.shape)} in {block}x{block} blocks")
+        out[name] = dequantize_blockwise(t, scale.float(), block)
+    return out
+
+
+def write_model_files(model: LingForCausalLM, directory: Path, fp8: bool = False) -> None:
     """config.json + model.safetensors into an existing directory (no atomicity; see save_pretrained)."""
     directory = Path(directory)
-    (directory / CONFIG_NAME).write_text(json.dumps(hf_config_dict(model.cfg), indent=2) + "\n")
-    save_file(to_hf_state_dict(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    config, sd = hf_config_dict(model.cfg), to_hf_state_dict(model)
+    if fp8:
+        config["quantization_config"] = FP8_QUANTIZATION_CONFIG
+        sd = quantize_hf_state_dict(sd)
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    save_file(sd, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
-def save_pretrained(model: LingForCausalLM, out: str | Path) -> None:
-    """Write an HF BailingMoeV2 checkpoint directory atomically."""
-    write_atomically(Path(out), lambda tmp: write_model_files(model, tmp))
+def save_pretrained(model: LingForCausalLM, out: str | Path, fp8: bool = False) -> None:
+    """Write an HF BailingMoeV2 checkpoint directory atomically; `fp8` writes the FP8 export of SPEC §1.6."""
+    write_atomically(Path(out), lambda tmp: write_model_files(model, tmp, fp8))
 
 
-def load_config_json(path: str | Path) -> ModelConfig:
-    path = Path(path)
+def export_checkpoint(ckpt: str | Path, out: str | Path, fp8: bool = False) -> None:
+    """Re-save checkpoint `ckpt` at `out` (fp32, or the FP8 export of SPEC §1.6), atomically, with its tokenizer.json.
+
+    The source is loaded into a model first, so a checkpoint that would not load is never exported.
+    """
+    ckpt = Path(ckpt)
+    model = from_pretrained(ckpt)
+
+    def write(tmp: Path) -> None:
+        write_model_files(model, tmp, fp8)
+        if (ckpt / TOKENIZER_NAME).is_file():
+            shutil.copyfile(ckpt / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
+
+    write_atomically(Path(out), write)
+
+
+def _read_config_dict(path: Path) -> dict:
     cfg_file = path / CONFIG_NAME
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path} is not a directory")
@@ -190,11 +269,36 @@ def load_config_json(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"checkpoint {cfg_file}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise CheckpointError(f"checkpoint {cfg_file}: expected a JSON object")
-    return config_from_hf(d, str(cfg_file))
+    return d
+
+
+def load_config_json(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    return config_from_hf(_read_config_dict(path), str(path / CONFIG_NAME))
+
+
+def _fp8_block_size(path: Path) -> int | None:
+    """The weight block size of an FP8 export (SPEC §1.6), None for a checkpoint without quantization_config."""
+    if not (path / CONFIG_NAME).is_file():  # a bare tensor directory: nothing says it is quantised
+        return None
+    q = _read_config_dict(path).get("quantization_config")
+    if q is None:
+        return None
+    source = f"checkpoint {path / CONFIG_NAME}: quantization_config"
+    if not isinstance(q, dict) or q.get("quant_method") != "fp8":
+        method = q.get("quant_method") if isinstance(q, dict) else q
+        raise CheckpointError(f"{source} quant_method {method!r} is not supported (only 'fp8')")
+    if q.get("fmt", "e4m3") != "e4m3":
+        raise CheckpointError(f"{source} fmt {q['fmt']!r} is not supported (only 'e4m3')")
+    block = q.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and block[0] == block[1] and isinstance(block[0], int)
+            and block[0] >= 1):
+        raise CheckpointError(f"{source} weight_block_size {block!r}: expected square blocks such as [128, 128]")
+    return block[0]
 
 
 def load_hf_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory (single file or sharded with an index)."""
+    """All tensors of a checkpoint directory (single file or sharded with an index); FP8 exports come back in fp32."""
     path = Path(path)
     files = [path / WEIGHTS_NAME]
     if not files[0].is_file() and (path / INDEX_NAME).is_file():
@@ -208,6 +312,13 @@ def load_hf_tensors(path: str | Path) -> dict[str, torch.Tensor]:
             sd.update(load_file(str(f)))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"checkpoint {f}: corrupted or not a safetensors file ({e})") from None
+    block = _fp8_block_size(path)
+    if block is not None:
+        return dequantize_hf_state_dict(sd, block, str(path))
+    # Without quantization_config, E4M3 bytes would load as if they were the weights themselves.
+    fp8 = next((name for name, t in sd.items() if t.dtype == E4M3), None)
+    if fp8 is not None:
+        raise CheckpointError(f"checkpoint {path}: {fp8} is float8_e4m3fn but {CONFIG_NAME} has no quantization_config")
     return sd
 
 

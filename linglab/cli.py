@@ -3,6 +3,7 @@
     linglab params --preset ling-mini-2.0           # total / active / non-embedding active parameters
     linglab init --preset tiny --out ckpt/tiny       # a randomly initialised HF BailingMoeV2 checkpoint
     linglab check --preset tiny                      # build, print the parameter table, forward + backward
+    linglab export --ckpt ckpt/tiny --out ckpt/tiny-fp8 --fp8   # the HF FP8 format (SPEC §1.6)
 
 Config overrides go after the subcommand as `--section.key=value` (e.g. `--model.hidden_size=256`).
 User errors (bad key, missing file, wrong shape) print one line and exit with code 2.
@@ -137,6 +138,27 @@ def cmd_merge(args, overrides) -> None:
     print(f"wrote {args.out} (merge of {len(ckpts)} checkpoints, target decay '{args.decay}')")
 
 
+def _dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+def cmd_export(args, overrides) -> None:
+    """Re-save a checkpoint as fp32 HF, or with --fp8 as the HF FP8 format (SPEC §1.6), with its tokenizer.json."""
+    from linglab.checkpoint import export_checkpoint, load_config_json
+
+    if overrides:
+        raise LinglabError(f"export: unexpected arguments {' '.join(overrides)}")
+    ckpt, out = Path(args.ckpt), Path(args.out)
+    load_config_json(ckpt)  # a missing or invalid --ckpt is reported before anything about --out
+    if out.is_file():
+        raise LinglabError(f"export: --out {out} is a file, expected a directory")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise LinglabError(f"export: {out} exists and is not empty (pass --overwrite to replace it)")
+    before = _dir_mb(ckpt)  # measured first: --out may be --ckpt itself
+    export_checkpoint(ckpt, out, fp8=args.fp8)
+    print(f"wrote {out} ({'fp8 e4m3, 128x128 blocks' if args.fp8 else 'fp32'}): {before:.2f} MB -> {_dir_mb(out):.2f} MB")
+
+
 def cmd_generate(args, overrides) -> None:
     from linglab.checkpoint import from_pretrained
     from linglab.generate import generate
@@ -233,6 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decay", default="linear", choices=["linear", "cosine", "sqrt"],
                    help="target decay the merge emulates (linear = plain mean; default)")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="re-save a checkpoint as fp32 HF, or with --fp8 in the HF FP8 format")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory to read (its tokenizer.json is copied along)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--fp8", action="store_true",
+                   help="store the FP8 GEMM weights as E4M3 with 128x128-block fp32 scale_inv (SPEC §1.6); "
+                        "embeddings, lm_head, norms, router and MTP eh_proj stay fp32")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="sample from a checkpoint, streaming (KV cache)")
     p.add_argument("--ckpt", required=True, help="checkpoint directory with tokenizer.json")

@@ -159,8 +159,8 @@ def merge_checkpoints(ckpt_dirs: Sequence[str | Path], weights: Sequence[float],
     """Merge checkpoint directories theta_0..theta_k (oldest first) into a new checkpoint at `out_dir`.
 
     All inputs must have the same config.json content. The output, written atomically, holds the
-    first input's config.json, the merged model.safetensors and, if the last input has one, a copy
-    of its tokenizer.json.
+    first input's config.json (less any FP8 quantization_config), the merged fp32 model.safetensors and,
+    if the last input has one, a copy of its tokenizer.json.
     """
     dirs = [Path(d) for d in ckpt_dirs]
     if not dirs:
@@ -182,7 +182,9 @@ def merge_checkpoints(ckpt_dirs: Sequence[str | Path], weights: Sequence[float],
     provenance = json.dumps({"checkpoints": [str(d) for d in dirs], "weights": c})
 
     def write(tmp: Path) -> None:
-        shutil.copyfile(dirs[0] / CONFIG_NAME, tmp / CONFIG_NAME)
+        # The merged tensors are full precision even when the inputs were FP8 exports (SPEC §1.6).
+        config = {k: v for k, v in configs[0].items() if k != "quantization_config"}
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         save_file(merged, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "wsm_merge": provenance})
         if (dirs[-1] / TOKENIZER_NAME).is_file():
             shutil.copyfile(dirs[-1] / TOKENIZER_NAME, tmp / TOKENIZER_NAME)

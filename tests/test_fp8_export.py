@@ -1,0 +1,194 @@
+"""FP8 exports (SPEC §1.6, §3): which tensors are E4M3, their 128x128 scale_inv, the round trip, the CLI."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file, save_file
+
+from linglab.checkpoint import (
+    CheckpointError,
+    from_pretrained,
+    hf_config_dict,
+    is_fp8_weight,
+    load_config_json,
+    save_pretrained,
+    to_hf_state_dict,
+)
+from linglab.cli import main
+from linglab.fp8 import dequantize_blockwise, quantize_blockwise
+from linglab.model import build_model
+
+# Markers of the tensors SPEC §3 keeps in high precision, written apart from the predicate under test.
+HIGH_PRECISION = ("word_embeddings", "lm_head", "norm.weight", "mlp.gate.weight", "mlp.gate.expert_bias", "eh_proj")
+SHAPES = {
+    "hidden 128": {},  # one 128 block along hidden; experts (64) have a partial block
+    "partial blocks": dict(hidden_size=160, head_dim=24, intermediate_size=200, moe_intermediate_size=72),
+}
+
+
+@pytest.fixture(params=list(SHAPES), scope="module")
+def exported(request, tmp_path_factory):
+    model = build_model(tiny_config(num_hidden_layers=2, **SHAPES[request.param]).model, seed=5)
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.gate.expert_bias.normal_()
+    path = tmp_path_factory.mktemp("fp8") / "ckpt"
+    save_pretrained(model, path, fp8=True)
+    return model.eval(), path
+
+
+def test_is_fp8_weight_names_exactly_the_fp8_gemm_weights():
+    fp8 = ["model.layers.0.attention.query_key_value.weight", "model.layers.0.attention.dense.weight",
+           "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight",
+           "model.layers.7.mlp.experts.15.gate_proj.weight", "model.layers.7.mlp.experts.0.down_proj.weight",
+           "model.layers.7.mlp.shared_experts.up_proj.weight"]
+    kept = ["model.word_embeddings.weight", "lm_head.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight",
+            "model.layers.0.post_attention_layernorm.weight", "model.layers.0.attention.query_layernorm.weight",
+            "model.layers.0.attention.key_layernorm.weight", "model.layers.1.mlp.gate.weight",
+            "model.layers.1.mlp.gate.expert_bias", "model.layers.2.eh_proj.weight", "model.layers.2.enorm.weight",
+            "model.layers.2.hnorm.weight", "model.layers.2.final_layernorm.weight",
+            "model.layers.0.attention.dense.weight_scale_inv"]
+    assert all(is_fp8_weight(n) for n in fp8)
+    assert not any(is_fp8_weight(n) for n in kept)
+
+
+def test_file_holds_e4m3_for_exactly_the_fp8_weights_with_fp32_scale_inv(exported):
+    model, path = exported
+    c = model.cfg
+    original = to_hf_state_dict(model)
+    stored = load_file(str(path / "model.safetensors"))
+    expected_fp8 = {n for n in original if not any(m in n for m in HIGH_PRECISION)}
+    # attention (2) in 2 layers + MTP, one dense SwiGLU (3), experts and shared expert (3 each) in layer 1 + MTP
+    assert len(expected_fp8) == 2 * 3 + 3 + 2 * 3 * (c.num_experts + 1)
+    assert {n for n in original if is_fp8_weight(n)} == expected_fp8
+    assert {n for n, t in stored.items() if t.dtype == torch.float8_e4m3fn} == expected_fp8
+    assert set(stored) == set(original) | {f"{n}_scale_inv" for n in expected_fp8}
+    for name in expected_fp8:
+        q, scale = quantize_blockwise(original[name])
+        n, k = original[name].shape
+        assert stored[f"{name}_scale_inv"].dtype == torch.float32
+        assert stored[f"{name}_scale_inv"].shape == (-(-n // 128), -(-k // 128)), name
+        assert torch.equal(stored[name].view(torch.uint8), q.view(torch.uint8)), name
+        assert torch.equal(stored[f"{name}_scale_inv"], scale), name
+    for name in set(original) - expected_fp8:
+        assert stored[name].dtype == torch.float32 and torch.equal(stored[name], original[name]), name
+
+
+def test_config_json_gains_quantization_config_only(exported):
+    model, path = exported
+    d = json.loads((path / "config.json").read_text())
+    assert d.pop("quantization_config") == {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                            "weight_block_size": [128, 128]}
+    assert d == hf_config_dict(model.cfg)
+    assert load_config_json(path) == model.cfg  # quantization_config is not an unknown-key error
+
+
+def test_reload_is_the_quantised_model(exported):
+    model, path = exported
+    loaded = from_pretrained(path).eval()
+    original, reloaded = to_hf_state_dict(model), to_hf_state_dict(loaded)
+    assert original.keys() == reloaded.keys()
+    for name, w in original.items():
+        want = dequantize_blockwise(*quantize_blockwise(w)) if is_fp8_weight(name) else w
+        assert reloaded[name].dtype == torch.float32 and torch.equal(reloaded[name], want), name
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    ref, got = model(ids), loaded(ids)
+    assert ((got - ref).norm() / ref.norm()).item() < 0.05
+
+
+def test_fp8_export_is_smaller(exported, tmp_path):
+    model, path = exported
+    save_pretrained(model, tmp_path / "fp32")
+    assert (path / "model.safetensors").stat().st_size < 0.5 * (tmp_path / "fp32" / "model.safetensors").stat().st_size
+
+
+def _edit_tensors(path, edit):
+    sd = load_file(str(path / "model.safetensors"))
+    edit(sd)
+    save_file(sd, str(path / "model.safetensors"))
+
+
+def _copy(path, dst):
+    import shutil
+
+    shutil.copytree(path, dst)
+    return dst
+
+
+QKV = "model.layers.0.attention.query_key_value.weight"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda sd: sd.pop(f"{QKV}_scale_inv"), f"{QKV} is float8_e4m3fn but has no {QKV}_scale_inv"),
+    (lambda sd: sd.update({f"{QKV}_scale_inv": torch.ones(5, 5)}), rf"{QKV}_scale_inv has shape \(5, 5\), expected \(2, "),
+    (lambda sd: sd.update({QKV: sd[QKV].float()}), f"{QKV} has a _scale_inv but is a torch.float32 tensor"),
+    (lambda sd: sd.pop(QKV), f"{QKV}_scale_inv has no weight {QKV}"),
+])
+def test_bad_scales_are_one_line_errors_naming_the_tensor(exported, tmp_path, edit, message):
+    _, path = exported
+    bad = _copy(path, tmp_path / "bad")
+    _edit_tensors(bad, edit)
+    with pytest.raises(CheckpointError, match=message) as e:
+        from_pretrained(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_quantization_config_is_required_and_checked(exported, tmp_path):
+    _, path = exported
+    bad = _copy(path, tmp_path / "bad")
+    d = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({k: v for k, v in d.items() if k != "quantization_config"}))
+    with pytest.raises(CheckpointError, match="float8_e4m3fn but config.json has no quantization_config"):
+        from_pretrained(bad)
+    for key, value, message in [("quant_method", "gptq", "quant_method 'gptq' is not supported"),
+                                ("weight_block_size", [128, 64], "expected square blocks")]:
+        (bad / "config.json").write_text(json.dumps(d | {"quantization_config": d["quantization_config"] | {key: value}}))
+        with pytest.raises(CheckpointError, match=message):
+            from_pretrained(bad)
+
+
+def test_cli_export_round_trip(tmp_path, capsys):
+    model = build_model(tiny_config(num_hidden_layers=2).model, seed=1)
+    src, fp8, back = tmp_path / "src", tmp_path / "fp8", tmp_path / "back"
+    save_pretrained(model, src)
+    (src / "tokenizer.json").write_text('{"stand-in": true}')
+
+    assert main(["export", "--ckpt", str(src), "--out", str(fp8), "--fp8"]) == 0
+    out = capsys.readouterr().out
+    assert str(fp8) in out and "MB ->" in out
+    assert (fp8 / "tokenizer.json").read_text() == '{"stand-in": true}'
+    assert "quantization_config" in json.loads((fp8 / "config.json").read_text())
+    quantised = to_hf_state_dict(from_pretrained(fp8))
+
+    # Without --fp8 an FP8 export is re-saved in fp32, dequantised: the same weights, no scales, no quantization_config.
+    assert main(["export", "--ckpt", str(fp8), "--out", str(back)]) == 0
+    stored = load_file(str(back / "model.safetensors"))
+    assert stored.keys() == quantised.keys() and all(t.dtype == torch.float32 for t in stored.values())
+    assert all(torch.equal(stored[k], quantised[k]) for k in stored)
+    assert "quantization_config" not in json.loads((back / "config.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "fp8", "src"]  # no temp dirs left behind
+
+
+def test_cli_export_refuses_to_overwrite_and_bad_checkpoints(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    save_pretrained(build_model(tiny_config(num_hidden_layers=1).model, seed=2), src)
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    bad_scale = tmp_path / "bad_scale"
+    save_pretrained(build_model(tiny_config(num_hidden_layers=1).model, seed=2), bad_scale, fp8=True)
+    _edit_tensors(bad_scale, lambda sd: sd.pop(f"{QKV}_scale_inv"))
+    for argv, message in [
+        (["--ckpt", str(src), "--out", str(out), "--fp8"], "exists and is not empty (pass --overwrite"),
+        (["--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "o1")], "is not a directory"),
+        (["--ckpt", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")], "missing config.json"),
+        (["--ckpt", str(bad_scale), "--out", str(tmp_path / "o3")], f"has no {QKV}_scale_inv"),
+    ]:
+        assert main(["export", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert (out / "keep.txt").is_file() and not (tmp_path / "o3").exists()
+    assert main(["export", "--ckpt", str(src), "--out", str(out), "--fp8", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
