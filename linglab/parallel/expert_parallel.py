@@ -1,0 +1,147 @@
+"""Expert parallelism (SPEC §7): routed experts sharded over EP ranks, tokens moved by a dropless all-to-all.
+
+    apply_expert_parallel(model, ep_group)     # every MoE's `experts` becomes an ExpertParallelExperts
+    model.load_state_dict(shard_expert_weights(full_state, rank, ep))     # a single-device checkpoint in
+    full_state = gather_expert_weights(model.state_dict(), ep_group)      # ... and back out
+
+Rank r of an EP group of size P holds experts [r*E/P, (r+1)*E/P). The MoE block itself is untouched: its
+router, dispatch gather, combine and shared expert run on each rank's own tokens exactly as on one device,
+and hand `experts` the k copies of the tokens sorted by global expert, with per-expert counts. Sorted by
+expert is also sorted by the rank that owns the expert, so the swapped-in module only has to:
+  1. all-to-all the per-expert counts, so each rank learns how many rows it receives for each local expert;
+  2. all-to-all the rows and their routing weights with those variable split sizes (dropless: all are sent);
+  3. reorder the received rows from (source rank, expert) to (expert, source rank) and run the same grouped
+     GEMMs as GroupedExperts (FP8 included) on the local experts;
+  4. undo the reorder and all-to-all the outputs back to the ranks the tokens came from.
+
+Autograd: the adjoint of an all-to-all is the all-to-all with the split sizes swapped; `_AllToAll` does
+that in its backward. Tokens and weights travel in one Function so that every rank issues the collectives
+in the same order in the backward too (two separate Functions would rely on the engine's scheduling).
+Only the routed experts' parameters are sharded: everything else is replicated over the EP group and its
+gradients still need the data-parallel reduction (FSDP or an all-reduce) over the ranks' distinct tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from linglab.moe import GroupedExperts, MoE
+
+EXPERT_PARAMS = ("experts.gate_up_proj", "experts.down_proj")
+
+
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows of each tensor sent in chunks of `in_splits` to the ranks, received in chunks of `out_splits`."""
+
+    @staticmethod
+    def forward(ctx, out_splits, in_splits, group, *tensors):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return tuple(_all_to_all(t, out_splits, in_splits, group) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        out_splits, in_splits = ctx.splits
+        return None, None, None, *(_all_to_all(g, in_splits, out_splits, ctx.group) for g in grads)
+
+
+class _Permute(torch.autograd.Function):
+    """Rows reordered by `perm`; the backward gathers with the inverse permutation (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.contiguous().index_select(0, inverse), None, None
+
+
+class ExpertParallelExperts(GroupedExperts):
+    """GroupedExperts holding this rank's E/P experts, with the interface of all E (SPEC §7).
+
+    Parameters keep their names and layout (`gate_up_proj` [E/P, 2I, H], `down_proj` [E/P, H, I]), rows
+    [r*E/P, (r+1)*E/P) of the single-device stacks, so FP8 conversion and state-dict slicing still apply.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, group: dist.ProcessGroup | None):
+        ep = dist.get_world_size(group)
+        if num_experts % ep:
+            raise ValueError(f"expert parallel: num_experts {num_experts} is not divisible by the EP size {ep}")
+        super().__init__(num_experts // ep, hidden_size, intermediate_size)
+        self.group, self.ep, self.num_experts = group, ep, num_experts
+
+    @classmethod
+    def from_full(cls, full: GroupedExperts, group: dist.ProcessGroup | None) -> ExpertParallelExperts:
+        """This rank's slice of a single-device GroupedExperts (weights copied, FP8 ops kept)."""
+        num_experts, two_i, hidden = full.gate_up_proj.shape
+        with torch.device(full.gate_up_proj.device):
+            local = cls(num_experts, hidden, two_i // 2, group)
+        first = dist.get_rank(group) * local.gate_up_proj.shape[0]
+        with torch.no_grad():
+            for name in ("gate_up_proj", "down_proj"):
+                getattr(local, name).copy_(getattr(full, name)[first:first + getattr(local, name).shape[0]])
+        local.fp8 = full.fp8
+        return local
+
+    def forward(self, x_sorted: torch.Tensor, weights_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by global expert [N*k, H], their weights and the [E] counts -> their outputs, same order."""
+        ep, local_experts = self.ep, self.num_experts // self.ep
+        send = counts.view(ep, local_experts)  # row j: what this rank sends to rank j, per expert of rank j
+        recv = torch.empty_like(send)  # row s: what rank s sends here, per local expert
+        dist.all_to_all_single(recv, send.contiguous(), group=self.group)
+        in_splits, out_splits = torch.stack([send.sum(1), recv.sum(1)]).tolist()  # one host sync for both
+
+        x_recv, w_recv = _AllToAll.apply(out_splits, in_splits, self.group, x_sorted, weights_sorted)
+        # Received rows come grouped by (source rank, local expert); the grouped GEMM wants them by expert.
+        expert_of = torch.arange(local_experts, device=counts.device).repeat(ep).repeat_interleave(
+            recv.flatten(), output_size=sum(out_splits))  # the size is known: no second host sync on a GPU
+        order = expert_of.argsort(stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        out = super().forward(_Permute.apply(x_recv, order, inverse), _Permute.apply(w_recv, order, inverse),
+                              recv.sum(0))
+        (out_sorted,) = _AllToAll.apply(in_splits, out_splits, self.group, _Permute.apply(out, inverse, order))
+        return out_sorted
+
+
+def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup | None = None) -> nn.Module:
+    """Shard the routed experts of every MoE block in `model` (main stack and MTP) over `ep_group`, in place.
+
+    Every rank must hold the same full weights beforehand (same seed, or the same checkpoint loaded); each
+    keeps its slice. Call before FSDP or the optimizer, which must see the sliced parameters.
+    """
+    for module in model.modules():
+        if isinstance(module, MoE) and not isinstance(module.experts, ExpertParallelExperts):
+            module.experts = ExpertParallelExperts.from_full(module.experts, ep_group)
+    return model
+
+
+def _is_expert_param(name: str) -> bool:
+    return name.endswith(EXPERT_PARAMS)
+
+
+def shard_expert_weights(full_state: dict[str, torch.Tensor], rank: int, ep: int) -> dict[str, torch.Tensor]:
+    """A single-device state dict cut down to EP rank `rank` of `ep`: stacked experts sliced on dim 0."""
+    return {name: t.chunk(ep)[rank].clone() if _is_expert_param(name) else t for name, t in full_state.items()}
+
+
+def gather_expert_weights(state: dict[str, torch.Tensor], group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
+    """Inverse of `shard_expert_weights`, collectively over `group`: every rank gets the full stacks."""
+    out = {}
+    for name, t in state.items():
+        if _is_expert_param(name):
+            parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, t.contiguous(), group=group)
+            t = torch.cat(parts)
+        out[name] = t
+    return out
