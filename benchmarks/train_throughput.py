@@ -37,8 +37,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    cfg = load_config("tiny", overrides=[f"train.ckpt_every={args.steps}", "train.eval_every=0",
-                                         "data.num_documents=8000"])
+    cfg = load_config("tiny", overrides=[f"--train.ckpt_every={args.steps}", "--train.eval_every=0",
+                                         "--data.num_documents=8000"])
     batch, seq = cfg.train.batch_size, cfg.data.seq_len
     peak = matmul_peak_flops()
     fpt = flops_per_token(cfg.model, seq)
@@ -47,7 +47,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
-        data = build_data(cfg.data, run_dir, eval_problems=1)
+        data = build_data(cfg.data, run_dir, eval_problems=8)
         model = build_model(cfg.model, seed=0)
         trainer = Trainer(cfg, run_dir, data, model, log=lambda *a: None)
 

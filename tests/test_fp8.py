@@ -147,6 +147,13 @@ def test_roundtrip_error_within_half_an_e4m3_step(granularity):
     assert (err <= 2 ** -4 * x.abs() + 2 ** -10 * per_elem).all()
 
 
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantize_dequantize_fast_tile_path_is_bit_identical(pow2):
+    x = _heavy_tailed(3, 256).view(3, 1, 256)
+    x[1, 0, :128] = 0.0  # a zero tile
+    assert torch.equal(quantize_dequantize(x, "tile", pow2), dequantize_tilewise(*quantize_tilewise(x, pow2_scales=pow2)))
+
+
 def _linear_grads(x, w, dy, recipe, backend="emulate"):
     x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
     y = fp8_linear(x, w, recipe, backend)
