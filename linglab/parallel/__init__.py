@@ -1,1 +1,1 @@
-"""Parallelism applied to the model from outside (SPEC §7): pipeline planning, and later FSDP2 / expert / pipeline wrappers."""
+"""Parallelism applied from outside the single-device model (SPEC §7): FSDP2, expert parallel, the pipeline planner."""
