@@ -187,6 +187,94 @@ class FP8Config:
         _check(-1.0 <= self.distortion_warn <= 1.0, "fp8.distortion_warn", "must be in [-1, 1]")
 
 
+RL_ALGOS = ("grpo", "dapo", "drgrpo", "gspo", "lpo")
+RL_CORRECTIONS = ("none", "tis", "icepop")
+
+
+@dataclass
+class RLConfig:
+    """RL post-training (SPEC §5; issue 5): rollouts, rewards, the policy loss and its mismatch correction."""
+
+    algo: str = "grpo"  # policy loss: "grpo" | "dapo" | "drgrpo" | "gspo" | "lpo"
+    correction: str = "icepop"  # train-inference mismatch correction: "none" | "tis" | "icepop"
+    icepop_alpha: float = 0.5  # IcePop keeps a token when alpha <= pi_train / pi_infer <= beta
+    icepop_beta: float = 5.0
+    tis_cap: float = 2.0  # TIS weight min(pi_train / pi_infer, C)
+    rollout_precision: str = "fp8"  # rollout model weights: "fp32" (= trainer's) | "fp8" (128x128-block E4M3)
+    c3po: bool = False  # C3PO++ budget-controlled partial rollouts; false = generate every group to the end
+    c3po_capacity: int = 128  # C3PO++ Omega: rollouts in flight in the pool (whole groups)
+    c3po_budget: int = 2560  # C3PO++ Phi: response tokens of completed groups that end a step (~8 groups of 8)
+    c3po_max_retention: int = 2  # C3PO++ sigma: carry-overs a rollout survives; one more purges its group
+    chunk_tokens: int = 16  # C3PO++: tokens generated per round between budget checks
+    group_size: int = 8  # G responses per prompt
+    prompts_per_step: int = 8  # groups per step without C3PO++
+    max_new_tokens: int = 64  # response length limit (the longest worked solution is ~55 tokens)
+    temperature: float = 1.0  # rollout sampling temperature (SPEC §5 Ring-1T: 1.0)
+    top_p: float = 1.0  # rollout nucleus sampling
+    lr: float = 2e-5  # AdamW, constant
+    beta1: float = 0.9  # SPEC §5 Ring-1T: (0.9, 0.999)
+    beta2: float = 0.999
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    steps: int = 50  # RL steps (one rollout batch each)
+    ppo_epochs: int = 1  # gradient steps per rollout batch; 1 makes pi_old the rollout policy
+    kl_coef: float = 0.0  # k3 KL to the policy at the start of RL (SPEC §5 Ring-1T: 0)
+    grpo_eps: float = 0.2
+    dapo_eps_low: float = 0.2
+    dapo_eps_high: float = 0.28  # DAPO clip-higher
+    dapo_overlong_cache: int = 0  # DAPO soft overlong penalty over the last this-many tokens (0 = off)
+    drgrpo_eps: float = 0.2
+    gspo_eps_low: float = 3e-4
+    gspo_eps_high: float = 4e-4
+    lpo_eps: float = 0.03
+    length_alpha: float = 0.0  # Evo-CoT length term weight (0 = off)
+    format_reward: bool = False  # add the Evo-CoT format term (-0.5 unless one final `answer:` line)
+    sft_steps: int = 0  # supervised steps on worked train-split solutions before RL (0 = none)
+    sft_lr: float = 1e-4
+    sft_batch_size: int = 16  # packed rows of sft_seq_len tokens
+    sft_seq_len: int = 128
+    tiers: list[int] = field(default_factory=lambda: [1, 2])  # task tiers to train on (repeats weight a tier)
+    ckpt_every: int = 10  # steps between checkpoints
+    keep_last: int = 3  # checkpoints kept
+    seed: int = 0  # prompts, sampling and evaluation
+    eval_problems: int = 32  # held-out problems per tier for the before/after evaluation (0 = skip it)
+    eval_samples: int = 8  # samples per problem (n) for pass@k and ApexEval
+    eval_ks: list[int] = field(default_factory=lambda: [1, 4, 8])  # k of pass@k; ApexEval uses the largest
+
+    def validate(self) -> None:
+        _check(self.algo in RL_ALGOS, "rl.algo", f"must be one of {', '.join(RL_ALGOS)}, got {self.algo!r}")
+        _check(self.correction in RL_CORRECTIONS, "rl.correction",
+               f"must be one of {', '.join(RL_CORRECTIONS)}, got {self.correction!r}")
+        _check(0 < self.icepop_alpha <= 1 <= self.icepop_beta, "rl.icepop_alpha/icepop_beta",
+               "must satisfy 0 < alpha <= 1 <= beta")
+        _check(self.tis_cap > 0, "rl.tis_cap", "must be > 0")
+        _check(self.rollout_precision in ("fp32", "fp8"), "rl.rollout_precision",
+               f"must be 'fp32' or 'fp8', got {self.rollout_precision!r}")
+        for name in ("c3po_budget", "chunk_tokens", "group_size", "prompts_per_step", "max_new_tokens", "steps",
+                     "ppo_epochs", "sft_batch_size", "ckpt_every", "keep_last", "eval_samples"):
+            _check(getattr(self, name) >= 1, f"rl.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.c3po_capacity >= self.group_size, "rl.c3po_capacity",
+               f"({self.c3po_capacity}) must hold at least one group of group_size={self.group_size}")
+        for name in ("c3po_max_retention", "dapo_overlong_cache", "sft_steps", "eval_problems"):
+            _check(getattr(self, name) >= 0, f"rl.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check(self.dapo_overlong_cache <= self.max_new_tokens, "rl.dapo_overlong_cache", "must be <= max_new_tokens")
+        _check(self.temperature > 0, "rl.temperature", "must be > 0 (RL needs sampled rollouts)")
+        _check(0.0 < self.top_p <= 1.0, "rl.top_p", "must be in (0, 1]")
+        _check(self.lr > 0 and self.sft_lr > 0, "rl.lr/sft_lr", "must be > 0")
+        _check(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "rl.beta1/beta2", "must be in [0, 1)")
+        _check(self.weight_decay >= 0 and self.kl_coef >= 0 and self.length_alpha >= 0,
+               "rl.weight_decay/kl_coef/length_alpha", "must be >= 0")
+        _check(self.grad_clip > 0, "rl.grad_clip", "must be > 0")
+        for name in ("grpo_eps", "dapo_eps_low", "dapo_eps_high", "drgrpo_eps", "gspo_eps_low", "gspo_eps_high",
+                     "lpo_eps"):
+            _check(0 < getattr(self, name) < 1, f"rl.{name}", f"must be in (0, 1), got {getattr(self, name)}")
+        _check(self.sft_seq_len >= 8, "rl.sft_seq_len", f"must be >= 8, got {self.sft_seq_len}")
+        _check(len(self.tiers) >= 1 and all(t in (0, 1, 2) for t in self.tiers), "rl.tiers",
+               f"must be a non-empty list of tiers 0, 1, 2, got {self.tiers}")
+        _check(len(self.eval_ks) >= 1 and all(1 <= k <= self.eval_samples for k in self.eval_ks), "rl.eval_ks",
+               f"must be a non-empty list of k in [1, eval_samples={self.eval_samples}], got {self.eval_ks}")
+
+
 @dataclass
 class Config:
     """The whole tree; every component gets only its own section."""
@@ -195,6 +283,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fp8: FP8Config = field(default_factory=FP8Config)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

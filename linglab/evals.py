@@ -1,18 +1,26 @@
-"""Evaluation of a pretrained model on the embedded tasks: held-out loss and exact match per tier.
+"""Evaluation of a model on the embedded tasks: held-out loss, greedy exact match, pass@k and ApexEval per tier.
 
     linglab eval --ckpt runs/tiny/final          # held-out loss + greedy exact match per difficulty tier
+    sample_pass_at_k(model, tok, problems, n=8, ks=[1, 4, 8])   # {"hard": {"pass@1": 0.4, ...}, ...}
+    apex_eval(model, tok, problems, PROMPT_VARIANTS, n=8, k=8)  # best pass@k over prompt variants (SPEC §6)
 
 Exact match = the `answer:` line of a greedy completion equals the problem's answer (`tasks.is_correct`).
-Held-out problems are disjoint from training by construction (`tasks.is_heldout`).
+Sampled evaluations (pass@k, ApexEval) check answers with the RL verifier `rewards.verify`, which compares
+values, not strings (SPEC §6). Held-out problems are disjoint from training by construction (`tasks.is_heldout`).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Mapping, Sequence
+
 import torch
 
 from linglab.data import PackedDataset
-from linglab.generate import generate_text
+from linglab.generate import generate, generate_text
 from linglab.model import LingForCausalLM
+from linglab.passk import pass_at_k_batch, pass_at_k_by_variant
+from linglab.rl.rewards import verify
 from linglab.tasks import TIERS, Problem, is_correct
 
 MAX_NEW_TOKENS = 64  # the longest worked solution of the embedded tiers is ~35 tokens
@@ -65,3 +73,95 @@ def sample_completions(model: LingForCausalLM, data, n: int) -> list[dict]:
                                 temperature=0.0)
     return [{"prompt": p.prompt, "completion": c, "answer": p.answer, "correct": is_correct(c, p),
              "tier": TIERS[p.tier].name} for p, c in zip(chosen, completions)]
+
+
+_EQUATION_PROMPT = re.compile(r"(.+)=\?\n")
+
+
+def _question_prompt(problem: Problem) -> str:
+    match = _EQUATION_PROMPT.fullmatch(problem.prompt)
+    return f"What is {match.group(1)}?\n" if match else problem.prompt
+
+
+def _bare_prompt(problem: Problem) -> str:
+    match = _EQUATION_PROMPT.fullmatch(problem.prompt)
+    return f"{match.group(1)}=\n" if match else problem.prompt
+
+
+# Prompt/format variants for ApexEval (SPEC §6), each the same question put another way: the training format
+# "47+58=?", the question "What is 47+58?" and the bare "47+58=". Word problems have one wording only, so
+# every variant leaves them as they are.
+PROMPT_VARIANTS: dict[str, Callable[[Problem], str]] = {
+    "plain": lambda p: p.prompt,
+    "question": _question_prompt,
+    "bare": _bare_prompt,
+}
+
+
+def correct_counts(model: LingForCausalLM, tokenizer, prompts: Sequence[str], answers: Sequence[str], n: int,
+                   temperature: float = 1.0, seed: int = 0) -> list[int]:
+    """How many of n samples per prompt `rewards.verify` accepts; the n samples of a prompt share one batch."""
+    result = generate(model, [ids for ids in tokenizer.encode_batch(prompts) for _ in range(n)], MAX_NEW_TOKENS,
+                      tokenizer.eos_id, temperature=temperature, seed=seed)
+    texts = [tokenizer.decode(ids) for ids in result.tokens]
+    return [sum(verify(texts[i * n + j], answer) for j in range(n)) for i, answer in enumerate(answers)]
+
+
+def _by_tier(problems: Sequence[Problem]) -> dict[str, list[Problem]]:
+    tiers: dict[str, list[Problem]] = {}
+    for p in problems:
+        tiers.setdefault(TIERS[p.tier].name, []).append(p)
+    return tiers
+
+
+def sample_pass_at_k(model: LingForCausalLM, tokenizer, problems: Sequence[Problem], n: int, ks: Sequence[int],
+                     temperature: float = 1.0, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Unbiased pass@k (SPEC §6) per tier name from n samples per problem: {"hard": {"pass@1": ..., "pass@8": ...}}."""
+    out = {}
+    for tier, group in _by_tier(problems).items():
+        counts = correct_counts(model, tokenizer, [p.prompt for p in group], [p.answer for p in group], n,
+                                temperature, seed)
+        out[tier] = {f"pass@{k}": float(pass_at_k_batch(n, counts, k).mean()) for k in ks}
+    return out
+
+
+def apex_eval(model: LingForCausalLM, tokenizer, problems: Sequence[Problem],
+              variants: Mapping[str, Callable[[Problem], str]] = PROMPT_VARIANTS, n: int = 8, k: int = 8,
+              temperature: float = 1.0, seed: int = 0) -> dict:
+    """ApexEval (SPEC §6): mean pass@k of each prompt variant over `problems`, and the best of them as the score."""
+    scores = pass_at_k_by_variant(variant_correct_counts(model, tokenizer, problems, variants, n, temperature, seed), n, k)
+    best = max(scores, key=scores.get)
+    return {"k": k, "apex": scores[best], "best_variant": best, "variants": scores}
+
+
+def variant_correct_counts(model: LingForCausalLM, tokenizer, problems: Sequence[Problem],
+                           variants: Mapping[str, Callable[[Problem], str]], n: int, temperature: float = 1.0,
+                           seed: int = 0) -> dict[str, list[int]]:
+    """`correct_counts` of every problem under each prompt variant: {variant: [count per problem]}."""
+    answers = [p.answer for p in problems]
+    return {name: correct_counts(model, tokenizer, [variant(p) for p in problems], answers, n, temperature, seed)
+            for name, variant in variants.items()}
+
+
+def policy_eval(model: LingForCausalLM, tokenizer, problems: Sequence[Problem], n: int, ks: Sequence[int],
+                variants: Mapping[str, Callable[[Problem], str]] = PROMPT_VARIANTS, temperature: float = 1.0,
+                seed: int = 0) -> dict[str, dict]:
+    """Per tier name: greedy accuracy, pass@k of the plain prompt and ApexEval at the largest k, from one set of samples.
+
+    The plain prompt's samples serve both pass@k and ApexEval's "plain" variant, so nothing is sampled twice.
+    """
+    out = {}
+    for tier, group in _by_tier(problems).items():
+        counts = variant_correct_counts(model, tokenizer, group, {"plain": PROMPT_VARIANTS["plain"], **variants}, n,
+                                        temperature, seed)
+        scores = pass_at_k_by_variant(counts, n, max(ks))
+        best = max(scores, key=scores.get)
+        out[tier] = {"n_problems": len(group), "greedy_accuracy": tier_accuracy(model, tokenizer, group),
+                     **{f"pass@{k}": float(pass_at_k_batch(n, counts["plain"], k).mean()) for k in ks},
+                     "apex": {"k": max(ks), "apex": scores[best], "best_variant": best, "variants": scores}}
+    return out
+
+
+def greedy_accuracy(model: LingForCausalLM, tokenizer, problems: Sequence[Problem]) -> dict[str, float]:
+    """Greedy exact-match accuracy (`tier_accuracy`) per tier name."""
+    return {tier: tier_accuracy(model, tokenizer, group) for tier, group in _by_tier(problems).items()}

@@ -1,1 +1,2 @@
-"""RL post-training (SPEC §5): policy losses, train-inference mismatch corrections and verifiable rewards."""
+"""RL post-training (SPEC §5): policy losses, train-inference mismatch corrections, verifiable rewards, the rollout
+engine with its C3PO++ pool (`rollout`), the trainer (`trainer`, `linglab rl`) and its report (`report`)."""

@@ -1,0 +1,190 @@
+"""Rollouts for RL (SPEC §5): the inference engine with its own copy of the policy, and the C3PO++ pool.
+
+The engine samples with `linglab.generate` and keeps each token's log-prob as it was sampled: that is
+log pi_infer, which the trainer compares with its own log pi_train for IcePop/TIS. Its weights are a copy
+of the trainer's, refreshed by `sync_weights`; with `precision="fp8"` the FP8 GEMM weights of SPEC §3 are
+replaced by their 128x128-block E4M3 quantise -> dequantise (exactly what loading an FP8 export gives), so
+pi_infer really differs from pi_train, as it does between a real inference engine and its trainer.
+
+    engine = RolloutEngine(model.cfg, eos_id=tok.eos_id, max_new_tokens=64, precision="fp8")
+    engine.sync_weights(model)
+    groups = engine.generate_groups(prompts, group_size=8, generator=g, payloads=problems)  # synchronous
+
+    pool = RolloutPool(capacity=128, budget=2560, max_retention=2, chunk_tokens=16, group_size=8)
+    groups, stats = pool.collect(engine, next_prompts, g)   # C3PO++: whole groups, >= budget tokens
+
+A response is the sampled tokens without the EOS that ended it: `generate` reports no log-prob for EOS,
+so EOS is not a trained token (the pretrained model already knows when to stop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from linglab import checkpoint as ckpt
+from linglab.config import ModelConfig
+from linglab.fp8 import TILE
+from linglab.generate import generate
+from linglab.model import LingForCausalLM, build_model
+
+
+@dataclass
+class Rollout:
+    """One response: the prompt ids, the tokens sampled so far with their log pi_infer and the policy version
+    (engine sync count) that sampled each, how it ended, and how often it was carried over unfinished."""
+
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    eos: bool = False  # ended by EOS
+    truncated: bool = False  # reached the engine's max_new_tokens without EOS
+    retained: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.eos or self.truncated
+
+    @property
+    def cost(self) -> int:
+        """Tokens the engine sampled for it, EOS included (so a response that is only EOS still costs one)."""
+        return len(self.tokens) + int(self.eos)
+
+
+@dataclass
+class RolloutGroup:
+    """The G responses of one prompt, kept together for group advantages; `payload` is what the reward needs."""
+
+    prompt: list[int]
+    rollouts: list[Rollout]
+    payload: object = None
+
+    @property
+    def done(self) -> bool:
+        return all(r.done for r in self.rollouts)
+
+
+class RolloutEngine:
+    """The inference side: its own model, synced from the trainer's, sampling with recorded log pi_infer."""
+
+    def __init__(self, model_cfg: ModelConfig, eos_id: int, max_new_tokens: int, precision: str = "fp32",
+                 temperature: float = 1.0, top_p: float = 1.0, device: str | torch.device = "cpu"):
+        if precision not in ("fp32", "fp8"):
+            raise ValueError(f"rollout precision must be 'fp32' or 'fp8', got {precision!r}")
+        self.model = build_model(model_cfg, device=device).eval().requires_grad_(False)
+        self.eos_id, self.max_new_tokens = eos_id, max_new_tokens
+        self.precision, self.temperature, self.top_p = precision, temperature, top_p
+        self.version = 0  # number of syncs: the policy version that samples new tokens
+
+    @torch.no_grad()
+    def sync_weights(self, train_model: LingForCausalLM) -> None:
+        """Copy the trainer's weights in; with fp8, through the HF FP8 export's quantise -> dequantise (SPEC §1.6, §3)."""
+        tensors = ckpt.to_hf_state_dict(train_model)
+        if self.precision == "fp8":
+            tensors = ckpt.dequantize_hf_state_dict(ckpt.quantize_hf_state_dict(tensors), TILE, "rollout sync")
+        ckpt.load_state_into(self.model, tensors, "rollout sync")
+        self.version += 1
+
+    def continue_rollouts(self, rollouts: Sequence[Rollout], max_tokens: int, generator: torch.Generator) -> int:
+        """Sample up to `max_tokens` more tokens for each unfinished rollout, from its prompt + tokens so far.
+
+        Earlier tokens keep the log-probs recorded when they were sampled, possibly by an older policy version.
+        Returns the tokens sampled (EOS included).
+        """
+        by_budget: dict[int, list[Rollout]] = {}
+        for r in rollouts:
+            if not r.done:
+                by_budget.setdefault(min(max_tokens, self.max_new_tokens - len(r.tokens)), []).append(r)
+        sampled = 0
+        for budget, batch in sorted(by_budget.items()):
+            out = generate(self.model, [r.prompt + r.tokens for r in batch], budget, self.eos_id, self.temperature,
+                           self.top_p, seed=generator)
+            for r, tokens, logprobs, eos in zip(batch, out.tokens, out.logprobs, out.finished, strict=True):
+                r.tokens += tokens
+                r.logprobs += logprobs
+                r.versions += [self.version] * len(tokens)
+                r.eos = eos
+                r.truncated = not eos and len(r.tokens) >= self.max_new_tokens
+                sampled += len(tokens) + int(eos)
+        return sampled
+
+    def generate_groups(self, prompts: Sequence[Sequence[int]], group_size: int, generator: torch.Generator,
+                        payloads: Sequence[object] | None = None) -> list[RolloutGroup]:
+        """G responses per prompt, each generated to EOS or max_new_tokens (the synchronous mode)."""
+        payloads = [None] * len(prompts) if payloads is None else payloads
+        groups = [RolloutGroup(list(p), [Rollout(list(p)) for _ in range(group_size)], payload)
+                  for p, payload in zip(prompts, payloads, strict=True)]
+        self.continue_rollouts([r for g in groups for r in g.rollouts], self.max_new_tokens, generator)
+        return groups
+
+
+class RolloutPool:
+    """C3PO++ (SPEC §5): an inference pool of `capacity` rollouts, generation per step bounded by a token budget.
+
+    `collect` keeps the pool full with new groups, generates `chunk_tokens` tokens at a time for every unfinished
+    rollout, and moves each group whose G responses are all done out of the pool, until those groups hold
+    `budget` tokens. Unfinished rollouts stay, their retention + 1, and the next policy version (the next
+    `sync_weights`) resumes them; their earlier tokens keep the log-probs of the versions that sampled them, so
+    IcePop/TIS see the staleness as mismatch. A rollout carried over more than `max_retention` times is purged
+    with its whole group: a group's advantages need all G rewards, and its finished members are stale by then.
+
+    Choices SPEC leaves open: Phi counts the response tokens (EOS included) of the groups completed in this
+    step, i.e. the batch the trainer gets; Omega counts rollouts, filled G at a time with whole groups.
+    """
+
+    def __init__(self, capacity: int, budget: int, max_retention: int, chunk_tokens: int, group_size: int):
+        if capacity < group_size:
+            raise ValueError(f"pool capacity {capacity} cannot hold a group of {group_size}")
+        self.capacity, self.budget, self.max_retention = capacity, budget, max_retention
+        self.chunk_tokens, self.group_size = chunk_tokens, group_size
+        self.groups: list[RolloutGroup] = []
+
+    def open_slots(self) -> int:
+        """How many new groups fit into the pool now."""
+        return (self.capacity - self.group_size * len(self.groups)) // self.group_size
+
+    def collect(self, engine: RolloutEngine, new_prompts: Callable[[int], list[tuple[list[int], object]]],
+                generator: torch.Generator) -> tuple[list[RolloutGroup], dict]:
+        """One step's rollouts: completed groups in order of completion, and stats for the metrics.
+
+        `new_prompts(n)` returns n (prompt ids, payload) pairs to start new groups with.
+        """
+        completed: list[RolloutGroup] = []
+        completed_tokens = sampled = 0
+        resumed = sum(1 for g in self.groups for r in g.rollouts if not r.done)
+        while completed_tokens < self.budget:
+            self.groups += [RolloutGroup(list(p), [Rollout(list(p)) for _ in range(self.group_size)], payload)
+                            for p, payload in new_prompts(self.open_slots())]
+            active = [r for g in self.groups for r in g.rollouts if not r.done]
+            if not active:
+                break
+            sampled += engine.continue_rollouts(active, self.chunk_tokens, generator)
+            for group in [g for g in self.groups if g.done]:
+                self.groups.remove(group)
+                completed.append(group)
+                completed_tokens += sum(r.cost for r in group.rollouts)
+
+        kept, purged = [], 0
+        for group in self.groups:
+            for r in group.rollouts:
+                r.retained += int(not r.done)
+            if max(r.retained for r in group.rollouts) > self.max_retention:
+                purged += 1
+            else:
+                kept.append(group)
+        self.groups = kept
+        stale = sum(v < engine.version for g in completed for r in g.rollouts for v in r.versions)
+        total = sum(len(r.tokens) for g in completed for r in g.rollouts)
+        stats = {"tokens_generated": sampled, "completed_tokens": completed_tokens, "resumed_rollouts": resumed,
+                 "carried_groups": len(kept), "purged_groups": purged, "stale_token_fraction": stale / max(total, 1)}
+        return completed, stats
+
+    def state_dict(self) -> dict:
+        """The in-flight groups, for an exact resume (payloads must be picklable)."""
+        return {"groups": self.groups}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.groups = state["groups"]

@@ -1,0 +1,503 @@
+"""RL post-training (SPEC §5) from an HF checkpoint: optional SFT, then rollouts -> rewards -> policy loss.
+
+    linglab rl --ckpt runs/tiny/final --out runs/tiny-rl --rl.algo=lpo --rl.correction=icepop
+    linglab rl --ckpt runs/tiny/final --out runs/tiny-rl --resume      # continue bit-exactly
+
+Per step: sync the rollout engine to the trainer's weights; sample whole groups of G responses (all to the
+end, or C3PO++ with `rl.c3po`); reward them (`rewards.verify` plus optional Evo-CoT length/format terms);
+group advantages (DAPO drops groups whose rewards are all equal, without sampling more); recompute
+log pi_train(theta_old) of the rollout tokens without gradient; then `rl.ppo_epochs` AdamW steps on the
+selected loss (grpo, dapo, drgrpo, gspo, lpo) times the selected correction (none, tis, icepop; k_t =
+pi_train(theta_old) / pi_infer from the log-probs the engine recorded), plus the optional k3 KL to the policy
+RL started from. The router's expert bias stays frozen (no balancing update; checked every step).
+
+Log-probs on both sides are of the temperature-scaled distribution the rollouts sample from (SPEC §5: 1.0).
+
+A run directory holds `config.toml`, `tokenizer.json`, `metrics.jsonl` (`sft` rows, one `train` row per RL
+step, `eval` rows before and after), `rl_start/` (the policy RL starts from, after SFT: the KL reference),
+`checkpoints/step_NNNNNN/` (HF checkpoint + `rl_state.pt`: optimizer, step, RNGs, prompt stream, C3PO++
+pool), `final/`, `rl_eval.json` (greedy accuracy, pass@k and ApexEval per tier, before vs after), `plots/`,
+`report.md` and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from linglab import checkpoint
+from linglab.config import Config, RLConfig, to_toml
+from linglab.data import DataLoader, PackedDataset
+from linglab.errors import LinglabError
+from linglab.evals import policy_eval
+from linglab.model import LingForCausalLM
+from linglab.rl import losses
+from linglab.rl.rewards import evo_cot_length_reward, format_reward, verify
+from linglab.rl.rollout import Rollout, RolloutEngine, RolloutGroup, RolloutPool
+from linglab.tasks import TIERS, Problem, format_document, generate_problem, generate_problems, is_heldout
+from linglab.tokenizer import Tokenizer, load_tokenizer
+from linglab.train import _rng_state, _set_rng_state, _truncate_metrics, prepare_run_dir
+
+STATE_NAME = "rl_state.pt"
+START_NAME = "rl_start"
+EVAL_TIERS = (0, 1, 2)  # evaluated before and after, whatever rl.tiers trains on, so regressions show too
+
+
+class ProblemStream:
+    """Train-split problems of `tiers`, round-robin, from one seeded RNG; resumable from `state_dict()`."""
+
+    def __init__(self, tiers: list[int], seed: int):
+        self.tiers, self.rng, self.count = list(tiers), random.Random(seed), 0
+
+    def next(self, n: int) -> list[Problem]:
+        out = []
+        while len(out) < n:
+            problem = generate_problem(self.rng, self.tiers[self.count % len(self.tiers)])
+            if not is_heldout(problem):
+                out.append(problem)
+                self.count += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+        self.count = state["count"]
+
+
+# ---------------------------------------------------------------- rewards, batches, losses
+
+
+def rollout_rewards(cfg: RLConfig, completions: list[str], answers: list[str], lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """(reward [B], correct [B]) of SPEC §5: correctness + alpha * Evo-CoT length term + format term + DAPO overlong."""
+    correct = torch.tensor([verify(c, a) for c, a in zip(completions, answers, strict=True)], dtype=torch.bool)
+    reward = correct.float()
+    if cfg.length_alpha > 0:
+        reward = reward + evo_cot_length_reward(lengths, correct, cfg.group_size, cfg.length_alpha)
+    if cfg.format_reward:
+        reward = reward + torch.tensor([format_reward(c) for c in completions])
+    if cfg.dapo_overlong_cache > 0:
+        reward = reward + losses.overlong_penalty(lengths, cfg.max_new_tokens, cfg.dapo_overlong_cache)
+    return reward, correct
+
+
+@dataclass
+class RolloutBatch:
+    """Rollouts as padded next-token tensors [B, L]: response tokens are the targets where `mask` is set."""
+
+    inputs: Tensor
+    targets: Tensor
+    mask: Tensor  # bool, the response tokens among the targets
+    infer_logp: Tensor  # log pi_infer recorded at sampling, 0 off the response
+    sentence_ids: Tensor | None  # LPO sentence of each response token, -1 elsewhere
+
+    def rows(self, index: Tensor) -> RolloutBatch:
+        ids = None if self.sentence_ids is None else self.sentence_ids[index]
+        return RolloutBatch(self.inputs[index], self.targets[index], self.mask[index], self.infer_logp[index], ids)
+
+
+def rollout_batch(rollouts: list[Rollout], pad_id: int, tokenizer: Tokenizer | None = None) -> RolloutBatch:
+    """Pad prompt + response of each rollout; with a tokenizer, number LPO sentences from per-token decoded text."""
+    length = max(len(r.prompt) + len(r.tokens) for r in rollouts) - 1
+    inputs = torch.full((len(rollouts), max(length, 1)), pad_id, dtype=torch.long)
+    targets, mask = inputs.clone(), torch.zeros(inputs.shape, dtype=torch.bool)
+    infer_logp, sentence_ids = torch.zeros(inputs.shape), torch.full(inputs.shape, -1, dtype=torch.long)
+    for b, r in enumerate(rollouts):
+        seq = torch.tensor(r.prompt + r.tokens)
+        inputs[b, :len(seq) - 1], targets[b, :len(seq) - 1] = seq[:-1], seq[1:]
+        response = slice(len(r.prompt) - 1, len(seq) - 1)  # targets[i] is token i + 1 of the sequence
+        mask[b, response] = True
+        infer_logp[b, response] = torch.tensor(r.logprobs)
+        if tokenizer is not None and r.tokens:
+            sentence_ids[b, response] = torch.tensor(losses.sentence_ids_for_tokens([tokenizer.decode([t]) for t in r.tokens]))
+    return RolloutBatch(inputs, targets, mask, infer_logp, sentence_ids if tokenizer is not None else None)
+
+
+def policy_logprobs(model: LingForCausalLM, batch: RolloutBatch, temperature: float,
+                    with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """log pi(target) [B, L] under the temperature-scaled softmax, and the per-position entropy if asked."""
+    logp_all = F.log_softmax(model(batch.inputs).float() / temperature, dim=-1)
+    logp = logp_all.gather(-1, batch.targets[..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    return logp, entropy
+
+
+def algo_eps(cfg: RLConfig) -> tuple[float, float]:
+    """(eps_low, eps_high) of the selected loss (SPEC §5 defaults in RLConfig)."""
+    return {"grpo": (cfg.grpo_eps, cfg.grpo_eps), "dapo": (cfg.dapo_eps_low, cfg.dapo_eps_high),
+            "drgrpo": (cfg.drgrpo_eps, cfg.drgrpo_eps), "gspo": (cfg.gspo_eps_low, cfg.gspo_eps_high),
+            "lpo": (cfg.lpo_eps, cfg.lpo_eps)}[cfg.algo]
+
+
+def policy_loss(cfg: RLConfig, logp: Tensor, old_logp: Tensor, advantages: Tensor, batch: RolloutBatch,
+                token_weights: Tensor | None) -> Tensor:
+    """The selected SPEC §5 loss (-J) of a rollout batch."""
+    low, high = algo_eps(cfg)
+    args = (logp, old_logp, advantages, batch.mask)
+    if cfg.algo == "grpo":
+        return losses.grpo_loss(*args, eps=low, token_weights=token_weights)
+    if cfg.algo == "dapo":
+        return losses.dapo_loss(*args, eps_low=low, eps_high=high, token_weights=token_weights)
+    if cfg.algo == "drgrpo":
+        return losses.drgrpo_loss(*args, eps=low, max_len=cfg.max_new_tokens, token_weights=token_weights)
+    if cfg.algo == "gspo":
+        return losses.gspo_loss(*args, eps_low=low, eps_high=high, token_weights=token_weights)
+    return losses.lpo_loss(*args, batch.sentence_ids, eps=low, token_weights=token_weights)
+
+
+def policy_ratio(cfg: RLConfig, logp: Tensor, old_logp: Tensor, batch: RolloutBatch) -> Tensor:
+    """The ratio the selected loss clips: per token [B, L], per response [B, 1] (GSPO) or per sentence (LPO)."""
+    if cfg.algo == "gspo":
+        return losses.sequence_ratio(logp, old_logp, batch.mask)[:, None]
+    if cfg.algo == "lpo":
+        return losses.sentence_ratio(logp, old_logp, batch.mask, batch.sentence_ids)
+    return torch.exp(torch.where(batch.mask, logp - old_logp, 0.0))
+
+
+def correction_weights(cfg: RLConfig, train_logp_old: Tensor, infer_logp: Tensor) -> Tensor | None:
+    """Per-token weights of the mismatch correction: IcePop M(k_t), TIS min(k_t, C), or None."""
+    if cfg.correction == "icepop":
+        return losses.icepop_mask(train_logp_old, infer_logp, cfg.icepop_alpha, cfg.icepop_beta)
+    if cfg.correction == "tis":
+        return losses.tis_weights(train_logp_old, infer_logp, cfg.tis_cap)
+    return None
+
+
+def make_rl_optimizer(model: LingForCausalLM, lr: float, cfg: RLConfig) -> torch.optim.AdamW:
+    """AdamW with SPEC §5's Ring-1T betas and weight decay; none on norms (1-D weights). The expert bias is a
+    buffer, so no optimizer ever moves it."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+def _expert_biases(model: LingForCausalLM) -> dict[str, Tensor]:
+    return {name: b.detach().clone() for name, b in model.named_buffers() if name.endswith("expert_bias")}
+
+
+def sft(model: LingForCausalLM, tokenizer: Tokenizer, cfg: RLConfig, log_row=None) -> None:
+    """Supervised warm-up: cross-entropy on the worked solutions (answer tokens only) of train-split problems."""
+    # A problem stream apart from the RL prompts (seed) and the held-out sets (seed + 1 + tier).
+    problems = generate_problems(cfg.sft_steps * cfg.sft_batch_size * 4, cfg.tiers, seed=cfg.seed + 10, split="train")
+    data = PackedDataset.from_pairs([format_document(p) for p in problems], tokenizer, cfg.sft_seq_len)
+    loader = DataLoader(data, batch_size=cfg.sft_batch_size, seed=cfg.seed)
+    optimizer = make_rl_optimizer(model, cfg.sft_lr, cfg)
+    model.train()
+    for step in range(1, cfg.sft_steps + 1):
+        inputs, targets, mask = loader.next_batch()
+        out = model(inputs, targets=targets, loss_mask=mask)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if log_row is not None:
+            log_row({"kind": "sft", "step": 0, "sft_step": step, "loss": out.main_loss.item()})
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+def rl_checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete RL checkpoints of a run, oldest first (temp dirs of an interrupted write are ignored)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / STATE_NAME).is_file())
+
+
+class RLTrainer:
+    """The state of one RL run: policy, rollout engine (and C3PO++ pool), reference, optimizer, RNGs, metrics."""
+
+    def __init__(self, cfg: RLConfig, run_dir: Path, model: LingForCausalLM, reference: LingForCausalLM,
+                 tokenizer: Tokenizer, log=print):
+        self.cfg, self.run_dir, self.model, self.tokenizer, self.log = cfg, Path(run_dir), model, tokenizer, log
+        self.reference = reference.eval().requires_grad_(False)
+        self.engine = RolloutEngine(model.cfg, tokenizer.eos_id, cfg.max_new_tokens, cfg.rollout_precision,
+                                    cfg.temperature, cfg.top_p)
+        self.pool = (RolloutPool(cfg.c3po_capacity, cfg.c3po_budget, cfg.c3po_max_retention, cfg.chunk_tokens,
+                                 cfg.group_size) if cfg.c3po else None)
+        self.optimizer = make_rl_optimizer(model, cfg.lr, cfg)
+        self.problems = ProblemStream(cfg.tiers, cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.counters = {"tokens_generated": 0, "elapsed": 0.0}
+        self.frozen_bias = _expert_biases(model)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    # -- state
+
+    def save(self) -> Path:
+        """HF checkpoint + rl_state.pt, written atomically; prunes all but the last `keep_last`."""
+        out = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": _rng_state(),
+                 "generator": self.generator.get_state(), "problems": self.problems.state_dict(),
+                 "pool": None if self.pool is None else self.pool.state_dict(), "engine_version": self.engine.version,
+                 "counters": dict(self.counters)}
+
+        def write(tmp: Path) -> None:
+            checkpoint.write_model_files(self.model, tmp)
+            self.tokenizer.save(tmp / "tokenizer.json")
+            torch.save(state, tmp / STATE_NAME)
+
+        checkpoint.write_atomically(out, write)
+        for old in rl_checkpoint_dirs(self.run_dir)[:-self.cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return out
+
+    def resume(self) -> Path | None:
+        """Restore the last checkpoint (weights, optimizer, RNGs, prompt stream, pool); None if there is none."""
+        ckpts = rl_checkpoint_dirs(self.run_dir)
+        if not ckpts:
+            return None
+        path = ckpts[-1]
+        checkpoint.load_state_into(self.model, checkpoint.load_hf_tensors(path), str(path))
+        try:
+            state = torch.load(path / STATE_NAME, weights_only=False)
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (OSError, RuntimeError, KeyError, ValueError, EOFError) as e:
+            raise checkpoint.CheckpointError(f"checkpoint {path}: unreadable RL state ({e})") from None
+        if (state["pool"] is None) != (self.pool is None):
+            raise LinglabError(f"rl: {path} was written with rl.c3po={state['pool'] is not None}; resume with the same")
+        self.step, self.engine.version = state["step"], state["engine_version"]
+        self.generator.set_state(state["generator"])
+        self.problems.load_state_dict(state["problems"])
+        if self.pool is not None:
+            self.pool.load_state_dict(state["pool"])
+        self.counters.update(state["counters"])
+        _set_rng_state(state["rng"])
+        _truncate_metrics(self.metrics_path, self.step)
+        return path
+
+    def write_metrics(self, row: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    # -- one step
+
+    def _new_prompts(self, n: int) -> list[tuple[list[int], Problem]]:
+        problems = self.problems.next(n)
+        return list(zip(self.tokenizer.encode_batch([p.prompt for p in problems]), problems))
+
+    def rollouts(self) -> tuple[list[RolloutGroup], dict]:
+        """This step's groups: C3PO++ from the pool, or `prompts_per_step` groups generated to completion."""
+        if self.pool is not None:
+            return self.pool.collect(self.engine, self._new_prompts, self.generator)
+        prompts, problems = zip(*self._new_prompts(self.cfg.prompts_per_step))
+        groups = self.engine.generate_groups(prompts, self.cfg.group_size, self.generator, problems)
+        return groups, {"tokens_generated": sum(r.cost for g in groups for r in g.rollouts)}
+
+    def train_step(self) -> dict:
+        """One RL step (see the module docstring); returns its metrics row."""
+        cfg, model = self.cfg, self.model
+        start = time.perf_counter()
+        self.engine.sync_weights(model)
+        groups, rollout_stats = self.rollouts()
+        rollouts = [r for g in groups for r in g.rollouts]
+        completions = [self.tokenizer.decode(r.tokens) for r in rollouts]
+        lengths = torch.tensor([len(r.tokens) for r in rollouts])
+        rewards, correct = rollout_rewards(cfg, completions, [g.payload.answer for g in groups for _ in g.rollouts],
+                                           lengths)
+        keep = (losses.dapo_keep_groups(rewards, cfg.group_size) if cfg.algo == "dapo"
+                else torch.ones(len(rollouts), dtype=torch.bool))
+        batch = rollout_batch(rollouts, self.tokenizer.pad_id, self.tokenizer if cfg.algo == "lpo" else None)
+
+        with torch.no_grad():
+            model.eval()
+            old_logp, entropy = policy_logprobs(model, batch, cfg.temperature, with_entropy=True)
+            ref_logp, _ = policy_logprobs(self.reference, batch, cfg.temperature)  # also logged when kl_coef = 0
+        mismatch = losses.mismatch_stats(old_logp, batch.infer_logp, batch.mask, cfg.icepop_alpha, cfg.icepop_beta)
+        tiers = [TIERS[g.payload.tier].name for g in groups for _ in g.rollouts]
+        row = {"kind": "train", "step": self.step + 1, "lr": cfg.lr, "reward": rewards.mean().item(),
+               "accuracy": correct.float().mean().item(),
+               "accuracy_by_tier": {t: float(np.mean([c for c, tt in zip(correct.tolist(), tiers) if tt == t]))
+                                    for t in dict.fromkeys(tiers)},
+               "response_length": lengths.float().mean().item(),
+               "truncated_fraction": float(np.mean([r.truncated for r in rollouts])),
+               "entropy": entropy[batch.mask].mean().item() if batch.mask.any() else 0.0,
+               "kl": losses.k3_kl(old_logp, ref_logp, batch.mask).item(),
+               "mask_fraction": mismatch["icepop_mask_fraction"], "mean_abs_logdiff": mismatch["mean_abs_logdiff"],
+               "max_abs_logdiff": mismatch["max_abs_logdiff"], "groups": len(groups),
+               "groups_trained": int(keep.sum()) // cfg.group_size, **rollout_stats}
+
+        loss = grad_norm = clip = None
+        if keep.any():
+            index = keep.nonzero().squeeze(-1)
+            train_batch, old = batch.rows(index), old_logp[index]
+            scale = "none" if cfg.algo == "drgrpo" else "std"
+            advantages = losses.group_advantages(rewards[index], cfg.group_size, scale=scale)
+            weights = correction_weights(cfg, old, train_batch.infer_logp)
+            model.train()
+            for _ in range(cfg.ppo_epochs):
+                logp, _ = policy_logprobs(model, train_batch, cfg.temperature)
+                objective = policy_loss(cfg, logp, old, advantages, train_batch, weights)
+                if cfg.kl_coef > 0:
+                    objective = objective + cfg.kl_coef * losses.k3_kl(logp, ref_logp[index], train_batch.mask)
+                objective.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    ratio = policy_ratio(cfg, logp.detach(), old, train_batch)
+                    clip = losses.clip_fraction(ratio, advantages, train_batch.mask, *algo_eps(cfg))
+            loss = objective.item()
+        self._check_bias_frozen()
+
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        self.counters["elapsed"] += elapsed
+        self.counters["tokens_generated"] += rollout_stats["tokens_generated"]
+        row.update(loss=loss, grad_norm=grad_norm, clip_fraction=clip, skipped=loss is None, step_time=elapsed,
+                   time=self.counters["elapsed"], total_tokens_generated=self.counters["tokens_generated"])
+        return row
+
+    def _check_bias_frozen(self) -> None:
+        for name, bias in _expert_biases(self.model).items():
+            if not torch.equal(bias, self.frozen_bias[name]):
+                raise LinglabError(f"rl: router {name} changed during RL; SPEC §5 keeps it frozen")
+
+    def fit(self) -> None:
+        """Train to rl.steps, a metrics row per step, checkpoints every rl.ckpt_every steps and at the end."""
+        while self.step < self.cfg.steps:
+            row = self.train_step()
+            self.write_metrics(row)
+            self.log(f"step {self.step}/{self.cfg.steps} reward {row['reward']:.3f} acc {row['accuracy']:.2f} "
+                     f"len {row['response_length']:.0f} |dlogp| {row['mean_abs_logdiff']:.0e} "
+                     f"mask {row['mask_fraction']:.2%} {row['step_time']:.1f}s" + (" (no update)" if row["skipped"] else ""))
+            if self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.steps:
+                self.save()
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def add_rl_arguments(parser) -> None:
+    """The `linglab rl` arguments; config overrides (`--rl.algo=lpo`, ...) are parsed by the caller."""
+    parser.add_argument("--ckpt", help="HF checkpoint directory with tokenizer.json to start from "
+                                       "(not needed with --resume)")
+    parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start over")
+
+
+def heldout_problems(cfg: RLConfig) -> list[Problem]:
+    """The evaluation set: rl.eval_problems held-out problems of each tier (those of `linglab train` at data.seed = rl.seed)."""
+    return [p for t in EVAL_TIERS for p in generate_problems(cfg.eval_problems, [t], seed=cfg.seed + 1 + t, split="heldout")]
+
+
+def evaluate_policy(model: LingForCausalLM, tokenizer: Tokenizer, cfg: RLConfig, stage: str, step: int) -> dict:
+    """An eval row: greedy accuracy, pass@k and ApexEval per tier (SPEC §6), labelled with its stage."""
+    tiers = policy_eval(model, tokenizer, heldout_problems(cfg), cfg.eval_samples, cfg.eval_ks,
+                        temperature=cfg.temperature, seed=cfg.seed)
+    return {"kind": "eval", "step": step, "stage": stage, "tiers": tiers,
+            "accuracy": {t: v["greedy_accuracy"] for t, v in tiers.items()}}
+
+
+def _read_eval_rows(path: Path) -> dict[str, dict]:
+    """The eval rows of metrics.jsonl by stage (the later one wins)."""
+    rows = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("kind") == "eval" and "stage" in row:
+            rows[row["stage"]] = row
+    return rows
+
+
+def _copy_model_files(src: Path, dst: Path) -> None:
+    for name in (checkpoint.CONFIG_NAME, checkpoint.WEIGHTS_NAME, "tokenizer.json"):
+        shutil.copy2(src / name, dst / name)
+
+
+def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool = False, overwrite: bool = False,
+           console=None, command: str = "") -> dict:
+    """The whole job: [SFT], RL steps with checkpoints, before/after evaluation, rl_eval.json, plots, report."""
+    from rich.console import Console
+
+    from linglab.rl.report import write_rl_report
+
+    rl = cfg.rl
+    console = console or Console()
+    run_dir = Path(out)
+    start_dir = run_dir / START_NAME
+    if not resume:  # a bad --ckpt is reported before anything is written to --out
+        if ckpt is None:
+            raise LinglabError("rl: --ckpt is required to start a run")
+        checkpoint.load_config_json(ckpt)
+        if not (Path(ckpt) / "tokenizer.json").is_file():
+            raise LinglabError(f"rl: {ckpt} has no tokenizer.json (RL decodes and verifies text)")
+    prepare_run_dir(run_dir, resume, overwrite)
+    resuming = resume and (start_dir / checkpoint.CONFIG_NAME).is_file()
+    if resume and not resuming and ckpt is None:
+        raise LinglabError(f"rl: {run_dir} has no {START_NAME}/ to resume from; give --ckpt to start over")
+    (run_dir / "config.toml").write_text(to_toml(cfg))
+    torch.manual_seed(rl.seed)
+    random.seed(rl.seed)
+    np.random.seed(rl.seed)
+
+    source = start_dir if resuming else Path(ckpt)
+    model = checkpoint.from_pretrained(source)
+    tokenizer = load_tokenizer(source / "tokenizer.json")
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise LinglabError(f"rl: {source} has a tokenizer of {tokenizer.vocab_size} tokens for a model of vocab_size "
+                           f"{model.cfg.vocab_size}")
+    tokenizer.save(run_dir / "tokenizer.json")
+    metrics = run_dir / "metrics.jsonl"
+
+    def write_row(row: dict) -> None:
+        with open(metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    if not resuming:
+        metrics.write_text("")
+        if rl.eval_problems:
+            console.print(f"evaluating {source} before RL")
+            write_row(evaluate_policy(model, tokenizer, rl, "before", 0))
+        if rl.sft_steps:
+            console.print(f"SFT: {rl.sft_steps} steps on worked solutions of tiers {rl.tiers}")
+            sft(model, tokenizer, rl, write_row)
+            if rl.eval_problems:
+                write_row(evaluate_policy(model, tokenizer, rl, "sft", 0))
+
+        def write_start(tmp: Path) -> None:
+            checkpoint.write_model_files(model, tmp)
+            tokenizer.save(tmp / "tokenizer.json")
+
+        checkpoint.write_atomically(start_dir, write_start)
+
+    trainer = RLTrainer(rl, run_dir, model, checkpoint.from_pretrained(start_dir), tokenizer, log=console.print)
+    if resuming:
+        resumed_from = trainer.resume()
+        console.print(f"resumed from {resumed_from}" if resumed_from else "no RL checkpoint yet: starting from step 0")
+        if resumed_from is None:
+            _truncate_metrics(metrics, 0)
+    console.print(f"RL: {rl.algo} + {rl.correction}, {rl.rollout_precision} rollouts"
+                  f"{' (C3PO++)' if rl.c3po else ''}, {rl.steps} steps -> {run_dir}")
+    trainer.fit()
+
+    last = rl_checkpoint_dirs(run_dir)[-1]
+    checkpoint.write_atomically(run_dir / "final", lambda tmp: _copy_model_files(last, tmp))
+    if rl.eval_problems:
+        write_row(evaluate_policy(model, tokenizer, rl, "after", trainer.step))
+        stages = {stage: {"step": row["step"], "tiers": row["tiers"]} for stage, row in _read_eval_rows(metrics).items()}
+        (run_dir / "rl_eval.json").write_text(json.dumps(stages, indent=2) + "\n")
+    summary = {"steps": trainer.step, "algo": rl.algo, "correction": rl.correction,
+               "rollout_precision": rl.rollout_precision, "c3po": rl.c3po, "start_checkpoint": str(ckpt or source),
+               "tokens_generated": trainer.counters["tokens_generated"], "wall_time_s": trainer.counters["elapsed"],
+               "final_checkpoint": str(run_dir / "final"), "command": command}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    console.print(f"report: {write_rl_report(run_dir)}")
+    return summary

@@ -1,0 +1,159 @@
+"""Rollouts (SPEC §5): fp8 vs fp32 rollout precision, C3PO++ groups, budget, carry-over, resume after sync, purge."""
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from linglab.model import build_model
+from linglab.rl.rollout import RolloutEngine, RolloutPool
+from linglab.rl.trainer import policy_logprobs, rollout_batch
+
+EOS = 0
+PAD = 1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster than two, and far faster when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    # A larger init than pretraining's 0.006 spreads the logits, as a trained model's are.
+    return build_model(tiny_config(num_hidden_layers=2, initializer_range=0.05).model, seed=0)
+
+
+def prompts_of(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 512, (n,), generator=g).tolist() for n in lengths]
+
+
+def mismatch(model, precision):
+    """|log pi_train - log pi_infer| over the response tokens of 3 groups of 2 rollouts."""
+    engine = RolloutEngine(model.cfg, EOS, max_new_tokens=10, precision=precision)
+    engine.sync_weights(model)
+    groups = engine.generate_groups(prompts_of([4, 6, 4]), 2, torch.Generator().manual_seed(0))
+    assert [len(g.rollouts) for g in groups] == [2, 2, 2] and all(g.done for g in groups)
+    rollouts = [r for g in groups for r in g.rollouts]
+    assert all(len(r.logprobs) == len(r.tokens) == len(r.versions) for r in rollouts)
+    batch = rollout_batch(rollouts, PAD)
+    with torch.no_grad():
+        train_logp, _ = policy_logprobs(model, batch, temperature=1.0)
+    return (train_logp - batch.infer_logp).abs()[batch.mask]
+
+
+def test_fp32_rollouts_match_the_trainer_and_fp8_rollouts_do_not(model):
+    assert mismatch(model, "fp32").max() < 1e-4
+    fp8 = mismatch(model, "fp8")
+    assert fp8.mean() > 1e-3, "fp8 rollout weights must change pi_infer"
+
+
+def test_sync_copies_into_a_separate_model_and_fp8_quantises_only_the_gemm_weights(model):
+    engine = RolloutEngine(model.cfg, EOS, max_new_tokens=4, precision="fp8")
+    engine.sync_weights(model)
+    assert engine.version == 1 and engine.model is not model
+    rollout, train = engine.model.model.layers[1], model.model.layers[1]
+    assert not torch.equal(rollout.attention.query_key_value.weight, train.attention.query_key_value.weight)
+    assert not torch.equal(rollout.mlp.experts.gate_up_proj, train.mlp.experts.gate_up_proj)
+    assert torch.equal(engine.model.model.word_embeddings.weight, model.model.word_embeddings.weight)
+    assert torch.equal(engine.model.lm_head.weight, model.lm_head.weight)
+    assert torch.equal(rollout.mlp.gate.weight, train.mlp.gate.weight)
+
+
+class StubEngine:
+    """Stands in for RolloutEngine on a pool whose payloads are the G response lengths of each group: a rollout
+    gets EOS after its length, one token per step; token 7 with log-prob -version marks the version that sampled it."""
+
+    def __init__(self, pool, max_new_tokens=100):
+        self.pool, self.version, self.max_new_tokens, self.calls = pool, 0, max_new_tokens, 0
+
+    def continue_rollouts(self, rollouts, max_tokens, generator):
+        assert len(rollouts) <= self.pool.capacity
+        self.calls += 1
+        target = {id(r): n for g in self.pool.groups for r, n in zip(g.rollouts, g.payload, strict=True)}
+        sampled = 0
+        for r in rollouts:
+            n = min(max_tokens, target[id(r)] - len(r.tokens), self.max_new_tokens - len(r.tokens))
+            r.tokens += [7] * n
+            r.logprobs += [-float(self.version)] * n
+            r.versions += [self.version] * n
+            r.eos = len(r.tokens) == target[id(r)]
+            r.truncated = not r.eos and len(r.tokens) >= self.max_new_tokens
+            sampled += n + int(r.eos)
+        return sampled
+
+
+def source(lengths_per_group):
+    """new_prompts(n) for the pool: groups whose payload is their responses' lengths, until the list runs out."""
+    queue = list(lengths_per_group)
+    return lambda n: [([2, 3], queue.pop(0)) for _ in range(min(n, len(queue)))]
+
+
+def test_c3po_returns_only_complete_groups_within_capacity():
+    lengths = torch.randint(0, 30, (40, 4), generator=torch.Generator().manual_seed(0)).tolist()
+    pool = RolloutPool(capacity=12, budget=60, max_retention=10, chunk_tokens=4, group_size=4)
+    engine, new_prompts = StubEngine(pool), source(lengths)
+    for _ in range(4):
+        groups, stats = pool.collect(engine, new_prompts, None)
+        engine.version += 1
+        assert groups and all(g.done and len(g.rollouts) == 4 for g in groups)
+        assert stats["completed_tokens"] == sum(r.cost for g in groups for r in g.rollouts) >= 60
+        assert all(not g.done for g in pool.groups), "a complete group left in the pool"
+
+
+def test_c3po_budget_stops_generation_once_completed_tokens_reach_it():
+    # Two groups end after 2 and 6 tokens, generated 2 at a time. The first costs 2 x (2 + EOS) = 6 tokens: a budget
+    # of 6 stops after the first chunk, a budget of 7 generates on until the second group is done too.
+    for budget, chunks, finished in ((6, 1, 1), (7, 3, 2)):
+        pool = RolloutPool(capacity=4, budget=budget, max_retention=5, chunk_tokens=2, group_size=2)
+        engine = StubEngine(pool)
+        groups, stats = pool.collect(engine, source([[2, 2], [6, 6]]), None)
+        assert engine.calls == chunks and len(groups) == finished
+        assert stats["completed_tokens"] >= budget
+
+
+def test_c3po_carries_unfinished_rollouts_over_and_purges_them_after_sigma():
+    # One group never finishes (one member done after 2 tokens, the other running to 100); short groups meet the budget.
+    pool = RolloutPool(capacity=4, budget=3, max_retention=2, chunk_tokens=4, group_size=2)
+    engine, new_prompts = StubEngine(pool), source([[2, 100]] + [[1, 1]] * 10)
+    for step in (1, 2):
+        groups, stats = pool.collect(engine, new_prompts, None)
+        engine.version += 1
+        assert [g.payload for g in groups] == [[1, 1]]
+        (long,) = pool.groups
+        assert long.payload == [2, 100] and [r.retained for r in long.rollouts] == [0, step]
+        assert stats["purged_groups"] == 0 and stats["carried_groups"] == 1
+    groups, stats = pool.collect(engine, new_prompts, None)
+    assert stats["purged_groups"] == 1 and pool.groups == []
+    assert [g.payload for g in groups] == [[1, 1]]
+
+
+def test_a_carried_rollout_resumes_after_a_sync_from_its_tokens_keeping_its_logprobs(model):
+    engine = RolloutEngine(model.cfg, EOS, max_new_tokens=12, precision="fp32")
+    engine.sync_weights(model)
+    pool = RolloutPool(capacity=4, budget=1, max_retention=3, chunk_tokens=4, group_size=2)
+    prompts = iter([(p, None) for p in prompts_of([5, 5, 5, 5, 5, 5])])
+    new_prompts = lambda n: [next(prompts) for _ in range(min(n, 1))]  # noqa: E731 - one new group per round
+    generator = torch.Generator().manual_seed(0)
+
+    pool.collect(engine, new_prompts, generator)
+    carried = [r for g in pool.groups for r in g.rollouts if r.tokens and not r.done]
+    assert carried, "something must be left unfinished for the next policy version"
+    before = [(list(r.tokens), list(r.logprobs)) for r in carried]
+
+    newer = build_model(model.cfg, seed=1)  # the next policy version: other weights
+    engine.sync_weights(newer)
+    pool.collect(engine, new_prompts, generator)
+    for r, (tokens, logprobs) in zip(carried, before, strict=True):
+        k = len(tokens)
+        assert r.tokens[:k] == tokens and r.logprobs[:k] == logprobs  # bit-exact: recorded, never recomputed
+        assert len(r.tokens) > k and set(r.versions[:k]) == {1} and set(r.versions[k:]) == {2}
+        # The continuation was sampled by the new version, conditioned on the old partial tokens.
+        batch = rollout_batch([r], PAD)
+        with torch.no_grad():
+            newer_logp, _ = policy_logprobs(newer, batch, temperature=1.0)
+        torch.testing.assert_close(newer_logp[batch.mask][k:], torch.tensor(r.logprobs[k:]), rtol=1e-4, atol=1e-4)
