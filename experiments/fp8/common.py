@@ -1,0 +1,113 @@
+"""Shared by the FP8 experiments: train one named variant (cached), read its metrics, probe its QKV outliers.
+
+Each variant is a `linglab train` configuration (preset + overrides) trained with the library's Trainer
+into experiments/fp8/runs/<name>/ (git-ignored); a finished run is reused, so the three experiment scripts
+share their runs (the FP8 tilewise run serves all three). Every variant uses the same seed and data.
+
+    from common import train_variant
+    rows, fp8_rows, model, data = train_variant("fp8", ["fp8.enabled=true"], steps=300)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parents[1]))
+
+from linglab.checkpoint import from_pretrained  # noqa: E402
+from linglab.config import load_config  # noqa: E402
+from linglab.model import build_model  # noqa: E402
+from linglab.report import read_fp8_samples, read_metrics  # noqa: E402
+from linglab.train import Trainer, apply_fp8, build_data, checkpoint_dirs, prepare_run_dir  # noqa: E402
+
+RUNS = ROOT / "runs"
+RESULTS = ROOT / "results"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--preset", default="tiny", help="model/data preset (default: tiny; `small` needs ~10x the time)")
+    p.add_argument("--steps", type=int, default=300, help="training steps per variant (default: 300)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--monitor-every", type=int, default=25, help="FP8 monitor sampling interval in steps")
+    return p
+
+
+def base_overrides(args) -> list[str]:
+    return [f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", "train.eval_every=0",
+            f"train.ckpt_every={args.steps}", f"fp8.monitor_every={args.monitor_every}", "train.keep_last=1"]
+
+
+def train_variant(name: str, overrides: list[str], args):
+    """(train rows, fp8 monitor rows, trained model, run data) of variant `name`, training it unless cached."""
+    cfg = load_config(args.preset, overrides=[f"--{o}" for o in [*base_overrides(args), *overrides]])
+    run_dir = RUNS / f"{args.preset}-{args.steps}-{name}"
+    done = run_dir / "done.json"
+    if not done.is_file() or json.loads(done.read_text()).get("overrides") != overrides:
+        prepare_run_dir(run_dir, resume=False, overwrite=True)
+        torch.manual_seed(cfg.train.seed)
+        data = build_data(cfg.data, run_dir, eval_problems=8)
+        model = build_model(cfg.model, seed=cfg.train.seed)
+        trainer = Trainer(cfg, run_dir, data, model, log=Console().print)
+        print(f"[{name}] training {args.steps} steps ({args.preset}, {' '.join(overrides) or 'fp32'})", flush=True)
+        trainer.fit()
+        done.write_text(json.dumps({"overrides": overrides, "seconds": trainer.counters["elapsed"]}) + "\n")
+    data = build_data(cfg.data, run_dir, eval_problems=8)
+    model = from_pretrained(checkpoint_dirs(run_dir)[-1])
+    apply_fp8(model, cfg.fp8)
+    train, _ = read_metrics(run_dir / "metrics.jsonl")
+    return train, read_fp8_samples(run_dir / "metrics.jsonl"), model, data
+
+
+def losses(rows: list[dict]) -> tuple[list[int], list[float]]:
+    return [r["step"] for r in rows], [r["loss"] for r in rows]
+
+
+def smooth(values: list[float], window: int = 20) -> list[float]:
+    """Trailing mean: per-step losses are noisy at batch 32, the gap between runs is a fraction of a percent."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def qkv_outliers(model, data, batch: int = 16) -> dict[str, list[float]]:
+    """max|x| / RMS(x) per decoder layer of the fused QKV projection's input, output and output gradient.
+
+    Measured on one fixed training batch with forward hooks on `attention.query_key_value` and a hook on
+    its output's gradient, which is what SPEC §3 says grows with depth without QK-norm.
+    """
+    def ratio(t: torch.Tensor) -> float:
+        t = t.detach().float()
+        return float(t.abs().max() / t.pow(2).mean().sqrt().clamp(min=1e-30))
+
+    found = {"input": {}, "output": {}, "output_grad": {}}
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        def hook(module, inputs, output, i=i):
+            found["input"][i], found["output"][i] = ratio(inputs[0]), ratio(output)
+            output.register_hook(lambda g, i=i: found["output_grad"].__setitem__(i, ratio(g)))
+        handles.append(layer.attention.query_key_value.register_forward_hook(hook))
+    rows = data.train.tokens[:batch].long()
+    mask = data.train.loss_mask[:batch, 1:].float()
+    model.train()
+    model(rows[:, :-1], targets=rows[:, 1:], loss_mask=mask).loss.backward()
+    model.zero_grad(set_to_none=True)
+    for h in handles:
+        h.remove()
+    return {k: [v[i] for i in sorted(v)] for k, v in found.items()}
+
+
+def write_result(script: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{script}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
