@@ -4,6 +4,9 @@
     linglab init --preset tiny --out ckpt/tiny       # a randomly initialised HF BailingMoeV2 checkpoint
     linglab check --preset tiny                      # build, print the parameter table, forward + backward
     linglab export --ckpt ckpt/tiny --out ckpt/tiny-fp8 --fp8   # the HF FP8 format (SPEC §1.6)
+    linglab scaling sweep --out runs/scaling --dry-run  # scaling-law sweep, fit, suggest (SPEC §4; linglab.sweep)
+    linglab rl --ckpt runs/tiny/final --out runs/tiny-rl --rl.algo=lpo   # RL post-training (SPEC §5)
+    linglab plan --preset ling-mini-2.0 --stages 8      # heterogeneous pipeline partition (SPEC §7)
 
 Config overrides go after the subcommand as `--section.key=value` (e.g. `--model.hidden_size=256`).
 User errors (bad key, missing file, wrong shape) print one line and exit with code 2.
@@ -12,6 +15,8 @@ User errors (bad key, missing file, wrong shape) print one line and exit with co
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -212,6 +217,90 @@ def cmd_eval(args, overrides) -> None:
     Console().print(table)
 
 
+def _positive_flops(text: str, what: str) -> float:
+    """A FLOP count from the command line ("1e14"), or a one-line error: argparse's own would print the usage too."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise LinglabError(f"scaling: {what} must be a positive number of FLOPs, got {text!r}")
+    return value
+
+
+def cmd_scaling_sweep(args, overrides) -> None:
+    """A resumable grid of training runs over compute budgets, one architecture axis at a time (SPEC §4)."""
+    from linglab import sweep
+
+    if overrides:
+        raise LinglabError(f"scaling sweep: unexpected arguments {' '.join(overrides)}")
+    budgets = [_positive_flops(b, "--budgets") for b in args.budgets] if args.budgets else None
+    axes = [sweep.check_axis(a) for a in args.axis] if args.axis else None
+    grid = sweep.load_grid(args.grid, budgets=budgets, axes=axes)
+    if args.dry_run:
+        runs, notes = sweep.plan_runs(grid)
+        print("\n".join(sweep.describe_plan(runs, notes, grid)))
+        return
+    sweep.run_sweep(grid, Path(args.out), command=args.command_line)
+    print(f"results: {Path(args.out) / 'results.jsonl'}; next: linglab scaling fit --dir {args.out}")
+
+
+def cmd_scaling_fit(args, overrides) -> None:
+    """Fit the sweep's results: loss vs compute, the held-out budget, L(N, D), optima, efficiency leverage (SPEC §4)."""
+    from linglab import sweep
+
+    if overrides:
+        raise LinglabError(f"scaling fit: unexpected arguments {' '.join(overrides)}")
+    if not (args.dir or (args.results and args.out)):
+        raise LinglabError("scaling fit: give --dir DIR, or --results FILE and --out DIR")
+    results = Path(args.results) if args.results else Path(args.dir) / "results.jsonl"
+    out = Path(args.out or args.dir)
+    rows = sweep.read_results(results)
+    record = results.parent / "sweep.json"
+    commands = json.loads(record.read_text()).get("commands", []) if record.is_file() else []
+    fit = sweep.write_fit(rows, out, n_boot=args.bootstrap, commands=[*commands, args.command_line])
+    for note in fit["notes"]:
+        print(f"skipped: {note}")
+    if "holdout" in fit:
+        h = fit["holdout"]
+        print(f"held-out budget C = {h['compute']:.3g}: predicted {h['predicted']:.4f}, measured {h['actual']:.4f}, "
+              f"error {h['abs_error']:.4f}")
+    print(f"wrote {out / 'fit.json'}, {out / 'scaling.md'} and {out / 'plots'}/")
+
+
+def cmd_scaling_suggest(args, overrides) -> None:
+    """A training config for a compute budget from the fitted laws (--fit) or the published ones (SPEC §4)."""
+    from linglab import sweep
+
+    if overrides:
+        raise LinglabError(f"scaling suggest: unexpected arguments {' '.join(overrides)}")
+    compute = _positive_flops(args.compute, "--compute")
+    fit = sweep.read_fit(args.fit) if args.fit else None
+    cfg, info = sweep.suggest_config(compute, fit, seq_len=args.seq_len)
+    text = sweep.suggestion_toml(cfg, info)
+    print(text, end="")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(f"# wrote {args.out} (from the {'fitted laws in ' + args.fit if fit else 'published laws'}); "
+              f"train it with: linglab train --config {args.out}")
+
+
+def cmd_rl(args, overrides) -> None:
+    """RL post-training from a checkpoint (SPEC §5): rollouts, rewards, the policy loss, before/after evaluation."""
+    from linglab.rl.trainer import run_rl
+
+    cfg = _load_cfg(args, overrides)
+    run_rl(cfg, args.ckpt, args.out, resume=args.resume, overwrite=args.overwrite, command=args.command_line)
+
+
+def cmd_plan(args, overrides) -> None:
+    """Uniform vs planned pipeline partition of a model over stages and virtual stages (SPEC §7)."""
+    from linglab.parallel.planner import plan_command
+
+    print(plan_command(args.preset, args.stages, args.virtual, args.micro_batches, args.measured, overrides))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from linglab.config import PRESETS
 
@@ -281,12 +370,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=0, help="data.seed of the training run (default 0)")
     p.add_argument("--seq-len", type=int, default=128)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("scaling", help="scaling-law sweep, fits and suggested configs (SPEC §4)")
+    scaling_sub = p.add_subparsers(dest="scaling_command", required=True)
+    s = scaling_sub.add_parser("sweep", help="train a resumable grid of runs over compute budgets, one axis at a time")
+    s.add_argument("--out", required=True, help="sweep directory: results.jsonl, runs/<name>/, tokenizer.json")
+    s.add_argument("--grid", help="TOML file of grid fields (top-level keys of linglab.sweep.SweepGrid) over the default")
+    s.add_argument("--budgets", nargs="+", help="compute budgets of the shape axis in FLOPs, e.g. 3e11 1e12 3e12")
+    s.add_argument("--axis", action="append", help="shape, activation or granularity (repeatable; default: the grid's axes)")
+    s.add_argument("--dry-run", action="store_true", help="print the planned runs and their estimated time, train nothing")
+    s.set_defaults(func=cmd_scaling_sweep)
+    s = scaling_sub.add_parser("fit", help="fit a sweep's results.jsonl: fit.json, scaling.md and plots")
+    s.add_argument("--dir", help="sweep directory: reads DIR/results.jsonl and writes into DIR")
+    s.add_argument("--results", help="results.jsonl to read (instead of DIR/results.jsonl)")
+    s.add_argument("--out", help="directory to write (default: --dir)")
+    s.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the L(N, D) intervals (0 = none)")
+    s.set_defaults(func=cmd_scaling_fit)
+    s = scaling_sub.add_parser("suggest", help="a TOML training config for a compute budget, from fitted or published laws")
+    s.add_argument("--compute", required=True, help="compute budget C in FLOPs, e.g. 1e14")
+    s.add_argument("--fit", help="fit.json of `linglab scaling fit` (default: the published laws of SPEC §4)")
+    s.add_argument("--out", help="TOML file to write (for linglab train --config FILE)")
+    s.add_argument("--seq-len", type=int, default=128)
+    s.set_defaults(func=cmd_scaling_suggest)
+    p = sub.add_parser("rl", help="RL post-training of a checkpoint: GRPO/DAPO/Dr.GRPO/GSPO/LPO, IcePop/TIS, C3PO++")
+    add_config_args(p)
+    from linglab.rl.trainer import add_rl_arguments
+
+    add_rl_arguments(p)
+    p.set_defaults(func=cmd_rl)
+
+    p = sub.add_parser("plan", help="heterogeneous pipeline plan: uniform vs planned stage partition (SPEC §7)")
+    p.add_argument("--preset", default="ling-mini-2.0", choices=sorted(PRESETS), help="model shape (default ling-mini-2.0)")
+    p.add_argument("--stages", type=int, default=4, help="pipeline ranks S")
+    p.add_argument("--virtual", type=int, default=1, help="virtual stages per rank V (interleaved schedule)")
+    p.add_argument("--micro-batches", type=int, default=32, help="micro-batches M for the step-time estimate")
+    p.add_argument("--measured", action="store_true", help="time each unit kind on this machine instead of counting FLOPs")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    args.command_line = "linglab " + shlex.join(sys.argv[1:] if argv is None else argv)  # recorded in result files
     try:
         args.func(args, rest)
     except LinglabError as e:

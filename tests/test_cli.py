@@ -70,3 +70,17 @@ def test_console_script_runs_and_exits_2_on_bad_key():
     assert ok.returncode == 0 and "16.26B" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "linglab.cli", "params", "--model.nope=1"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: config: unknown key 'model.nope'")
+
+
+def test_plan_prints_uniform_and_planned_partitions(capsys):
+    assert main(["plan", "--preset", "ling-mini-2.0", "--stages", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "uniform" in out and "planned" in out and "predicted speedup" in out
+    assert main(["plan", "--stages", "0"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_rl_refuses_a_missing_checkpoint_in_one_line(tmp_path, capsys):
+    assert main(["rl", "--ckpt", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
