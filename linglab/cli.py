@@ -260,7 +260,7 @@ def cmd_scaling_fit(args, overrides) -> None:
     commands = json.loads(record.read_text()).get("commands", []) if record.is_file() else []
     fit = sweep.write_fit(rows, out, n_boot=args.bootstrap, commands=[*commands, args.command_line])
     for note in fit["notes"]:
-        print(f"skipped: {note}")
+        print(f"note: {note}")
     if "holdout" in fit:
         h = fit["holdout"]
         print(f"held-out budget C = {h['compute']:.3g}: predicted {h['predicted']:.4f}, measured {h['actual']:.4f}, "
