@@ -54,16 +54,23 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     the later line of a step wins, since the final weights descend from it. NaN/Infinity parse as floats.
     """
     by_kind: dict[str, dict[int, dict]] = {"train": {}, "eval": {}}
+    for row in _metric_rows(path):
+        if row.get("kind") in by_kind:
+            by_kind[row["kind"]][row["step"]] = row
+    train, evals = ([rows[s] for s in sorted(rows)] for rows in by_kind.values())
+    return train, evals
+
+
+def _metric_rows(path: str | Path):
+    """The parsable dict rows with an integer step of a metrics.jsonl, in file order (torn lines skipped)."""
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(row, dict) and row.get("kind") in by_kind and _is_int(row.get("step")):
-                by_kind[row["kind"]][row["step"]] = row
-    train, evals = ([rows[s] for s in sorted(rows)] for rows in by_kind.values())
-    return train, evals
+            if isinstance(row, dict) and _is_int(row.get("step")):
+                yield row
 
 
 def _load_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -345,16 +352,7 @@ _PLOTS: list[tuple[str, Callable[[list[dict], list[dict], Path], str | None]]] =
 
 def read_fp8_samples(path: str | Path) -> list[dict]:
     """The FP8 safeguard-monitor rows of a metrics.jsonl (`kind: fp8`), sorted by step, the later one per step."""
-    by_step = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and row.get("kind") == "fp8" and _is_int(row.get("step")) \
-                    and isinstance(row.get("ops"), dict):
-                by_step[row["step"]] = row
+    by_step = {row["step"]: row for row in _metric_rows(path) if row.get("kind") == "fp8" and isinstance(row.get("ops"), dict)}
     return [by_step[s] for s in sorted(by_step)]
 
 
