@@ -495,14 +495,11 @@ class Fp8Monitor:
             stats = (max(stats[0], ops[kind][0]), min(stats[1], ops[kind][1]))
         ops[kind] = stats
 
-    def warnings(self, underflow_warn: float, distortion_warn: float) -> list[str]:
-        """One line per op and tensor kind past a threshold."""
-        out = []
-        for name, ops in self.stats.items():
-            for kind, (underflow, cos) in ops.items():
-                if underflow > underflow_warn or cos < distortion_warn:
-                    out.append(f"fp8 monitor: {name} {kind}: underflow {underflow:.2%}, distortion (cosine) {cos:.5f}")
-        return out
+    def warnings(self, underflow_warn: float, distortion_warn: float) -> dict[tuple[str, str], str]:
+        """{(op, tensor kind): one line} for every op and tensor kind past a threshold."""
+        return {(name, kind): f"fp8 monitor: {name} {kind}: underflow {underflow:.2%}, distortion (cosine) {cos:.5f}"
+                for name, ops in self.stats.items() for kind, (underflow, cos) in ops.items()
+                if underflow > underflow_warn or cos < distortion_warn}
 
 
 def underflow_fraction(x: torch.Tensor, x_deq: torch.Tensor) -> torch.Tensor:

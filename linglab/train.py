@@ -101,11 +101,11 @@ def build_data(cfg: DataConfig, run_dir: Path, eval_problems: int) -> RunData:
 # ---------------------------------------------------------------- checkpoints
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -125,7 +125,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, loader: DataLoader, tokeniz
     """HF checkpoint + training state, written atomically; prunes all but the last `keep_last`."""
     out = run_dir / "checkpoints" / f"step_{step:06d}"
     state = {"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-             "rng": _rng_state(), "counters": dict(counters)}
+             "rng": rng_state(), "counters": dict(counters)}
 
     def write(tmp: Path) -> None:
         ckpt.write_model_files(model, tmp)
@@ -147,7 +147,7 @@ def load_checkpoint(path: Path, model, optimizer, loader: DataLoader) -> dict:
     except (OSError, RuntimeError, KeyError, ValueError, EOFError) as e:
         raise ckpt.CheckpointError(f"checkpoint {path}: unreadable training state ({e})") from None
     loader.load_state_dict(state["loader"])
-    _set_rng_state(state["rng"])
+    set_rng_state(state["rng"])
     return state
 
 
@@ -191,7 +191,7 @@ class Trainer:
         self.metrics_path = run_dir / "metrics.jsonl"
         self.tb = _tensorboard_writer(run_dir)
         self.fp8_monitor = apply_fp8(model, cfg.fp8)
-        self.fp8_warned: set[str] = set()
+        self.fp8_warned: set[tuple[str, str]] = set()
 
     # -- state
 
@@ -203,7 +203,7 @@ class Trainer:
         self.step = state["step"]
         self.counters.update(state["counters"])
         self.counters["bad_in_a_row"] = 0
-        _truncate_metrics(self.metrics_path, self.step)
+        truncate_metrics(self.metrics_path, self.step)
         return ckpts[-1]
 
     def save(self) -> Path:
@@ -275,8 +275,7 @@ class Trainer:
         """The safeguard monitor's sample as a metrics row; a warning the first time an op crosses a threshold."""
         self.write_metrics({"kind": "fp8", "step": self.step,
                             "ops": {name: {kind: list(v) for kind, v in ops.items()} for name, ops in monitor.stats.items()}})
-        for line in monitor.warnings(self.cfg.fp8.underflow_warn, self.cfg.fp8.distortion_warn):
-            key = line.split(":")[1]
+        for key, line in monitor.warnings(self.cfg.fp8.underflow_warn, self.cfg.fp8.distortion_warn).items():
             if key not in self.fp8_warned:
                 self.fp8_warned.add(key)
                 self.log(f"[yellow]step {self.step}: {line} (thresholds: fp8.underflow_warn, fp8.distortion_warn)")
@@ -342,7 +341,7 @@ def _scalars(tag: str, value):
         yield f"{tag}/cosine", value[1]
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines past `step` (and a torn last line): a resumed run rewrites them."""
     if not path.is_file():
         return
@@ -413,7 +412,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bo
         resumed_from = trainer.resume()
         console.print(f"resumed from {resumed_from}" if resumed_from else "no checkpoint yet: starting from step 0")
         if resumed_from is None:
-            _truncate_metrics(trainer.metrics_path, 0)
+            truncate_metrics(trainer.metrics_path, 0)
 
     def evaluate(step: int) -> dict:
         return evals.evaluate_run(model, data, step, cfg.data.seq_len)

@@ -91,7 +91,10 @@ def test_fp8_model_tracks_fp32_and_the_monitor_sees_every_op():
         assert set(ops) == {"act", "weight", "grad"}
         for underflow, cos in ops.values():
             assert 0.0 <= underflow < 0.05 and 0.99 < cos <= 1.0 + 1e-12
-    assert not monitor.active and monitor.warnings(0.0, 1.1)  # thresholds no tensor can meet: every op warns
+    assert not monitor.active
+    # Thresholds no tensor can meet warn for every op and kind; thresholds every tensor meets warn for none.
+    assert set(monitor.warnings(0.0, 1.1)) == {(n, k) for n in names for k in ("act", "weight", "grad")}
+    assert monitor.warnings(1.0, -1.0) == {}
 
 
 def test_train_with_fp8_writes_monitor_rows_and_heatmap(tmp_path):

@@ -45,7 +45,7 @@ from linglab.rl.rewards import evo_cot_length_reward, format_reward, verify
 from linglab.rl.rollout import Rollout, RolloutEngine, RolloutGroup, RolloutPool
 from linglab.tasks import TIERS, Problem, format_document, generate_problem, generate_problems, is_heldout
 from linglab.tokenizer import Tokenizer, load_tokenizer
-from linglab.train import _rng_state, _set_rng_state, _truncate_metrics, prepare_run_dir
+from linglab.train import prepare_run_dir, rng_state, set_rng_state, truncate_metrics
 
 STATE_NAME = "rl_state.pt"
 START_NAME = "rl_start"
@@ -241,7 +241,7 @@ class RLTrainer:
     def save(self) -> Path:
         """HF checkpoint + rl_state.pt, written atomically; prunes all but the last `keep_last`."""
         out = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": _rng_state(),
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
                  "generator": self.generator.get_state(), "problems": self.problems.state_dict(),
                  "pool": None if self.pool is None else self.pool.state_dict(), "engine_version": self.engine.version,
                  "counters": dict(self.counters)}
@@ -276,8 +276,8 @@ class RLTrainer:
         if self.pool is not None:
             self.pool.load_state_dict(state["pool"])
         self.counters.update(state["counters"])
-        _set_rng_state(state["rng"])
-        _truncate_metrics(self.metrics_path, self.step)
+        set_rng_state(state["rng"])
+        truncate_metrics(self.metrics_path, self.step)
         return path
 
     def write_metrics(self, row: dict) -> None:
@@ -483,7 +483,7 @@ def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool =
         resumed_from = trainer.resume()
         console.print(f"resumed from {resumed_from}" if resumed_from else "no RL checkpoint yet: starting from step 0")
         if resumed_from is None:
-            _truncate_metrics(metrics, 0)
+            truncate_metrics(metrics, 0)
     console.print(f"RL: {rl.algo} + {rl.correction}, {rl.rollout_precision} rollouts"
                   f"{' (C3PO++)' if rl.c3po else ''}, {rl.steps} steps -> {run_dir}")
     trainer.fit()
