@@ -491,7 +491,7 @@ class Fp8Monitor:
         x_deq = quantize_dequantize(x.detach(), granularity, pow2_scales)
         stats = (float(underflow_fraction(x, x_deq)), float(distortion(x, x_deq)))
         ops = self.stats.setdefault(name, {})
-        if kind in ops:  # an op called twice in a step (gate and up of a dense SwiGLU): keep the worse numbers
+        if kind in ops:  # an op called twice in a step (gradient accumulation): keep the worse numbers
             stats = (max(stats[0], ops[kind][0]), min(stats[1], ops[kind][1]))
         ops[kind] = stats
 

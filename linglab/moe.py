@@ -76,9 +76,9 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8 is not None:  # SPEC §3: all GEMMs in FP8, SwiGLU fused into the down projection's quantisation
             gate_up_op, down_op = self.fp8
-            gate_up = torch.cat([fp8_linear(x, self.gate_proj.weight, op=gate_up_op),
-                                 fp8_linear(x, self.up_proj.weight, op=gate_up_op)], dim=-1)
-            return fp8_swiglu_down(gate_up, self.down_proj.weight, down_op)
+            # One GEMM on [gate; up], as the routed experts' fused gate_up_proj: x is quantised once, not twice.
+            weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+            return fp8_swiglu_down(fp8_linear(x, weight, op=gate_up_op), self.down_proj.weight, down_op)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -18,10 +18,9 @@ records its held-out and final training loss as one line of results.jsonl. Axes,
   granularity  expert width 2 d_model / G, with E and k scaled by G so A stays near the base 5/17.
 
 LR and batch: the batch follows the published B_opt(C) (1000-3800 tokens here, 8-30 sequences of 128: a sensible
-range at this scale). The LR is fixed at 3e-3, the tiny preset's, because the published eta_opt(C), in Ling's units,
-asks for 0.014-0.019 here and was worse where checked: at C = 7e11 on the d96 rung (329 steps of 11 x 128 tokens) the
-held-out loss was 0.916 / 0.868 / 0.982 / 0.939 at lr 1.5e-3 / 3e-3 / 9e-3 / 1.8e-2 (= eta_opt(7e11)). Set
-`lr_multipliers` in a grid file to measure eta_opt(C) instead; `fit` then fits it.
+range at this scale). The LR is fixed at 3e-3, the tiny preset's: the published eta_opt(C), in Ling's units, asks
+for 0.012-0.017 here, several times what trains the tiny preset well; whether it is worse at these budgets has not
+been measured in a committed sweep. Set `lr_multipliers` in a grid file to measure eta_opt(C); `fit` then fits it.
 """
 
 from __future__ import annotations

@@ -50,16 +50,17 @@ def train_variant(name: str, overrides: list[str], args):
     cfg = load_config(args.preset, overrides=[f"--{o}" for o in [*base_overrides(args), *overrides]])
     run_dir = RUNS / f"{args.preset}-{args.steps}-{name}"
     done = run_dir / "done.json"
-    if not done.is_file() or json.loads(done.read_text()).get("overrides") != overrides:
+    trained = done.is_file() and json.loads(done.read_text()).get("overrides") == overrides
+    if not trained:
         prepare_run_dir(run_dir, resume=False, overwrite=True)
-        torch.manual_seed(cfg.train.seed)
-        data = build_data(cfg.data, run_dir, eval_problems=8)
+    torch.manual_seed(cfg.train.seed)
+    data = build_data(cfg.data, run_dir, eval_problems=8)  # reuses the run's tokenizer when it has one
+    if not trained:
         model = build_model(cfg.model, seed=cfg.train.seed)
         trainer = Trainer(cfg, run_dir, data, model, log=Console().print)
         print(f"[{name}] training {args.steps} steps ({args.preset}, {' '.join(overrides) or 'fp32'})", flush=True)
         trainer.fit()
         done.write_text(json.dumps({"overrides": overrides, "seconds": trainer.counters["elapsed"]}) + "\n")
-    data = build_data(cfg.data, run_dir, eval_problems=8)
     model = from_pretrained(checkpoint_dirs(run_dir)[-1])
     apply_fp8(model, cfg.fp8)
     train, _ = read_metrics(run_dir / "metrics.jsonl")
