@@ -145,6 +145,7 @@ class TrainConfig:
     load_every: int = 50  # steps between expert-load snapshots in metrics.jsonl
     max_bad_steps: int = 5  # consecutive non-finite steps that stop the run
     num_samples: int = 12  # generated samples written at the end
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when one is visible); weights and math in fp32
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "ckpt_every", "keep_last", "log_every",
@@ -161,6 +162,8 @@ class TrainConfig:
         _check(self.grad_clip > 0, "train.grad_clip", "must be > 0")
         _check(self.bias_update_rate >= 0, "train.bias_update_rate", "must be >= 0")
         _check(self.eval_every >= 0 and self.num_samples >= 0, "train.eval_every/num_samples", "must be >= 0")
+        _check(self.device in ("cpu", "cuda", "auto") or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
+               "train.device", f"must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
 
 
 @dataclass

@@ -32,10 +32,11 @@ def heldout_loss(model: LingForCausalLM, dataset: PackedDataset, batch_size: int
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
+    device = next(model.parameters()).device
     try:
         for start in range(0, len(dataset), batch_size):
-            rows = dataset.tokens[start:start + batch_size].long()
-            mask = dataset.loss_mask[start:start + batch_size, 1:].float()
+            rows = dataset.tokens[start:start + batch_size].long().to(device)
+            mask = dataset.loss_mask[start:start + batch_size, 1:].float().to(device)
             out = model(rows[:, :-1], targets=rows[:, 1:], loss_mask=mask)
             n = mask.sum().item()
             total += out.main_loss.item() * n

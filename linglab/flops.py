@@ -50,8 +50,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, include_mtp: bool = True, no
     return 3 * forward_flops_per_token(cfg, seq_len, include_mtp, non_embedding)
 
 
-def matmul_peak_flops(n: int = 4096, repeats: int = 3) -> float:
-    """fp32 FLOP/s of a large square matmul, measured now, in this process: the MFU denominator.
+def matmul_peak_flops(n: int = 4096, repeats: int = 3, device="cpu") -> float:
+    """fp32 FLOP/s of a large square matmul on `device`, measured now, in this process: the MFU denominator.
 
     4096 rather than 2048: on a 2-core CPU the 2048 GEMM reaches only ~75% of the large-GEMM rate,
     which would inflate every MFU computed against it.
@@ -61,11 +61,14 @@ def matmul_peak_flops(n: int = 4096, repeats: int = 3) -> float:
 
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a @ b
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
+        sync()
         times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times)

@@ -64,12 +64,15 @@ def quantize_tilewise(x: torch.Tensor, tile: int = TILE, pow2_scales: bool = Fal
     k = x.shape[-1]
     tiles = _pad_last_dims(x.float(), tile, 1).unflatten(-1, (-1, tile))
     scale = _scale_from_amax(tiles.abs().amax(-1), pow2_scales)
-    q = _to_e4m3(tiles / scale.unsqueeze(-1)).flatten(-2)[..., :k]
-    return q.contiguous(), scale
+    # No clamp: each tile's own amax maps to 448 (or below, with power-of-two scales), so nothing can overflow.
+    q = (tiles / scale.unsqueeze(-1)).to(E4M3).flatten(-2)
+    return (q if k % tile == 0 else q[..., :k].contiguous()), scale
 
 
 def dequantize_tilewise(q: torch.Tensor, scale: torch.Tensor, tile: int = TILE) -> torch.Tensor:
     """The fp32 values q * scale of a `quantize_tilewise` result."""
+    if q.shape[-1] % tile == 0:  # broadcast the scales instead of materialising them per element
+        return (q.float().unflatten(-1, (-1, tile)) * scale.unsqueeze(-1)).flatten(-2)
     return q.float() * scale.repeat_interleave(tile, dim=-1)[..., : q.shape[-1]]
 
 
@@ -117,6 +120,12 @@ def quantize_dequantize(x: torch.Tensor, granularity: Granularity, pow2_scales: 
         scale = _scale_from_amax(tiles.abs().amax(-1, keepdim=True), pow2_scales)
         # No clamp: the tile's amax maps to 448 (or below, with power-of-two scales), so nothing can overflow.
         return ((tiles / scale).to(E4M3).float() * scale).flatten(-2)
+    if granularity == "block" and x.shape[-1] % TILE == 0 and x.shape[-2] % TILE == 0:
+        # The same for whole 128x128 blocks: each block's amax over its two tile dims, scales broadcast.
+        n, k = x.shape[-2:]
+        blocks = x.float().unflatten(-1, (k // TILE, TILE)).unflatten(-3, (n // TILE, TILE))
+        scale = _scale_from_amax(blocks.abs().amax(dim=(-3, -1), keepdim=True), pow2_scales)
+        return ((blocks / scale).to(E4M3).float() * scale).flatten(-2).flatten(-3, -2)
     return _DEQUANTIZE[granularity](*_QUANTIZE[granularity](x, pow2_scales=pow2_scales))
 
 
@@ -153,10 +162,14 @@ class Fp8Recipe:
 
 
 def _scaled_gemm(a: torch.Tensor, a_gran: Granularity, bt: torch.Tensor, bt_gran: Granularity, pow2: bool) -> torch.Tensor:
-    """Q(a) Q(bt)^T through torch._scaled_mm, both operands quantised along their last (contraction) dim."""
-    if a.is_cuda and any(d % 16 for d in (*a.shape, bt.shape[0])):
-        raise ValueError(f"backend 'scaled_mm' on CUDA needs every GEMM dim to be a multiple of 16, got "
-                         f"{tuple(a.shape)} x {tuple(bt.shape)}^T; use backend='emulate'")
+    """Q(a) Q(bt)^T through torch._scaled_mm, both operands quantised along their last (contraction) dim.
+
+    On CUDA, cuBLAS wants M and N in multiples of 16 and (1x128/128x128 scales) K in whole tiles: the operands
+    are zero-padded to that and the product cut back. Zero rows and columns change no amax and add nothing.
+    """
+    m, n = a.shape[0], bt.shape[0]
+    if a.is_cuda:
+        a, bt = F.pad(a, (0, -a.shape[1] % TILE, 0, -m % 16)), F.pad(bt, (0, -bt.shape[1] % TILE, 0, -n % 16))
     aq, sa = _QUANTIZE[a_gran](a, pow2_scales=pow2)
     bq, sb = _QUANTIZE[bt_gran](bt, pow2_scales=pow2)
     # cuBLAS layouts: 1x128 scales of the lhs are outer-dim-major; the rhs is bt^T, column-major, and its scales
@@ -167,7 +180,8 @@ def _scaled_gemm(a: torch.Tensor, a_gran: Granularity, bt: torch.Tensor, bt_gran
         sb = sb.t().contiguous()
     elif bt_gran == "block":
         sb = sb.t()
-    return torch._scaled_mm(aq, bq.t(), scale_a=sa, scale_b=sb, out_dtype=torch.float32)
+    out = torch._scaled_mm(aq, bq.t(), scale_a=sa, scale_b=sb, out_dtype=torch.float32)
+    return out[:m, :n]
 
 
 def _fp8_gemm(a: torch.Tensor, a_gran: Granularity, bt: torch.Tensor, bt_gran: Granularity, pow2: bool,
@@ -232,10 +246,18 @@ class Fp8Op:
             self.monitor.record(self.name, kind, x, granularity, self.recipe.pow2_scales)
 
 
-def _linear_grads(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, op: Fp8Op, need_dx: bool, need_dw: bool):
-    """dgrad Q(dy) Q(W) (dy tiles along N, W^T blocks) and wgrad Q(dy^T) Q(x^T)^T (tiles along tokens), 2-D x, dy."""
+def _linear_grads(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, op: Fp8Op, need_dx: bool, need_dw: bool,
+                  w_deq: torch.Tensor | None = None):
+    """dgrad Q(dy) Q(W) (dy tiles along N, W^T blocks) and wgrad Q(dy^T) Q(x^T)^T (tiles along tokens), 2-D x, dy.
+
+    `w_deq`: the forward's dequantised Q(W), reused by dgrad (the 128x128 blocks of W^T are W's blocks transposed,
+    and a per-tensor scale is the same), so each weight is quantised once per step instead of twice.
+    """
     r, p = op.recipe, op.recipe.pow2_scales
-    dx = _fp8_gemm(dy, r.grad, weight.float().t(), r.weight, p, op.backend) if need_dx else None
+    if need_dx and w_deq is not None:
+        dx = quantize_dequantize(dy, r.grad, p) @ w_deq
+    else:
+        dx = _fp8_gemm(dy, r.grad, weight.float().t(), r.weight, p, op.backend) if need_dx else None
     dw = _fp8_gemm(dy.t(), r.grad, x.t(), r.act, p, op.backend) if need_dw else None
     return dx, dw
 
@@ -245,21 +267,27 @@ class _Fp8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, op):
-        ctx.save_for_backward(x, weight)
         ctx.op = op
+        r, p = op.recipe, op.recipe.pow2_scales
         x2 = x.reshape(-1, x.shape[-1]).float()
-        op.observe("act", x2, op.recipe.act)
-        op.observe("weight", weight, op.recipe.weight)
-        y = _fp8_gemm(x2, op.recipe.act, weight.float(), op.recipe.weight, op.recipe.pow2_scales, op.backend)
+        op.observe("act", x2, r.act)
+        op.observe("weight", weight, r.weight)
+        if op.backend == "emulate":
+            w_deq = quantize_dequantize(weight.float(), r.weight, p)  # kept for dgrad
+            y = quantize_dequantize(x2, r.act, p) @ w_deq.t()
+        else:
+            w_deq, y = None, _fp8_gemm(x2, r.act, weight.float(), r.weight, p, op.backend)
+        ctx.save_for_backward(x, weight, w_deq)
         return y.to(x.dtype).view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
+        x, weight, w_deq = ctx.saved_tensors
         op = ctx.op
         dy2 = dy.reshape(-1, dy.shape[-1]).float()
         op.observe("grad", dy2, op.recipe.grad)
-        dx, dw = _linear_grads(dy2, x.reshape(-1, x.shape[-1]).float(), weight, op, *ctx.needs_input_grad[:2])
+        dx, dw = _linear_grads(dy2, x.reshape(-1, x.shape[-1]).float(), weight, op, *ctx.needs_input_grad[:2],
+                               w_deq=w_deq)
         return (None if dx is None else dx.to(x.dtype).view(x.shape)), (None if dw is None else dw.to(weight.dtype)), None
 
 
@@ -291,8 +319,11 @@ def _scatter_rows(x: torch.Tensor, new_row: torch.Tensor, total: int) -> torch.T
 
 
 def _grouped_grads(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, recipe: Fp8Recipe,
-                   need_dx: bool, need_dw: bool):
-    """dgrad and wgrad of the grouped GEMM x[seg_e] @ w[e], all operands quantised as in `_linear_grads`."""
+                   need_dx: bool, need_dw: bool, w_deq: torch.Tensor | None = None):
+    """dgrad and wgrad of the grouped GEMM x[seg_e] @ w[e], all operands quantised as in `_linear_grads`.
+
+    `w_deq`: the forward's dequantised Q(w), reused by dgrad instead of quantising w again.
+    """
     r, p = recipe, recipe.pow2_scales
     dy = dy.float().contiguous()
     new_row, padded_offs, total = _padded_segments(offs, x.shape[0], TILE)
@@ -305,7 +336,7 @@ def _grouped_grads(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, offs: tor
         dy_dgrad = quantize_dequantize(dy, r.grad, p)
     dx = dw = None
     if need_dx:
-        w_t = quantize_dequantize(w.float(), r.weight, p).transpose(1, 2).contiguous()
+        w_t = (quantize_dequantize(w.float(), r.weight, p) if w_deq is None else w_deq).transpose(1, 2).contiguous()
         dx = torch._grouped_mm(dy_dgrad, w_t, offs=offs)
     if need_dw:
         # wgrad contracts over each expert's own tokens: x^T tiles along the padded token dim; zero rows add nothing.
@@ -319,20 +350,21 @@ class _Fp8GroupedMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, offs, op):
-        ctx.save_for_backward(x, w, offs)
         ctx.op = op
         r, p = op.recipe, op.recipe.pow2_scales
         op.observe("act", x, r.act)
         op.observe("weight", w, r.weight)
         # Blocks of w[e] [K, N] are the transposed blocks of the stored [N, K] expert weight: the same numbers.
-        y = torch._grouped_mm(quantize_dequantize(x.float(), r.act, p), quantize_dequantize(w.float(), r.weight, p), offs=offs)
+        w_deq = quantize_dequantize(w.float(), r.weight, p)
+        ctx.save_for_backward(x, w, offs, w_deq)  # w_deq is reused by dgrad: one weight quantisation per step
+        y = torch._grouped_mm(quantize_dequantize(x.float(), r.act, p), w_deq, offs=offs)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        x, w, offs = ctx.saved_tensors
+        x, w, offs, w_deq = ctx.saved_tensors
         ctx.op.observe("grad", dy, ctx.op.recipe.grad)
-        dx, dw = _grouped_grads(dy, x, w, offs, ctx.op.recipe, *ctx.needs_input_grad[:2])
+        dx, dw = _grouped_grads(dy, x, w, offs, ctx.op.recipe, *ctx.needs_input_grad[:2], w_deq=w_deq)
         return (None if dx is None else dx.to(x.dtype)), (None if dw is None else dw.to(w.dtype)), None, None
 
 
@@ -379,23 +411,27 @@ class _Fp8SwiGLUDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate_up, weight, row_weights, offs, op):
-        ctx.save_for_backward(gate_up, weight, row_weights, offs)
         ctx.op = op
         r, p = op.recipe, op.recipe.pow2_scales
+        if offs is None and op.backend == "scaled_mm":
+            ctx.save_for_backward(gate_up, weight, row_weights, offs, None)  # real FP8 GEMM: it quantises h (padded to cuBLAS's shapes) itself
+            h = _swiglu(*gate_up.float().chunk(2, dim=-1), row_weights)
+            op.observe("act", h, r.act)
+            op.observe("weight", weight, r.weight)
+            return _scaled_gemm(h, r.act, weight.float(), r.weight, p).to(gate_up.dtype)
         q, scale = swiglu_quantize(gate_up.float(), pow2_scales=p, row_weights=row_weights, granularity=r.act)
         h_deq = _DEQUANTIZE[r.act](q, scale)
         if op.watching:  # the monitor quantises h itself, so it needs h before quantisation
             op.observe("act", _swiglu(*gate_up.float().chunk(2, dim=-1), row_weights), r.act)
         op.observe("weight", weight, r.weight)
-        if offs is None:
-            y = h_deq @ quantize_dequantize(weight.float(), r.weight, p).t()
-        else:
-            y = torch._grouped_mm(h_deq, quantize_dequantize(weight.float(), r.weight, p), offs=offs)
+        w_deq = quantize_dequantize(weight.float(), r.weight, p)
+        ctx.save_for_backward(gate_up, weight, row_weights, offs, w_deq)  # w_deq: reused by dgrad
+        y = h_deq @ w_deq.t() if offs is None else torch._grouped_mm(h_deq, w_deq, offs=offs)
         return y.to(gate_up.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        gate_up, weight, row_weights, offs = ctx.saved_tensors
+        gate_up, weight, row_weights, offs, w_deq = ctx.saved_tensors
         op = ctx.op
         dy = dy.float().contiguous()
         op.observe("grad", dy, op.recipe.grad)
@@ -405,9 +441,9 @@ class _Fp8SwiGLUDown(torch.autograd.Function):
             gate, up = gu.chunk(2, dim=-1)
             h = F.silu(gate) * up * (1.0 if rw is None else rw.unsqueeze(-1))
         if offs is None:
-            dh, dw = _linear_grads(dy, h.detach(), weight, op, True, ctx.needs_input_grad[1])
+            dh, dw = _linear_grads(dy, h.detach(), weight, op, True, ctx.needs_input_grad[1], w_deq=w_deq)
         else:
-            dh, dw = _grouped_grads(dy, h.detach(), weight, offs, op.recipe, True, ctx.needs_input_grad[1])
+            dh, dw = _grouped_grads(dy, h.detach(), weight, offs, op.recipe, True, ctx.needs_input_grad[1], w_deq=w_deq)
         inputs = (gu,) if rw is None else (gu, rw)
         grads = torch.autograd.grad(h, inputs, dh)
         d_gate_up = grads[0].to(gate_up.dtype)

@@ -102,13 +102,30 @@ def build_data(cfg: DataConfig, run_dir: Path, eval_problems: int) -> RunData:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resolve_device(name: str) -> torch.device:
+    """`train.device` as a torch.device: "auto" is cuda when one is visible; a missing GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LinglabError(f"train: train.device={name} but torch sees no CUDA device (use train.device=cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise LinglabError(f"train: train.device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -142,7 +159,7 @@ def load_checkpoint(path: Path, model, optimizer, loader: DataLoader) -> dict:
     """Restore weights, optimizer, data position and RNG from a checkpoint directory; returns the state."""
     ckpt.load_state_into(model, ckpt.load_hf_tensors(path), str(path))
     try:
-        state = torch.load(path / STATE_NAME, weights_only=False)
+        state = torch.load(path / STATE_NAME, weights_only=False, map_location="cpu")
         optimizer.load_state_dict(state["optimizer"])
     except (OSError, RuntimeError, KeyError, ValueError, EOFError) as e:
         raise ckpt.CheckpointError(f"checkpoint {path}: unreadable training state ({e})") from None
@@ -181,13 +198,14 @@ class Trainer:
         self.run_dir = run_dir
         self.data = data
         self.model = model
+        self.device = next(model.parameters()).device
         self.log = log
         self.optimizer = make_optimizer(model, self.tcfg)
         self.loader = DataLoader(data.train, batch_size=self.tcfg.batch_size, seed=self.tcfg.seed)
         self.step = 0
         self.counters = {"tokens": 0, "skipped": 0, "bad_in_a_row": 0, "elapsed": 0.0}
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
-        self.peak_flops = matmul_peak_flops(repeats=2)
+        self.peak_flops = matmul_peak_flops(repeats=2, device=self.device)
         self.metrics_path = run_dir / "metrics.jsonl"
         self.tb = _tensorboard_writer(run_dir)
         self.fp8_monitor = apply_fp8(model, cfg.fp8)
@@ -223,7 +241,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-        inputs, targets, mask = self.loader.next_batch()
+        inputs, targets, mask = (t.to(self.device, non_blocking=True) for t in self.loader.next_batch())
         keys = ("loss", "main_loss", "mtp_loss", "z_loss")
         sums = 0.0  # loss terms summed on the device, read once per step (one host sync on a GPU)
         for mi, ti, ki in zip(inputs.chunk(tcfg.grad_accum), targets.chunk(tcfg.grad_accum),
@@ -404,7 +422,7 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bo
     if data.tokenizer.vocab_size > cfg.model.vocab_size:
         raise LinglabError(f"train: tokenizer has {data.tokenizer.vocab_size} tokens but model.vocab_size is "
                            f"{cfg.model.vocab_size}")
-    model = build_model(cfg.model, seed=cfg.train.seed)
+    model = build_model(cfg.model, device=resolve_device(cfg.train.device), seed=cfg.train.seed)
     counts = count_parameters(model)
     (run_dir / "params.json").write_text(json.dumps(counts.__dict__, indent=2) + "\n")
     trainer = Trainer(cfg, run_dir, data, model, log=console.print)

@@ -154,6 +154,13 @@ def test_quantize_dequantize_fast_tile_path_is_bit_identical(pow2):
     assert torch.equal(quantize_dequantize(x, "tile", pow2), dequantize_tilewise(*quantize_tilewise(x, pow2_scales=pow2)))
 
 
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantize_dequantize_fast_block_path_is_bit_identical(pow2):
+    w = _heavy_tailed(2, 256, 384)  # stacked experts, whole 128x128 blocks
+    w[1, :128, 128:256] = 0.0  # a zero block
+    assert torch.equal(quantize_dequantize(w, "block", pow2), dequantize_blockwise(*quantize_blockwise(w, pow2_scales=pow2)))
+
+
 def _linear_grads(x, w, dy, recipe, backend="emulate"):
     x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
     y = fp8_linear(x, w, recipe, backend)

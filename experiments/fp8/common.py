@@ -4,8 +4,9 @@ Each variant is a `linglab train` configuration (preset + overrides) trained wit
 into experiments/fp8/runs/<name>/ (git-ignored); a finished run is reused, so the three experiment scripts
 share their runs (the FP8 tilewise run serves all three). Every variant uses the same seed and data.
 
-    from common import train_variant
-    rows, fp8_rows, model, data = train_variant("fp8", ["fp8.enabled=true"], steps=300)
+    from common import train_rows, train_variant
+    rows, fp8_rows = train_rows("fp8", ["fp8.enabled=true"], args)                 # metrics only
+    rows, fp8_rows, model, data = train_variant("fp8", ["fp8.enabled=true"], args)  # and the trained model
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from linglab.checkpoint import from_pretrained  # noqa: E402
 from linglab.config import load_config  # noqa: E402
 from linglab.model import build_model  # noqa: E402
 from linglab.report import read_fp8_samples, read_metrics  # noqa: E402
-from linglab.train import Trainer, apply_fp8, build_data, checkpoint_dirs, prepare_run_dir  # noqa: E402
+from linglab.train import Trainer, apply_fp8, build_data, checkpoint_dirs, prepare_run_dir, resolve_device  # noqa: E402
 
 RUNS = ROOT / "runs"
 RESULTS = ROOT / "results"
@@ -37,34 +38,51 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=300, help="training steps per variant (default: 300)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--monitor-every", type=int, default=25, help="FP8 monitor sampling interval in steps")
+    p.add_argument("--device", default="cpu", help="train.device for the runs: cpu, cuda or auto (default: cpu)")
     return p
 
 
 def base_overrides(args) -> list[str]:
     return [f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", "train.eval_every=0",
-            f"train.ckpt_every={args.steps}", f"fp8.monitor_every={args.monitor_every}", "train.keep_last=1"]
+            f"train.ckpt_every={args.steps}", f"fp8.monitor_every={args.monitor_every}", "train.keep_last=1",
+            f"train.device={args.device}"]
 
 
-def train_variant(name: str, overrides: list[str], args):
-    """(train rows, fp8 monitor rows, trained model, run data) of variant `name`, training it unless cached."""
+def ensure_trained(name: str, overrides: list[str], args) -> tuple[Path, object]:
+    """(run dir, config) of variant `name`, training it first unless a finished run with these overrides exists."""
     cfg = load_config(args.preset, overrides=[f"--{o}" for o in [*base_overrides(args), *overrides]])
     run_dir = RUNS / f"{args.preset}-{args.steps}-{name}"
     done = run_dir / "done.json"
-    trained = done.is_file() and json.loads(done.read_text()).get("overrides") == overrides
-    if not trained:
-        prepare_run_dir(run_dir, resume=False, overwrite=True)
+    if done.is_file() and json.loads(done.read_text()).get("overrides") == overrides:
+        return run_dir, cfg
+    prepare_run_dir(run_dir, resume=False, overwrite=True)
     torch.manual_seed(cfg.train.seed)
-    data = build_data(cfg.data, run_dir, eval_problems=8)  # reuses the run's tokenizer when it has one
-    if not trained:
-        model = build_model(cfg.model, seed=cfg.train.seed)
-        trainer = Trainer(cfg, run_dir, data, model, log=Console().print)
-        print(f"[{name}] training {args.steps} steps ({args.preset}, {' '.join(overrides) or 'fp32'})", flush=True)
-        trainer.fit()
-        done.write_text(json.dumps({"overrides": overrides, "seconds": trainer.counters["elapsed"]}) + "\n")
+    data = build_data(cfg.data, run_dir, eval_problems=8)
+    model = build_model(cfg.model, device=resolve_device(cfg.train.device), seed=cfg.train.seed)
+    trainer = Trainer(cfg, run_dir, data, model, log=Console().print)
+    print(f"[{name}] training {args.steps} steps ({args.preset} on {trainer.device}, "
+          f"{' '.join(overrides) or 'fp32'})", flush=True)
+    trainer.fit()
+    done.write_text(json.dumps({"overrides": overrides, "seconds": trainer.counters["elapsed"],
+                                "device": str(trainer.device)}) + "\n")
+    return run_dir, cfg
+
+
+def train_rows(name: str, overrides: list[str], args) -> tuple[list[dict], list[dict]]:
+    """(train rows, fp8 monitor rows) of variant `name`, trained if needed."""
+    run_dir, _ = ensure_trained(name, overrides, args)
+    train, _ = read_metrics(run_dir / "metrics.jsonl")
+    return train, read_fp8_samples(run_dir / "metrics.jsonl")
+
+
+def train_variant(name: str, overrides: list[str], args):
+    """(train rows, fp8 monitor rows, trained model on the CPU, run data) of variant `name`, trained if needed."""
+    run_dir, cfg = ensure_trained(name, overrides, args)
+    torch.manual_seed(cfg.train.seed)
+    data = build_data(cfg.data, run_dir, eval_problems=8)  # reuses the run's tokenizer
     model = from_pretrained(checkpoint_dirs(run_dir)[-1])
     apply_fp8(model, cfg.fp8)
-    train, _ = read_metrics(run_dir / "metrics.jsonl")
-    return train, read_fp8_samples(run_dir / "metrics.jsonl"), model, data
+    return (*train_rows(name, overrides, args), model, data)
 
 
 def losses(rows: list[dict]) -> tuple[list[int], list[float]]:
