@@ -5,8 +5,8 @@
     apex_eval(model, tok, problems, PROMPT_VARIANTS, n=8, k=8)  # best pass@k over prompt variants (SPEC §6)
 
 Exact match = the `answer:` line of a greedy completion equals the problem's answer (`tasks.is_correct`).
-Sampled evaluations (pass@k, ApexEval) check answers with the RL verifier `rewards.verify`, which compares
-values, not strings (SPEC §6). Held-out problems are disjoint from training by construction (`tasks.is_heldout`).
+Sampled evaluations (pass@k, ApexEval) check answers with `linglab.verify.verify` (the RL reward's verifier
+too), which compares values, not strings (SPEC §6). Held-out problems are disjoint from training by construction (`tasks.is_heldout`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from linglab.data import PackedDataset
 from linglab.generate import generate, generate_text
 from linglab.model import LingForCausalLM
 from linglab.passk import pass_at_k_batch, pass_at_k_by_variant
-from linglab.rl.rewards import verify
 from linglab.tasks import TIERS, Problem, is_correct
+from linglab.verify import verify
 
 MAX_NEW_TOKENS = 64  # the longest worked solution of the embedded tiers is ~35 tokens
 

@@ -413,8 +413,8 @@ class _Fp8SwiGLUDown(torch.autograd.Function):
     def forward(ctx, gate_up, weight, row_weights, offs, op):
         ctx.op = op
         r, p = op.recipe, op.recipe.pow2_scales
-        if offs is None and op.backend == "scaled_mm":
-            ctx.save_for_backward(gate_up, weight, row_weights, offs, None)  # real FP8 GEMM: it quantises h (padded to cuBLAS's shapes) itself
+        if offs is None and op.backend == "scaled_mm":  # a real FP8 GEMM, which quantises h (padded) itself
+            ctx.save_for_backward(gate_up, weight, row_weights, offs, None)
             h = _swiglu(*gate_up.float().chunk(2, dim=-1), row_weights)
             op.observe("act", h, r.act)
             op.observe("weight", weight, r.weight)

@@ -6,11 +6,10 @@ scales (SPEC §3) against the emulation, and that a training step on the GPU com
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from linglab.fp8 import Fp8Op, Fp8Recipe, _fp8_gemm, _scaled_gemm, fp8_linear, resolve_backend
 from linglab.model import build_model
-
-from conftest import tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

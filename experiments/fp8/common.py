@@ -39,21 +39,24 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--monitor-every", type=int, default=25, help="FP8 monitor sampling interval in steps")
     p.add_argument("--device", default="cpu", help="train.device for the runs: cpu, cuda or auto (default: cpu)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for every run, e.g. --set model.vocab_size=512 (repeatable)")
     return p
 
 
 def base_overrides(args) -> list[str]:
     return [f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", "train.eval_every=0",
             f"train.ckpt_every={args.steps}", f"fp8.monitor_every={args.monitor_every}", "train.keep_last=1",
-            f"train.device={args.device}"]
+            f"train.device={args.device}", *args.set]
 
 
 def ensure_trained(name: str, overrides: list[str], args) -> tuple[Path, object]:
     """(run dir, config) of variant `name`, training it first unless a finished run with these overrides exists."""
-    cfg = load_config(args.preset, overrides=[f"--{o}" for o in [*base_overrides(args), *overrides]])
+    every = [*base_overrides(args), *overrides]
+    cfg = load_config(args.preset, overrides=[f"--{o}" for o in every])
     run_dir = RUNS / f"{args.preset}-{args.steps}-{name}"
     done = run_dir / "done.json"
-    if done.is_file() and json.loads(done.read_text()).get("overrides") == overrides:
+    if done.is_file() and json.loads(done.read_text()).get("overrides") == every:  # same run: reuse it
         return run_dir, cfg
     prepare_run_dir(run_dir, resume=False, overwrite=True)
     torch.manual_seed(cfg.train.seed)
@@ -63,7 +66,7 @@ def ensure_trained(name: str, overrides: list[str], args) -> tuple[Path, object]
     print(f"[{name}] training {args.steps} steps ({args.preset} on {trainer.device}, "
           f"{' '.join(overrides) or 'fp32'})", flush=True)
     trainer.fit()
-    done.write_text(json.dumps({"overrides": overrides, "seconds": trainer.counters["elapsed"],
+    done.write_text(json.dumps({"overrides": every, "seconds": trainer.counters["elapsed"],
                                 "device": str(trainer.device)}) + "\n")
     return run_dir, cfg
 
