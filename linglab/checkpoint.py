@@ -356,8 +356,16 @@ def to_hf_name(internal: str, cfg: ModelConfig) -> str:
 
 
 def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> LingForCausalLM:
-    """Load an HF BailingMoeV2 checkpoint directory into a LingForCausalLM."""
+    """Load an HF BailingMoeV2 checkpoint directory into a LingForCausalLM.
+
+    The model is built on the meta device and materialised empty, so no random init runs before the load
+    overwrites every weight; the one non-persistent buffer, the MoE's `tokens_per_expert`, starts at zero.
+    """
     cfg = load_config_json(path)
-    model = build_model(cfg, device=device)
-    load_state_into(model, load_hf_tensors(path), str(path))
+    tensors = load_hf_tensors(path)
+    model = build_model(cfg, device="meta").to_empty(device=device)
+    load_state_into(model, tensors, str(path))
+    for name, buffer in model.named_buffers():
+        if name.endswith("tokens_per_expert"):
+            buffer.zero_()
     return model

@@ -71,6 +71,9 @@ def test_save_load_is_bit_exact(saved):
         assert torch.equal(a[k], b[k]), k
     ids = torch.randint(0, model.cfg.vocab_size, (2, 10))
     assert torch.equal(model.eval()(ids), loaded.eval()(ids))
+    # Materialised empty, not initialised: the non-persistent load counters must still start at zero.
+    loads = [m.tokens_per_expert for m in from_pretrained(path).moe_layers()]
+    assert loads and all(not load.any() for load in loads)
 
 
 def test_save_replaces_atomically_and_leaves_no_temp_dirs(saved, tmp_path):
