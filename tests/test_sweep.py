@@ -33,7 +33,7 @@ eval_problems = 4
 @pytest.fixture(autouse=True)
 def _no_matmul_probe(monkeypatch):
     # The trainer measures a 4096^2 matmul for its MFU column: seconds per run that these tests do not need.
-    monkeypatch.setattr("linglab.train.matmul_peak_flops", lambda repeats=2: 1e11)
+    monkeypatch.setattr("linglab.train.matmul_peak_flops", lambda repeats=2, device="cpu": 1e11)
 
 
 def test_default_grid_spans_the_budgets_and_each_run_spends_its_budget(tmp_path, capsys):
