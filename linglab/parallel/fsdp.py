@@ -46,6 +46,8 @@ def apply_fsdp(model: LingForCausalLM, mesh: DeviceMesh, mp_policy: MixedPrecisi
         for moe in (m for m in model.modules() if isinstance(m, MoE)):
             fully_shard(moe.experts, mesh=expert_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
             moe.experts.set_gradient_divide_factor(float(mesh.size()))
+            # Sum, then divide: gloo has no PREMUL_SUM. Not on one rank, where FSDP2 (torch 2.13) then divides twice.
+            moe.experts.set_force_sum_reduction_for_comms(expert_mesh.size() > 1)
     for layer in [*model.model.layers, *model.model.mtp_layers]:
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
