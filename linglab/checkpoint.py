@@ -103,11 +103,15 @@ def config_from_hf(d: dict, source: str = CONFIG_NAME) -> ModelConfig:
     return cfg
 
 
-def to_hf_state_dict(model: LingForCausalLM) -> dict[str, torch.Tensor]:
-    """The model's tensors under their HF names, experts unstacked, all contiguous."""
+def to_hf_state_dict(model: LingForCausalLM, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's tensors under their HF names, experts unstacked, all contiguous.
+
+    `state_dict` replaces `model.state_dict()` where the model holds only shards (FSDP2, expert parallel):
+    the full single-device state gathered from the ranks (`linglab.parallel.parallel_dims`).
+    """
     n_layers = model.cfg.num_hidden_layers
     out = {}
-    for name, t in model.state_dict().items():
+    for name, t in (model.state_dict() if state_dict is None else state_dict).items():
         name = re.sub(r"^model\.mtp_layers\.(\d+)\.", lambda m: f"model.layers.{n_layers + int(m.group(1))}.", name)
         m = _EXPERT_KEY.match(name)
         if m and m.group(2) == "gate_up_proj":
@@ -225,10 +229,14 @@ def dequantize_hf_state_dict(sd: dict[str, torch.Tensor], block: int, source: st
     return out
 
 
-def write_model_files(model: LingForCausalLM, directory: Path, fp8: bool = False) -> None:
-    """config.json + model.safetensors into an existing directory (no atomicity; see save_pretrained)."""
+def write_model_files(model: LingForCausalLM, directory: Path, fp8: bool = False,
+                      state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """config.json + model.safetensors into an existing directory (no atomicity; see save_pretrained).
+
+    `state_dict`: the full state to write when `model` holds only shards (see `to_hf_state_dict`).
+    """
     directory = Path(directory)
-    config, sd = hf_config_dict(model.cfg), to_hf_state_dict(model)
+    config, sd = hf_config_dict(model.cfg), to_hf_state_dict(model, state_dict)
     if fp8:
         config["quantization_config"] = FP8_QUANTIZATION_CONFIG
         sd = quantize_hf_state_dict(sd)
@@ -324,13 +332,21 @@ def load_hf_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_state_into(model: LingForCausalLM, hf_tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy HF-named tensors into `model`, checking names and shapes first (one-line errors)."""
-    sd = from_hf_state_dict(hf_tensors, model.cfg)
-    expected = model.state_dict()
+    model.load_state_dict(checked_state_dict(hf_tensors, model.cfg, model.state_dict(), source), strict=True)
+
+
+def checked_state_dict(hf_tensors: dict[str, torch.Tensor], cfg: ModelConfig, expected: dict[str, torch.Tensor],
+                       source: str) -> dict[str, torch.Tensor]:
+    """HF-named tensors as a state dict with the names, shapes and dtypes of `expected` (one-line errors otherwise).
+
+    `expected` is a single-device model's state dict; a sharded model checks against one built on the meta device.
+    """
+    sd = from_hf_state_dict(hf_tensors, cfg)
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"checkpoint {source}: missing tensor {to_hf_name(missing[0], model.cfg)}{more}")
+        raise CheckpointError(f"checkpoint {source}: missing tensor {to_hf_name(missing[0], cfg)}{more}")
     if unexpected:
         raise CheckpointError(f"checkpoint {source}: unexpected tensor {unexpected[0]} for this config")
     for k, t in sd.items():
@@ -340,9 +356,9 @@ def load_state_into(model: LingForCausalLM, hf_tensors: dict[str, torch.Tensor],
             if m:  # report one expert's shape as the file stores it (gate and up apart)
                 half = 2 if m.group(2) == "gate_up_proj" else 1
                 got, want = (got[1] // half, got[2]), (want[1] // half, want[2])
-            raise CheckpointError(f"checkpoint {source}: {to_hf_name(k, model.cfg)} has shape {got}, "
+            raise CheckpointError(f"checkpoint {source}: {to_hf_name(k, cfg)} has shape {got}, "
                                   f"the model expects {want}")
-    model.load_state_dict({k: t.to(expected[k].dtype) for k, t in sd.items()}, strict=True)
+    return {k: t.to(expected[k].dtype) for k, t in sd.items()}
 
 
 def to_hf_name(internal: str, cfg: ModelConfig) -> str:

@@ -6,6 +6,9 @@ every section and raises `ConfigError` with one line naming the key and what is 
 
     cfg = load_config(preset="tiny", overrides=["--model.hidden_size=256"])
 
+Sections: [model], [data], [train], [fp8], [rl] and [parallel] (the ranks of a `torchrun` launch: `dp` and `ep`,
+with dp * ep = the number of ranks; see ParallelConfig).
+
 Presets: `tiny` (the CPU default), `small` (hidden 512, for benchmarks) and the exact released shapes
 `ling-mini-2.0`, `ling-flash-2.0`, `ling-1t` (SPEC §1.1), which are built on the meta device.
 """
@@ -190,6 +193,25 @@ class FP8Config:
         _check(-1.0 <= self.distortion_warn <= 1.0, "fp8.distortion_warn", "must be in [-1, 1]")
 
 
+@dataclass
+class ParallelConfig:
+    """How the ranks of a `torchrun` launch split the work (SPEC §7; issue 7); ignored by a single process.
+
+    dp * ep must equal the number of ranks (torchrun's WORLD_SIZE). Every rank reads its own
+    batch_size / (dp * ep) rows of each global batch: expert parallelism is carved out of data parallelism,
+    so the ep ranks of a group route distinct tokens and trade them by all-to-all. The routed experts are
+    sliced over the ep ranks of a group and FSDP2-sharded over the dp groups; everything else is FSDP2-sharded
+    over all ranks. A single process (no torchrun) is dp = ep = 1.
+    """
+
+    dp: int = 0  # data-parallel groups; 0 = all the ranks ep leaves (WORLD_SIZE / ep)
+    ep: int = 1  # expert-parallel ranks per group; must divide model.num_experts
+
+    def validate(self) -> None:
+        _check(self.dp >= 0, "parallel.dp", f"must be >= 0 (0 = WORLD_SIZE / ep), got {self.dp}")
+        _check(self.ep >= 1, "parallel.ep", f"must be >= 1, got {self.ep}")
+
+
 RL_ALGOS = ("grpo", "dapo", "drgrpo", "gspo", "lpo")
 RL_CORRECTIONS = ("none", "tis", "icepop")
 
@@ -287,10 +309,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     fp8: FP8Config = field(default_factory=FP8Config)
     rl: RLConfig = field(default_factory=RLConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        _check(self.model.num_experts % self.parallel.ep == 0, "parallel.ep",
+               f"({self.parallel.ep}) must divide model.num_experts ({self.model.num_experts}): each rank holds E / ep experts")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -15,6 +15,7 @@ adjacent pair of tokens is trained exactly once. Documents are split across rows
     loader = DataLoader(dataset, batch_size=32, seed=0)
     inputs, targets, loss_mask = loader.next_batch()
     state = loader.state_dict()            # save with the checkpoint; load_state_dict to resume
+    mine = loader.next_batch(shard=rank, num_shards=world)   # under torchrun: this rank's rows of the batch
 
 User files (`load_text_documents`): `.txt` holds one document per block of lines separated by blank
 lines, `.jsonl` one JSON object with a string `text` field per line, `.parquet` a string `text`
@@ -215,12 +216,23 @@ class DataLoader:
         generator = torch.Generator().manual_seed(mixed)
         return torch.randperm(len(self.dataset), generator=generator)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(inputs, targets, loss_mask), each `[batch_size, seq_len]`: int64, int64, float32."""
+    def next_batch(self, shard: int = 0, num_shards: int = 1,
+                   micro_batches: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs, targets, loss_mask), each `[batch_size / num_shards, seq_len]`: int64, int64, float32.
+
+        With `num_shards` ranks, each reads the rows of shard `shard` only: the global batch is cut into
+        `micro_batches` consecutive micro-batches and each of those into `num_shards` equal parts, so
+        chunking the result into `micro_batches` gives this rank's part of every single-process micro-batch.
+        The position advances by the global batch on every rank, so the loader's state is the same on all.
+        """
+        if self.batch_size % (micro_batches * num_shards):
+            raise LinglabError(f"batch_size {self.batch_size} does not split into {micro_batches} micro-batch(es) "
+                               f"x {num_shards} rank(s)")
         if self.position + self.batch_size > len(self.dataset):
             self.epoch, self.position = self.epoch + 1, 0
             self._order = self._permutation(self.epoch)
         rows = self._order[self.position:self.position + self.batch_size]
+        rows = rows.view(micro_batches, num_shards, -1)[:, shard].flatten()
         self.position += self.batch_size
         tokens = self.dataset.tokens[rows].long()
         return tokens[:, :-1], tokens[:, 1:], self.dataset.loss_mask[rows, 1:].float()

@@ -2,6 +2,7 @@
 
     linglab train --preset tiny --out runs/tiny            # the main job (`make run`)
     linglab train --out runs/tiny --resume                  # continue bit-exactly from the last checkpoint
+    torchrun --nproc_per_node 2 -m linglab train --preset tiny --out runs/tiny-dp2   # FSDP2 (+ EP) on 2 ranks
 
 A run directory holds the resolved `config.toml`, `tokenizer.json`, `metrics.jsonl`, TensorBoard events
 (when tensorboard is installed), `checkpoints/step_NNNNNN/` (each an HF BailingMoeV2 checkpoint plus
@@ -10,6 +11,12 @@ evaluations, samples, plots and `report.md`.
 
 Per step: a forward/backward per micro-batch, gradient clipping, a skip if the loss or the gradient is
 not finite, the AdamW step, then the expert-bias update from this step's expert loads (SPEC §1.4).
+
+Under torchrun (`linglab.parallel.parallel_dims`, layout in `[parallel]`) every rank trains on its own rows of
+the same global batch with the single-process math (global masked mean, global loads, global gradient norm),
+and rank 0 alone writes the run directory. Checkpoints hold the full model (HF files) and the full AdamW state
+keyed by parameter name, whatever the layout, so a run saved on N ranks resumes on M. Evaluations and samples
+run on rank 0 on a single-device copy of the gathered weights while the other ranks wait.
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ from linglab.data import DataLoader, PackedDataset, load_text_documents
 from linglab.errors import LinglabError
 from linglab.flops import flops_per_token, matmul_peak_flops
 from linglab.fp8 import Fp8Monitor, Fp8Recipe, convert_to_fp8
-from linglab.model import LingForCausalLM, build_model, count_parameters
+from linglab.model import LingForCausalLM, ModelOutput, build_model, count_parameters
 from linglab.moe import max_violation, update_expert_bias
+from linglab.parallel.parallel_dims import ParallelDims, init_parallel
 from linglab.tasks import TIERS, format_document, generate_problems
 from linglab.tokenizer import Tokenizer, load_tokenizer
 
@@ -66,8 +74,11 @@ class RunData:
     heldout_problems: dict[int, list] = field(default_factory=dict)  # tier -> problems (embedded corpus)
 
 
-def build_data(cfg: DataConfig, run_dir: Path, eval_problems: int) -> RunData:
-    """Corpus, tokenizer (loaded, reused from the run dir, or trained and saved there) and packed datasets."""
+def build_data(cfg: DataConfig, run_dir: Path, eval_problems: int, save_tokenizer: bool = True) -> RunData:
+    """Corpus, tokenizer (loaded, reused from the run dir, or trained and saved there) and packed datasets.
+
+    `save_tokenizer=False` leaves the run dir alone (ranks other than 0, which reuse the tokenizer rank 0 saved).
+    """
     heldout_problems, heldout = {}, None
     if cfg.path:
         texts = load_text_documents(cfg.path)
@@ -87,7 +98,8 @@ def build_data(cfg: DataConfig, run_dir: Path, eval_problems: int) -> RunData:
         tokenizer = load_tokenizer(saved)
     else:
         tokenizer = Tokenizer.train(texts[:20000], vocab_size=cfg.vocab_size)
-    tokenizer.save(saved)
+    if save_tokenizer:
+        tokenizer.save(saved)
 
     if pairs is not None:
         train = PackedDataset.from_pairs(pairs, tokenizer, cfg.seq_len, loss_on_prompt=cfg.loss_on_prompt)
@@ -137,15 +149,19 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
                   and (p / STATE_NAME).is_file())
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, loader: DataLoader, tokenizer: Tokenizer, step: int,
-                    counters: dict, keep_last: int) -> Path:
-    """HF checkpoint + training state, written atomically; prunes all but the last `keep_last`."""
+def save_checkpoint(run_dir: Path, model, model_state: dict, optimizer_state: dict, loader: DataLoader,
+                    tokenizer: Tokenizer, step: int, counters: dict, keep_last: int) -> Path:
+    """HF checkpoint + training state, written atomically; prunes all but the last `keep_last`.
+
+    `model_state` and `optimizer_state` are full (single-device) states, as `ParallelDims.full_state` gathers
+    them; the AdamW state is keyed by parameter name, so it loads into any layout.
+    """
     out = run_dir / "checkpoints" / f"step_{step:06d}"
-    state = {"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
+    state = {"step": step, "optimizer": optimizer_state, "loader": loader.state_dict(),
              "rng": rng_state(), "counters": dict(counters)}
 
     def write(tmp: Path) -> None:
-        ckpt.write_model_files(model, tmp)
+        ckpt.write_model_files(model, tmp, state_dict=model_state)
         tokenizer.save(tmp / "tokenizer.json")
         torch.save(state, tmp / STATE_NAME)
 
@@ -155,17 +171,36 @@ def save_checkpoint(run_dir: Path, model, optimizer, loader: DataLoader, tokeniz
     return out
 
 
-def load_checkpoint(path: Path, model, optimizer, loader: DataLoader) -> dict:
-    """Restore weights, optimizer, data position and RNG from a checkpoint directory; returns the state."""
-    ckpt.load_state_into(model, ckpt.load_hf_tensors(path), str(path))
+def load_checkpoint(path: Path, model, optimizer, loader: DataLoader, dims: ParallelDims | None = None) -> dict:
+    """Restore weights, optimizer, data position and RNG from a checkpoint directory; returns the state.
+
+    Every rank reads the full checkpoint (a filesystem shared by the ranks) and keeps its own shards.
+    """
+    expected = build_model(model.cfg, device="meta").state_dict()  # single-device names and shapes, whatever the layout
+    model_state = ckpt.checked_state_dict(ckpt.load_hf_tensors(path), model.cfg, expected, str(path))
     try:
         state = torch.load(path / STATE_NAME, weights_only=False, map_location="cpu")
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer_state = optimizer_state_by_name(state["optimizer"], model, optimizer)
+        (dims or ParallelDims()).load_full_state(model, optimizer, model_state, optimizer_state)
     except (OSError, RuntimeError, KeyError, ValueError, EOFError) as e:
         raise ckpt.CheckpointError(f"checkpoint {path}: unreadable training state ({e})") from None
     loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
     return state
+
+
+def optimizer_state_by_name(saved: dict, model, optimizer) -> dict:
+    """AdamW state keyed by parameter name, as `ParallelDims.full_state` writes it.
+
+    Checkpoints written before training under torchrun key it by position in `optimizer.param_groups`
+    (`optimizer.state_dict()`); the optimizer built the same way maps positions to names.
+    """
+    if all(isinstance(key, str) for key in saved["state"]):
+        return saved
+    names = {p: name for name, p in model.named_parameters()}
+    order = [names[p] for group in optimizer.param_groups for p in group["params"]]
+    return {"state": {order[i]: s for i, s in saved["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
 
 
 # ---------------------------------------------------------------- the loop
@@ -190,26 +225,49 @@ def make_optimizer(model: LingForCausalLM, cfg: TrainConfig) -> torch.optim.Adam
                              lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
 
 
-class Trainer:
-    """Owns the state of one run: model, optimizer, loader, counters, metrics file."""
+def weighted_loss(out: ModelOutput, w_main: float, w_mtp: float, mtp_scale: float) -> torch.Tensor:
+    """The training loss main + mtp_scale * MTP (+ z-loss) (SPEC §1.5), each mean rescaled to this rank's share
+    of the global mean (`ParallelDims.loss_weights`)."""
+    if w_main == 1.0 and w_mtp == 1.0:  # a single process, or a rank that holds exactly its share of the targets
+        return out.loss
+    loss = w_main * out.main_loss
+    if out.mtp_loss is not None:
+        loss = loss + mtp_scale * (w_mtp * out.mtp_loss)
+    if out.z_loss is not None:  # a plain mean over tokens, and every rank has as many: no rescaling
+        loss = loss + out.z_loss
+    return loss
 
-    def __init__(self, cfg: Config, run_dir: Path, data: RunData, model: LingForCausalLM, log=print):
+
+class Trainer:
+    """Owns the state of one run: model, optimizer, loader, counters, metrics file.
+
+    `dims` places it among the ranks of a torchrun launch (default: a single process); the model is sharded
+    here, before the optimizer is built, and only rank 0 writes metrics and checkpoints.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, data: RunData, model: LingForCausalLM, log=print,
+                 dims: ParallelDims | None = None):
         self.cfg, self.tcfg = cfg, cfg.train
+        self.dims = dims or ParallelDims()
+        if self.tcfg.batch_size % (self.tcfg.grad_accum * self.dims.world):
+            raise LinglabError(f"train: batch_size {self.tcfg.batch_size} does not split evenly into grad_accum "
+                               f"{self.tcfg.grad_accum} x {self.dims.world} ranks")
         self.run_dir = run_dir
         self.data = data
-        self.model = model
         self.device = next(model.parameters()).device
-        self.log = log
-        self.optimizer = make_optimizer(model, self.tcfg)
+        self.log = log if self.dims.is_main else _quiet
+        self.fp8_monitor = apply_fp8(model, cfg.fp8)  # converts modules in place: before sharding
+        self.model = self.dims.parallelize(model)
+        self.optimizer = make_optimizer(self.model, self.tcfg)  # after sharding: it holds this rank's shards
         self.loader = DataLoader(data.train, batch_size=self.tcfg.batch_size, seed=self.tcfg.seed)
         self.step = 0
         self.counters = {"tokens": 0, "skipped": 0, "bad_in_a_row": 0, "elapsed": 0.0}
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
-        self.peak_flops = matmul_peak_flops(repeats=2, device=self.device)
+        self.peak_flops = matmul_peak_flops(repeats=2, device=self.device) * self.dims.world
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.tb = _tensorboard_writer(run_dir)
-        self.fp8_monitor = apply_fp8(model, cfg.fp8)
+        self.tb = _tensorboard_writer(run_dir) if self.dims.is_main else None
         self.fp8_warned: set[tuple[str, str]] = set()
+        self._eval_model: LingForCausalLM | None = None
 
     # -- state
 
@@ -217,16 +275,34 @@ class Trainer:
         ckpts = checkpoint_dirs(self.run_dir)
         if not ckpts:
             return None
-        state = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.loader)
+        state = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.loader, self.dims)
         self.step = state["step"]
         self.counters.update(state["counters"])
         self.counters["bad_in_a_row"] = 0
-        truncate_metrics(self.metrics_path, self.step)
+        if self.dims.is_main:
+            truncate_metrics(self.metrics_path, self.step)
         return ckpts[-1]
 
-    def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.model, self.optimizer, self.loader, self.data.tokenizer,
-                               self.step, self.counters, self.tcfg.keep_last)
+    def save(self) -> Path | None:
+        """A checkpoint of the full state (collective); its path on rank 0, None elsewhere."""
+        model_state, optimizer_state = self.dims.full_state(self.model, self.optimizer)
+        return self.dims.on_main(lambda: save_checkpoint(
+            self.run_dir, self.model, model_state, optimizer_state, self.loader, self.data.tokenizer, self.step,
+            self.counters, self.tcfg.keep_last))
+
+    def full_model(self) -> LingForCausalLM | None:
+        """The model with the current weights on one device, for evaluation: the model itself in a single process;
+        under torchrun a copy on rank 0 from the gathered weights (collective), None on the other ranks."""
+        if self.dims.world == 1:
+            return self.model
+        model_state, _ = self.dims.full_state(self.model)
+        if not self.dims.is_main:
+            return None
+        if self._eval_model is None:
+            self._eval_model = build_model(self.cfg.model, device=self.device)
+            apply_fp8(self._eval_model, self.cfg.fp8)  # evaluated with the GEMMs it trains with, as in one process
+        self._eval_model.load_state_dict(model_state)
+        return self._eval_model
 
     # -- one optimizer step
 
@@ -241,19 +317,24 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-        inputs, targets, mask = (t.to(self.device, non_blocking=True) for t in self.loader.next_batch())
+        dims = self.dims
+        batch = self.loader.next_batch(shard=dims.rank, num_shards=dims.world, micro_batches=tcfg.grad_accum)
+        inputs, targets, mask = (t.to(self.device, non_blocking=True) for t in batch)
+        micro = list(zip(inputs.chunk(tcfg.grad_accum), targets.chunk(tcfg.grad_accum), mask.chunk(tcfg.grad_accum)))
+        weights = dims.loss_weights([ki for _, _, ki in micro])
         keys = ("loss", "main_loss", "mtp_loss", "z_loss")
         sums = 0.0  # loss terms summed on the device, read once per step (one host sync on a GPU)
-        for mi, ti, ki in zip(inputs.chunk(tcfg.grad_accum), targets.chunk(tcfg.grad_accum),
-                              mask.chunk(tcfg.grad_accum)):
+        for (mi, ti, ki), (w_main, w_mtp) in zip(micro, weights):
             out = model(mi, targets=ti, loss_mask=ki)
-            (out.loss / tcfg.grad_accum).backward()
-            terms = [getattr(out, key) for key in keys]
-            zero = torch.zeros_like(out.loss, dtype=torch.float32)
+            loss = weighted_loss(out, w_main, w_mtp, self.cfg.model.mtp_loss_scaling_factor)
+            (loss / tcfg.grad_accum).backward()
+            terms = [loss, w_main * out.main_loss, None if out.mtp_loss is None else w_mtp * out.mtp_loss, out.z_loss]
+            zero = torch.zeros_like(loss, dtype=torch.float32)
             sums = sums + torch.stack([zero if t is None else t.detach().float() for t in terms])
 
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        sums, grad_norm = (sums / tcfg.grad_accum).tolist(), grad_norm.item()
+        dims.all_reduce_expert_loads(model)
+        grad_norm = dims.clip_grad_norm_(model, tcfg.grad_clip)
+        sums, grad_norm = dims.mean(sums / tcfg.grad_accum).tolist(), grad_norm.item()
         totals = dict(zip(keys, sums))
         finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
         loads = [m.tokens_per_expert for m in moe_layers]  # zeroed only at the start of the next step
@@ -267,7 +348,7 @@ class Trainer:
             self.counters["bad_in_a_row"] += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.counters["tokens"] += inputs.numel()
+        self.counters["tokens"] += inputs.numel() * dims.world
         vios = [max_violation(load) for load in loads]
         row = {"kind": "train", "step": self.step, "tokens": self.counters["tokens"], "lr": lr,
                "grad_norm": grad_norm, "maxvio": max(vios, default=0.0), "maxvio_per_layer": vios,
@@ -281,6 +362,8 @@ class Trainer:
         return row
 
     def write_metrics(self, row: dict) -> None:
+        if not self.dims.is_main:
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
@@ -340,11 +423,17 @@ class Trainer:
                              f"gnorm {row['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s {self.counters['elapsed']:.0f}s")
             if evaluate is not None and tcfg.eval_every and self.step % tcfg.eval_every == 0 \
                     and self.step < tcfg.max_steps:
-                self.write_metrics(evaluate(self.step))
+                row = evaluate(self.step)  # called on every rank (it may gather weights); None where nothing to write
+                if row is not None:
+                    self.write_metrics(row)
             if self.step % tcfg.ckpt_every == 0 or self.step == tcfg.max_steps:
                 self.save()
         if self.tb is not None:
             self.tb.flush()
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
 
 
 def _scalars(tag: str, value):
@@ -402,52 +491,80 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 def run_training(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False,
                  command: str = "", console=None) -> dict:
-    """The whole job: data, model, training loop, final checkpoint, evaluation, samples, report."""
+    """The whole job: data, model, training loop, final checkpoint, evaluation, samples, report.
+
+    Under torchrun every rank runs this; rank 0 alone prints and writes (SPEC §7, `ParallelDims`).
+    """
+    dims = init_parallel(cfg.parallel, resolve_device(cfg.train.device))
+    try:
+        return _run(cfg, Path(run_dir), dims, resume, overwrite, command, console)
+    finally:
+        dims.close()
+
+
+def _run(cfg: Config, run_dir: Path, dims: ParallelDims, resume: bool, overwrite: bool, command: str, console) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from linglab import evals, report
 
     console = console or Console()
-    run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, resume, overwrite)
-    if resume and (run_dir / "config.toml").is_file() and (run_dir / "config.toml").read_text() != to_toml(cfg):
-        console.print("[yellow]note: the config differs from the run's config.toml; using the one given now")
-    (run_dir / "config.toml").write_text(to_toml(cfg))
+    if not dims.is_main:
+        console = Console(quiet=True)
 
+    def prepare() -> None:
+        prepare_run_dir(run_dir, resume, overwrite)
+        if resume and (run_dir / "config.toml").is_file() and (run_dir / "config.toml").read_text() != to_toml(cfg):
+            console.print("[yellow]note: the config differs from the run's config.toml; using the one given now")
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+
+    dims.on_main(prepare)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    data = build_data(cfg.data, run_dir, cfg.train.eval_problems)
+    # Rank 0 first: it trains and saves the tokenizer, which the other ranks then load from the run dir.
+    data = dims.on_main(lambda: build_data(cfg.data, run_dir, cfg.train.eval_problems))
+    if data is None:
+        data = build_data(cfg.data, run_dir, cfg.train.eval_problems, save_tokenizer=False)
     if data.tokenizer.vocab_size > cfg.model.vocab_size:
         raise LinglabError(f"train: tokenizer has {data.tokenizer.vocab_size} tokens but model.vocab_size is "
                            f"{cfg.model.vocab_size}")
-    model = build_model(cfg.model, device=resolve_device(cfg.train.device), seed=cfg.train.seed)
+    model = build_model(cfg.model, device=dims.device, seed=cfg.train.seed)  # the same weights on every rank
     counts = count_parameters(model)
-    (run_dir / "params.json").write_text(json.dumps(counts.__dict__, indent=2) + "\n")
-    trainer = Trainer(cfg, run_dir, data, model, log=console.print)
+    if dims.is_main:
+        (run_dir / "params.json").write_text(json.dumps(counts.__dict__, indent=2) + "\n")
+    trainer = Trainer(cfg, run_dir, data, model, log=console.print, dims=dims)
     if resume:
         resumed_from = trainer.resume()
         console.print(f"resumed from {resumed_from}" if resumed_from else "no checkpoint yet: starting from step 0")
-        if resumed_from is None:
+        if resumed_from is None and dims.is_main:
             truncate_metrics(trainer.metrics_path, 0)
 
-    def evaluate(step: int) -> dict:
-        return evals.evaluate_run(model, data, step, cfg.data.seq_len)
+    def evaluate(step: int) -> dict | None:
+        full = trainer.full_model()
+        return None if full is None else evals.evaluate_run(full, data, step, cfg.data.seq_len)
 
+    ranks = f" on {dims.world} ranks (dp={dims.dp}, ep={dims.ep})" if dims.world > 1 else ""
     console.print(f"training {counts.total / 1e6:.2f}M parameters ({counts.active / 1e6:.2f}M active) on "
-                  f"{len(data.train)} sequences of {cfg.data.seq_len} tokens -> {run_dir}")
+                  f"{len(data.train)} sequences of {cfg.data.seq_len} tokens{ranks} -> {run_dir}")
     columns = [TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
                TextColumn("{task.fields[tps]:.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("train", total=cfg.train.max_steps, completed=trainer.step, loss=float("nan"), tps=0.0)
         trainer.fit(progress, task, evaluate, plain_log=not console.is_terminal)
 
-    final_ckpt = checkpoint_dirs(run_dir)[-1]
     final = run_dir / "final"
+    summary = {"steps": trainer.step, "tokens": trainer.counters["tokens"], "wall_time_s": trainer.counters["elapsed"],
+               "skipped_steps": trainer.counters["skipped"], "final_checkpoint": str(final), "command": command}
+    model = trainer.full_model()  # the run's last collective
+    dims.barrier()  # ... finished on every rank: the others may leave while rank 0 evaluates and reports
+    if not dims.is_main:
+        return summary
+
+    final_ckpt = checkpoint_dirs(run_dir)[-1]
     ckpt.write_atomically(final, lambda tmp: _copy_model_files(final_ckpt, tmp))
 
-    final_eval = evaluate(trainer.step)
+    final_eval = evals.evaluate_run(model, data, trainer.step, cfg.data.seq_len)
     trainer.write_metrics(final_eval)
     tiers = {TIERS[t].name: {"accuracy": final_eval["accuracy"][TIERS[t].name], "n": len(data.heldout_problems[t]),
                              "description": TIERS[t].description} for t in data.heldout_problems}
@@ -455,8 +572,6 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bo
         {"step": trainer.step, "heldout_loss": final_eval.get("heldout_loss"), "tiers": tiers}, indent=2) + "\n")
     samples = evals.sample_completions(model, data, cfg.train.num_samples)
     (run_dir / "samples.json").write_text(json.dumps(samples, indent=2) + "\n")
-    summary = {"steps": trainer.step, "tokens": trainer.counters["tokens"], "wall_time_s": trainer.counters["elapsed"],
-               "skipped_steps": trainer.counters["skipped"], "final_checkpoint": str(final), "command": command}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     report_path = report.write_report(run_dir)  # draws the plots too
     for name, tier in tiers.items():

@@ -72,6 +72,12 @@ def test_console_script_runs_and_exits_2_on_bad_key():
     assert bad.returncode == 2 and bad.stderr.startswith("error: config: unknown key 'model.nope'")
 
 
+def test_python_dash_m_linglab_is_the_cli():
+    """`torchrun ... -m linglab train` runs `python -m linglab`."""
+    ok = subprocess.run([sys.executable, "-m", "linglab", "params", "--preset", "ling-mini-2.0"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "16.26B" in ok.stdout
+
+
 def test_plan_prints_uniform_and_planned_partitions(capsys):
     assert main(["plan", "--preset", "ling-mini-2.0", "--stages", "4"]) == 0
     out = capsys.readouterr().out

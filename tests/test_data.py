@@ -127,6 +127,22 @@ def test_loader_resumes(pairs, tokenizer, consumed) -> None:
     assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
 
 
+def test_ranks_read_their_part_of_every_micro_batch() -> None:
+    """Under torchrun each rank reads its shard; together they are the single-process batch, micro-batch by micro-batch."""
+    dataset = PackedDataset(torch.arange(12 * 5).view(12, 5), torch.ones(12, 5, dtype=torch.bool))
+    whole = DataLoader(dataset, batch_size=8, seed=0)
+    ranks = [DataLoader(dataset, batch_size=8, seed=0) for _ in range(2)]
+    for _ in range(3):  # 12 rows hold one batch of 8: every step starts an epoch
+        full = whole.next_batch(micro_batches=2)[0]
+        parts = [loader.next_batch(shard=r, num_shards=2, micro_batches=2)[0] for r, loader in enumerate(ranks)]
+        assert all(p.shape == (4, 4) for p in parts)
+        for m in range(2):
+            assert torch.equal(torch.cat([p.chunk(2)[m] for p in parts]), full.chunk(2)[m])
+        assert all(loader.state_dict() == whole.state_dict() for loader in ranks)
+    with pytest.raises(LinglabError, match="does not split into 1 micro-batch"):
+        whole.next_batch(num_shards=3)
+
+
 def test_batch_larger_than_dataset(pairs, tokenizer) -> None:
     dataset = PackedDataset.from_pairs(pairs[:20], tokenizer, SEQ_LEN)
     with pytest.raises(LinglabError, match="batch_size"):

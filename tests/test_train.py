@@ -98,6 +98,23 @@ def test_skipped_step_does_not_change_weights(tmp_path, monkeypatch):
         assert torch.equal(v, snapshot[k]), k
 
 
+def test_a_checkpoint_with_positional_optimizer_state_still_resumes(tmp_path, monkeypatch):
+    """Checkpoints written before torchrun training keyed AdamW's state by position; it now loads by parameter name."""
+    monkeypatch.setattr("linglab.train.matmul_peak_flops", lambda repeats=2, device="cpu": 1e11)
+    trainer = _trainer(tmp_path)
+    trainer.train_step()
+    path = trainer.save()
+    state = torch.load(path / "train_state.pt", weights_only=False)
+    assert all(isinstance(key, str) for key in state["optimizer"]["state"])
+    state["optimizer"] = trainer.optimizer.state_dict()  # the old format: keys 0, 1, ...
+    torch.save(state, path / "train_state.pt")
+    resumed = Trainer(trainer.cfg, tmp_path, trainer.data, build_model(trainer.cfg.model, seed=1), log=lambda *a: None)
+    assert resumed.resume() == path and resumed.step == 1
+    for (i, expected), (j, loaded) in zip(trainer.optimizer.state_dict()["state"].items(),
+                                          resumed.optimizer.state_dict()["state"].items()):
+        assert i == j and all(torch.equal(loaded[k], v) for k, v in expected.items()), i
+
+
 def _poisoned(out):
     out.loss = out.loss * float("inf")
     return out

@@ -3,6 +3,8 @@
     apply_expert_parallel(model, ep_group)     # every MoE's `experts` becomes an ExpertParallelExperts
     model.load_state_dict(shard_expert_weights(full_state, rank, ep))     # a single-device checkpoint in
     full_state = gather_expert_weights(model.state_dict(), ep_group)      # ... and back out
+    # AdamW's per-parameter state (FQN -> {"step", "exp_avg", "exp_avg_sq"}) in and out the same way:
+    shard_expert_optimizer_state(full_optim["state"], rank, ep); gather_expert_optimizer_state(state, ep_group)
 
 Rank r of an EP group of size P holds experts [r*E/P, (r+1)*E/P). The MoE block itself is untouched: its
 router, dispatch gather, combine and shared expert run on each rank's own tokens exactly as on one device,
@@ -135,13 +137,24 @@ def shard_expert_weights(full_state: dict[str, torch.Tensor], rank: int, ep: int
     return {name: t.chunk(ep)[rank].clone() if _is_expert_param(name) else t for name, t in full_state.items()}
 
 
+def _gather_rows(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)
+
+
 def gather_expert_weights(state: dict[str, torch.Tensor], group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
     """Inverse of `shard_expert_weights`, collectively over `group`: every rank gets the full stacks."""
-    out = {}
-    for name, t in state.items():
-        if _is_expert_param(name):
-            parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(parts, t.contiguous(), group=group)
-            t = torch.cat(parts)
-        out[name] = t
-    return out
+    return {name: _gather_rows(t, group) if _is_expert_param(name) else t for name, t in state.items()}
+
+
+def shard_expert_optimizer_state(state: dict[str, dict], rank: int, ep: int) -> dict[str, dict]:
+    """Optimizer state keyed by parameter name, cut down like `shard_expert_weights` (scalars such as `step` kept)."""
+    return {name: {k: v.chunk(ep)[rank].clone() if _is_expert_param(name) and v.dim() else v for k, v in per.items()}
+            for name, per in state.items()}
+
+
+def gather_expert_optimizer_state(state: dict[str, dict], group: dist.ProcessGroup | None = None) -> dict[str, dict]:
+    """Inverse of `shard_expert_optimizer_state`, collectively over `group` (same order of names on every rank)."""
+    return {name: {k: _gather_rows(v, group) if _is_expert_param(name) and v.dim() else v for k, v in per.items()}
+            for name, per in state.items()}
