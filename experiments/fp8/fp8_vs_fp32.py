@@ -78,8 +78,8 @@ def main() -> None:
 
     finals = [r["final_relative_gap"] for r in per_seed]
     mean_gap = statistics.fmean(finals)
-    spread = statistics.stdev(finals) if len(finals) > 1 else float("nan")
-    noise_abs = statistics.fmean(abs(r["final_relative_gap"]) for r in noise) if noise else float("nan")
+    spread = statistics.stdev(finals) if len(finals) > 1 else None  # None: one paired seed, no spread
+    noise_abs = statistics.fmean(abs(r["final_relative_gap"]) for r in noise) if noise else None
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
     for s in range(args.seeds):
@@ -117,8 +117,9 @@ def main() -> None:
     for r in result["per_seed"]:
         print(f"seed {r['seed']}: fp32 {r['final_loss_fp32']:.4f}  fp8 {r['final_loss_fp8']:.4f}  "
               f"gap {100 * r['final_relative_gap']:+.3f}%")
-    print(f"mean paired gap {100 * mean_gap:+.3f}% (stdev {100 * spread:.3f}%), Ling's bar 0.25%; "
-          f"fp32 seed-to-seed |gap| {100 * noise_abs:.3f}%")
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.3f}%"  # noqa: E731
+    print(f"mean paired gap {100 * mean_gap:+.3f}% (stdev {pct(spread)}), Ling's bar 0.25%; "
+          f"fp32 seed-to-seed |gap| {pct(noise_abs)}")
 
 
 if __name__ == "__main__":
