@@ -1,8 +1,11 @@
-"""Pipeline parallel (SPEC §7) on 2 gloo CPU processes against single-process gradient accumulation.
+"""Pipeline parallel (SPEC §7) on 2 (and 3) gloo CPU processes against single-process gradient accumulation.
 
 Each rank runs the pipeline on its stages and also the reference itself: the same model (same seed), the
 same micro-batches, `(loss / n_microbatches).backward()` for each, as `Trainer.train_step` accumulates.
 The runner's `gather` assembles every parameter's gradient on every rank, so each rank checks all of them.
+Tolerances are fp32-tight (rtol 1e-5, atol 1e-6): the stages run the very ops of the single-process model on
+the same micro-batches, so only the shared weights' gradients, summed over copies in another order, differ
+(by ~1e-8); everything else matches to the bit.
 """
 
 import functools
@@ -13,7 +16,7 @@ from conftest import tiny_config
 from dist_utils import requires_gloo, run_on_ranks
 
 from linglab.model import build_model
-from linglab.parallel.pipeline import PipelineRunner
+from linglab.parallel.pipeline import PipelineRunner, carried_names
 from linglab.parallel.planner import Plan, analytic_unit_costs, balanced_partition, pipeline_units, uniform_partition
 
 pytestmark = requires_gloo
@@ -74,9 +77,8 @@ def _assert_close(actual, expected, what):
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
 
 
-def _check_layout(rank, world_size, layout, masked=False, z_loss=0.0, steps=1):
-    overrides = {"initializer_range": 0.02, **({"router_z_loss_coef": z_loss} if z_loss else {})}
-    cfg = tiny_config(**overrides)
+def _check_layout(rank, world_size, layout, masked=False, z_loss=0.0, steps=1, mtp=True):
+    cfg = tiny_config(initializer_range=0.02, router_z_loss_coef=z_loss, num_nextn_predict_layers=int(mtp))
     model = build_model(cfg.model, seed=0)
     stages = LAYOUTS[layout](pipeline_units(cfg.model, analytic_unit_costs(cfg.model, seq_len=8)))
     runner = PipelineRunner(model, _plan(stages, world_size), None, MICRO_BATCHES)
@@ -108,14 +110,27 @@ def _check_layouts(rank, world_size, layouts, **kwargs):
         _check_layout(rank, world_size, layout, **kwargs)
 
 
+def test_carried_names_follow_the_units():
+    units = EMB + LAYERS + HEAD + MTP
+    assert carried_names([], units, has_mask=True, has_z=True) == ("input_ids", "targets", "loss_mask")
+    assert carried_names(EMB + LAYERS[:1], units, True, True) == ("hidden", "targets", "loss_mask", "z_loss")
+    assert carried_names(EMB + LAYERS + HEAD, units, False, False) == ("final_hidden", "targets", "main_loss")
+    assert carried_names(units[:-1], units, False, True) == ("mtp_hidden", "targets", "main_loss", "z_loss")
+    assert carried_names(units, units, True, True) == ("loss",)
+
+
+def _schedule_cases(rank, world_size, prefix):
+    """Every layout of one schedule, then its uniform layout without MTP, where `head` ends the pipeline."""
+    _check_layouts(rank, world_size, [name for name in LAYOUTS if name.startswith(prefix)])
+    _check_layout(rank, world_size, f"{prefix} uniform", mtp=False)
+
+
 def test_1f1b_loss_and_gradients_equal_single_process_accumulation(tmp_path):
-    layouts = [name for name in LAYOUTS if name.startswith("1f1b")]
-    run_on_ranks(functools.partial(_check_layouts, layouts=layouts), tmp_path)
+    run_on_ranks(functools.partial(_schedule_cases, prefix="1f1b"), tmp_path)
 
 
 def test_interleaved_1f1b_loss_and_gradients_equal_single_process_accumulation(tmp_path):
-    layouts = [name for name in LAYOUTS if name.startswith("interleaved")]
-    run_on_ranks(functools.partial(_check_layouts, layouts=layouts), tmp_path)
+    run_on_ranks(functools.partial(_schedule_cases, prefix="interleaved"), tmp_path)
 
 
 def test_loss_mask_router_z_loss_and_repeated_steps(tmp_path):
