@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -43,7 +44,7 @@ from linglab.parallel.planner import (  # noqa: E402
 
 OVERRIDES = ["--model.vocab_size=16384"]
 RANKS, VIRTUAL = 2, 2
-BATCH, SEQ, MICRO_BATCHES = 8, 128, 4
+BATCH, SEQ, MICRO_BATCHES = 16, 128, 8
 WARMUP, REPEATS = 2, 7
 
 
@@ -82,6 +83,7 @@ def _time_plans(rank: int, world_size: int, plans: dict[str, list[list[str]]], o
 def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)  # as each pipeline rank runs
+    load_before = os.getloadavg()[0]  # other jobs on the cores slow the ranks unevenly: recorded beside the result
     cfg = load_config("tiny", overrides=OVERRIDES).model
     micro = BATCH // MICRO_BATCHES
     measured = pipeline_units(cfg, {k: 1e3 * v for k, v in measure_unit_costs(cfg, micro, SEQ, repeats=5).items()})
@@ -109,6 +111,8 @@ def main() -> None:
           f"uniform {medians['uniform']:.3f} s, planned {medians['planned']:.3f} s")
     print("CPU seconds per step by rank: " + ", ".join(
         f"{name} {' / '.join(f'{c:.3f}' for c in cpu_medians[name])}" for name in plans))
+    load_after = os.getloadavg()[0]
+    print(f"1-minute load average before / after: {load_before:.2f} / {load_after:.2f} on {os.cpu_count()} cores")
     flop_plan = " | ".join(describe_stage(s) for s in analytic_planned.stages)
     print(f"speedup planned over uniform: measured {speedup:.2f}x wall, {busiest['uniform'] / busiest['planned']:.2f}x "
           f"busiest-rank CPU; predicted from measured unit costs {predicted:.2f}x, from analytic FLOPs "
@@ -119,7 +123,8 @@ def main() -> None:
             "cpu_s_per_rank_median": cpu_medians, "busiest_rank_cpu_speedup": busiest["uniform"] / busiest["planned"],
             "predicted_speedup_measured_costs": predicted, "predicted_speedup_analytic_costs": predicted_analytic,
             "uniform": plan_to_dict(uniform), "planned": plan_to_dict(planned),
-            "analytic_planned_stages": analytic_planned.stages})
+            "analytic_planned_stages": analytic_planned.stages,
+            "load_average_1min": [load_before, load_after], "cpu_count": os.cpu_count()})
 
 
 if __name__ == "__main__":
