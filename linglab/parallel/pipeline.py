@@ -1,0 +1,315 @@
+"""Pipeline parallelism (SPEC §7): a planner `Plan` run by torch.distributed.pipelining, 1F1B or interleaved 1F1B.
+
+    plan = balanced_partition(pipeline_units(cfg.model, costs), stages=2, virtual=2)   # linglab.parallel.planner
+    runner = PipelineRunner(build_model(cfg.model, seed=0), plan, group, n_microbatches=4)
+    loss = runner.step(input_ids, targets, loss_mask)   # the batch's mean loss on the last stage's rank, else None
+    optimizer = make_optimizer(runner, cfg.train)       # over runner.parameters(): this rank's stages, copies included
+    full = runner.gather(grads=True)                     # collective: {model parameter name: gradient}
+
+Every rank builds the same full model (same seed or checkpoint) and keeps the units of its virtual stages
+(stage j runs on rank j % S): one `StageModule` each, empty ones included, wrapped in a `PipelineStage`.
+V = 1 runs `Schedule1F1B`, V > 1 `ScheduleInterleaved1F1B`; the library does every send and receive.
+
+Between stages flows what the units still ahead need (SPEC §1.5), a tuple named by `carried_names`:
+the hidden state (x before `head`; the post-norm H_i after it, which MTP reads; MTP's output before
+`mtp_loss`), the token targets (MTP looks up Emb(t_{i+1}) = Emb(targets) and both losses need them), the
+loss mask if one is given, the main loss once `head` has run, and a running router z-loss if
+router_z_loss_coef > 0. The stage with the last unit ends with the micro-batch loss exactly as
+`LingForCausalLM.forward` sums it: main + mtp_scale * mtp (+ z); any empty stages after it pass it on.
+
+Gradients: the schedule's loss is that micro-batch loss, and with `scale_grads=True` each stage divides its
+accumulated gradients by the number of micro-batches once all backwards are done, which is the gradient of
+the mean micro-batch loss, as `Trainer.train_step` accumulates it (loss / grad_accum per micro-batch).
+
+MTP's Emb(t_{i+1}) and its lm_head GEMM use weights shared with `embedding` and `head` (SPEC §1.5). Every
+stage using one holds its own copy (the earliest holds the model's own module), so the schedule's per-stage
+gradient scaling touches each once; after the schedule the copies' gradients are summed, within the rank
+and over a process group of the ranks holding copies, and every copy gets the sum: identical copies stay
+identical under the same optimizer step, as pipelines do for tied embeddings.
+
+Static stage metadata (shapes from the first batch) means the library runs no extra forward to infer
+shapes, so MoE load counters see each micro-batch once. Every step must then have the same [B, T] and
+the same loss-mask presence; B must divide into the micro-batches.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+
+from linglab.model import LingForCausalLM, masked_cross_entropy, rope_cos_sin
+from linglab.moe import MoE
+from linglab.parallel.planner import Plan, unit_layout
+
+# Weights a unit reads that another unit owns (SPEC §1.5): MTP's embedding lookup and its lm_head GEMM.
+SHARED_WEIGHTS = {"model.word_embeddings": ("embedding", "mtp_transformer"), "lm_head": ("head", "mtp_loss")}
+# Carried tensors that gradients flow back through; token ids and the loss mask are data.
+DIFFERENTIABLE = ("hidden", "final_hidden", "mtp_hidden", "main_loss", "z_loss", "loss")
+_SUBGROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}  # see PipelineRunner._group_over
+
+
+def carried_names(units_done: list[str], all_units: list[str], has_mask: bool, has_z: bool) -> tuple[str, ...]:
+    """Names of the tensors that flow to the next stage once `units_done` (a prefix of `all_units`) have run."""
+    if len(units_done) == len(all_units):
+        return ("loss",)
+    done = set(units_done)
+    if "embedding" not in done:
+        state = "input_ids"
+    elif "head" not in done:
+        state = "hidden"
+    elif "mtp_transformer" not in done:
+        state = "final_hidden"
+    else:
+        state = "mtp_hidden"
+    return (state, "targets", *(("loss_mask",) if has_mask else ()), *(("main_loss",) if "head" in done else ()),
+            *(("z_loss",) if has_z and "embedding" in done else ()))
+
+
+class StageModule(nn.Module):
+    """One virtual stage (SPEC §7): the model's modules for its units, under the model's own parameter names.
+
+    `forward(*carried_in) -> carried_out`, tuples named by `in_names` / `out_names` (set by the runner once
+    it knows whether a loss mask flows). An empty stage passes its input through. `model.word_embeddings` /
+    `lm_head` may be a copy of a shared weight (see the module docstring).
+    """
+
+    def __init__(self, model: LingForCausalLM, units: list[str], shared: dict[str, nn.Module]):
+        super().__init__()
+        self.cfg, self.units = model.cfg, units
+        self.in_names: tuple[str, ...] = ()
+        self.out_names: tuple[str, ...] = ()
+        self.model = nn.Module()
+        if "model.word_embeddings" in shared:
+            self.model.word_embeddings = shared["model.word_embeddings"]
+        layers = [int(u.removeprefix("layers.")) for u in units if u.startswith("layers.")]
+        if layers:
+            self.model.layers = nn.ModuleDict({str(i): model.model.layers[i] for i in layers})
+        if "head" in units:
+            self.model.norm = model.model.norm
+        if "mtp_transformer" in units:
+            self.model.mtp_layers = nn.ModuleDict({"0": model.model.mtp_layers[0]})
+        if "lm_head" in shared:
+            self.lm_head = shared["lm_head"]
+
+    def forward(self, *carried: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        state = dict(zip(self.in_names, carried, strict=True))
+        if any(u.startswith("layers.") or u == "mtp_transformer" for u in self.units):
+            cos, sin = rope_cos_sin(self.cfg.rope_dim, self.cfg.rope_theta,
+                                    torch.arange(state["targets"].shape[1], device=state["targets"].device))
+        for unit in self.units:
+            if unit == "embedding":
+                state["hidden"] = self.model.word_embeddings(state.pop("input_ids"))
+                if self.cfg.router_z_loss_coef > 0:
+                    state["z_loss"] = torch.zeros((), device=state["hidden"].device)
+            elif unit.startswith("layers."):
+                layer = self.model.layers[unit.removeprefix("layers.")]
+                state["hidden"] = layer(state["hidden"], cos, sin)
+                self._add_z_loss(state, layer)
+            elif unit == "head":
+                state["final_hidden"] = self.model.norm(state.pop("hidden"))
+                state["main_loss"] = masked_cross_entropy(self.lm_head(state["final_hidden"]), state["targets"],
+                                                          state.get("loss_mask"))
+            elif unit == "mtp_transformer":
+                targets, mtp = state["targets"], self.model.mtp_layers["0"]
+                state["mtp_hidden"] = mtp(self.model.word_embeddings(targets[:, :-1]),
+                                          state.pop("final_hidden")[:, :-1], cos[:-1], sin[:-1])
+                self._add_z_loss(state, mtp)
+            elif unit == "mtp_loss":
+                mask = state.get("loss_mask")
+                state["mtp_loss"] = masked_cross_entropy(self.lm_head(state.pop("mtp_hidden")), state["targets"][:, 1:],
+                                                         None if mask is None else mask[:, 1:])
+        if self.out_names == ("loss",) and "loss" not in state:
+            state["loss"] = self._total_loss(state)
+        return tuple(state[name].contiguous() for name in self.out_names)  # the sends need contiguous tensors
+
+    def _add_z_loss(self, state: dict, layer: nn.Module) -> None:
+        """The router z-loss summed over MoE layers in model order, as `LingForCausalLM.forward` sums it."""
+        if self.cfg.router_z_loss_coef > 0 and self.training and isinstance(layer.mlp, MoE):
+            state["z_loss"] = state["z_loss"] + layer.mlp.router_z_loss
+
+    def _total_loss(self, state: dict) -> torch.Tensor:
+        """main + mtp_scale * mtp (+ z), in `LingForCausalLM.forward`'s order (so in fp32 to the bit)."""
+        loss = state["main_loss"]
+        if "mtp_loss" in state:
+            loss = loss + self.cfg.mtp_loss_scaling_factor * state["mtp_loss"]
+        if self.cfg.router_z_loss_coef > 0 and self.training:
+            loss = loss + state["z_loss"]
+        return loss
+
+
+def _last_output(output: tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
+    """The schedule's loss_fn: the last stage already computed the loss (it needs targets mid-pipeline)."""
+    return output[0]
+
+
+class PipelineRunner:
+    """This rank's stages of `plan` over the ranks of `group`, and the schedule that runs them (SPEC §7).
+
+    `model`: the full model, the same on every rank; the stages hold its modules (not copies), so after
+    a step this rank's share of `model`'s parameters carries the gradients. `n_microbatches` splits
+    each batch along dim 0. Constructing is collective over the ranks that share a weight copy.
+    """
+
+    def __init__(self, model: LingForCausalLM, plan: Plan, group: dist.ProcessGroup | None, n_microbatches: int):
+        self.cfg, self.plan, self.n_microbatches = model.cfg, plan, n_microbatches
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.units = [name for name, _ in unit_layout(model.cfg)]
+        if plan.num_ranks != world or len(plan.stages) % world:
+            raise ValueError(f"pipeline: the plan is for {plan.num_ranks} ranks x {len(plan.stages) / plan.num_ranks:g} "
+                             f"virtual stages, the process group has {world} ranks")
+        if [u for stage in plan.stages for u in stage] != self.units:
+            raise ValueError(f"pipeline: the plan's stages must hold the model's units in order, {self.units[0]} .. "
+                             f"{self.units[-1]}, each once; got {plan.stages}")
+        if n_microbatches < 1:
+            raise ValueError(f"pipeline: n_microbatches must be >= 1, got {n_microbatches}")
+        self.stage_ids = list(range(self.rank, len(plan.stages), world))
+        self.device = next(model.parameters()).device
+        self.model = model
+        self._holders = {path: [j for j, units in enumerate(plan.stages) if set(users) & set(units)]
+                         for path, users in SHARED_WEIGHTS.items()}
+        self.modules: list[StageModule] = []
+        for j in self.stage_ids:
+            shared = {path: self._shared_module(path, j) for path, holders in self._holders.items() if j in holders}
+            self.modules.append(StageModule(model, plan.stages[j], shared))
+        self._sync_groups = {path: self._group_over(tuple(sorted({j % world for j in holders})))
+                             for path, holders in self._holders.items() if len(holders) > 1}
+        self.has_last_stage = len(plan.stages) - 1 in self.stage_ids
+        self._schedule = None
+        self._signature = None
+
+    # ------------------------------------------------------------ construction
+
+    def _names_before(self, j: int, has_mask: bool) -> tuple[str, ...]:
+        done = [u for stage in self.plan.stages[:j] for u in stage]
+        return carried_names(done, self.units, has_mask, self.cfg.router_z_loss_coef > 0)
+
+    def _shared_module(self, path: str, j: int) -> nn.Module:
+        """The model's module for the weight's first holder, a copy for every later one (even on the same rank)."""
+        module = self.model.get_submodule(path)
+        return module if j == self._holders[path][0] else copy.deepcopy(module)
+
+    def _group_over(self, ranks: tuple[int, ...]) -> dist.ProcessGroup | None:
+        """A process group over `ranks` (of `group`) for the shared-weight gradient sum; None off it or for one rank."""
+        if len(ranks) == 1 or self.rank not in ranks:
+            return None
+        if len(ranks) == dist.get_world_size(self.group):
+            return self.group
+        global_ranks = tuple(dist.get_global_rank(self.group, r) for r in ranks)
+        # Only the member ranks call new_group (local synchronisation: other pipelines need not join). Such a
+        # group is named by its ranks, so one is made per rank set and reused by later runners in this process.
+        if global_ranks not in _SUBGROUPS:
+            _SUBGROUPS[global_ranks] = dist.new_group(list(global_ranks), use_local_synchronization=True)
+        return _SUBGROUPS[global_ranks]
+
+    def _build_schedule(self, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None) -> None:
+        """Stages with static metadata for this micro-batch shape, and the 1F1B / interleaved schedule."""
+        b, t = input_ids.shape
+        if b % self.n_microbatches:
+            raise ValueError(f"pipeline: batch size {b} does not split into {self.n_microbatches} micro-batches")
+        if t < 2 and self.cfg.num_nextn_predict_layers:
+            raise ValueError("pipeline: MTP needs sequences of at least 2 tokens")
+        mb, hidden = b // self.n_microbatches, self.cfg.hidden_size
+        dtype = self.model.model.word_embeddings.weight.dtype
+        shapes = {"input_ids": ((mb, t), input_ids.dtype), "targets": ((mb, t), targets.dtype),
+                  "hidden": ((mb, t, hidden), dtype), "final_hidden": ((mb, t, hidden), dtype),
+                  "mtp_hidden": ((mb, t - 1, hidden), dtype),
+                  **{name: ((), torch.float32) for name in ("main_loss", "z_loss", "loss")}}
+        if loss_mask is not None:
+            shapes["loss_mask"] = ((mb, t), loss_mask.dtype)
+
+        def example(names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+            return tuple(torch.empty(shapes[n][0], dtype=shapes[n][1], device="meta").requires_grad_(n in DIFFERENTIABLE)
+                         for n in names)
+
+        has_mask = loss_mask is not None
+        stages = []
+        for j, module in zip(self.stage_ids, self.modules):
+            module.in_names, module.out_names = self._names_before(j, has_mask), self._names_before(j + 1, has_mask)
+            stages.append(PipelineStage(module, j, len(self.plan.stages), self.device, input_args=example(module.in_names),
+                                        output_args=example(module.out_names), group=self.group))
+        if self.plan.virtual == 1:
+            self._schedule = Schedule1F1B(stages[0], self.n_microbatches, loss_fn=_last_output, scale_grads=True)
+        else:
+            self._schedule = ScheduleInterleaved1F1B(stages, self.n_microbatches, loss_fn=_last_output, scale_grads=True)
+
+    # ------------------------------------------------------------ the step
+
+    def step(self, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None):
+        """One training forward + backward of the batch [B, T] over the pipeline; every rank calls it alike.
+
+        Returns the mean micro-batch loss (detached) on the rank holding the last stage, None elsewhere.
+        Gradients are recomputed from zero: afterwards each local stage parameter's .grad is that of the
+        mean micro-batch loss, shared-weight copies summed.
+        """
+        signature = (tuple(input_ids.shape), input_ids.dtype, targets.dtype,
+                     None if loss_mask is None else loss_mask.dtype)
+        if self._schedule is None:
+            self._build_schedule(input_ids, targets, loss_mask)
+            self._signature = signature
+        elif signature != self._signature:
+            raise ValueError(f"pipeline: every step needs the first step's batch shape, dtypes and loss-mask presence "
+                             f"{self._signature}; got {signature}")
+        for module in self.modules:
+            module.train()
+            module.zero_grad(set_to_none=True)
+        args = (input_ids, targets) if loss_mask is None else (input_ids, targets, loss_mask)
+        losses: list[torch.Tensor] = []
+        self._schedule.step(*args, target=targets, losses=losses, return_outputs=False)
+        self._sum_shared_grads()
+        if not self.has_last_stage:
+            return None
+        return torch.stack([loss.detach() for loss in losses]).sum() / self.n_microbatches
+
+    @torch.no_grad()
+    def _sum_shared_grads(self) -> None:
+        """Every copy of a shared weight gets the sum of all copies' gradients (SPEC §7, tied-weight style)."""
+        for path, group in self._sync_groups.items():
+            local = [m.get_submodule(path).weight for j, m in zip(self.stage_ids, self.modules) if j in self._holders[path]]
+            if not local:
+                continue
+            total = torch.zeros_like(local[0])
+            for p in local:
+                if p.grad is not None:
+                    total += p.grad
+            if group is not None:
+                dist.all_reduce(total, group=group)
+            for p in local:
+                p.grad = total.clone()
+
+    # ------------------------------------------------------------ views
+
+    def parameters(self):
+        """This rank's stage parameters, shared-weight copies included (each copy is stepped like its owner)."""
+        seen = set()
+        for module in self.modules:
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+    def named_parameters(self):
+        """(model parameter name, parameter) of this rank's stages; a shared weight may appear more than once."""
+        for module in self.modules:
+            yield from module.named_parameters()
+
+    def gather(self, grads: bool = False) -> dict[str, torch.Tensor]:
+        """Collective over `group`: every rank gets {model name: parameter or buffer}, or {name: gradient} of every
+        parameter, assembled from all ranks' stages (copies of a shared weight are equal; the first wins)."""
+        local: dict[str, torch.Tensor] = {}
+        for module in self.modules:
+            items = ((n, p.grad) for n, p in module.named_parameters()) if grads else module.state_dict().items()
+            for name, t in items:
+                if t is not None:
+                    local.setdefault(name, t.detach().cpu())
+        parts: list = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(parts, local, group=self.group)
+        full: dict[str, torch.Tensor] = {}
+        for part in parts:
+            for name, t in part.items():
+                full.setdefault(name, t)
+        return full
