@@ -193,6 +193,9 @@ def load_checkpoint(path: Path, model, optimizer, loader: DataLoader, dims: Para
     try:
         state = torch.load(path / STATE_NAME, weights_only=False, map_location="cpu")
         if runner is not None:
+            if not all(isinstance(key, str) for key in state["optimizer"]["state"]):
+                raise ValueError("AdamW state keyed by position, from before torchrun training: resume it on one "
+                                 "process first")
             runner.load_full_state(model_state, optimizer, state["optimizer"])
         else:
             optimizer_state = optimizer_state_by_name(state["optimizer"], model, optimizer)
@@ -340,7 +343,8 @@ class Trainer:
     # -- one optimizer step
 
     def train_step(self) -> dict:
-        """Forward/backward over grad_accum micro-batches, clip, skip if non-finite, AdamW, bias update."""
+        """Forward/backward over the micro-batches (one by one, or through the pipeline), clip, skip if non-finite,
+        AdamW, bias update."""
         model, tcfg = self.model, self.tcfg
         model.train()
         moe_layers = model.moe_layers()

@@ -5,7 +5,8 @@ One 2-rank launch trains every pipeline run the module compares; the single-proc
 process. All runs see the same global batches (batch 8 in 4 micro-batches of 2 rows) with a constant LR after
 warmup (WSM), so a run stopped at step 3 and resumed to step 6 follows the uninterrupted schedule. The pipeline
 runs use 4 micro-batches (`parallel.pp_microbatches=0` takes train.grad_accum=4), the single process
-grad_accum=4: the same math by construction.
+grad_accum=4: the same math by construction. A further launch checks that a non-finite step is skipped on every
+pipeline rank, and pp with dp or ep (not built yet) is a one-line error.
 
 Tolerance: 1e-5 relative on losses and gradient norms and 2e-5 on checkpoint tensors (expert biases included),
 as in test_distributed_train; AdamW moments within 1e-4 relative. The stages run the single-process ops on the
@@ -150,3 +151,28 @@ def test_pipeline_with_data_or_expert_parallel_is_a_one_line_error(tmp_path, cap
         assert main(["train", "--out", out, *FAST, *flags]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+
+
+def _non_finite_on_the_first_stage(rank, world_size, root, tokenizer):
+    _skip_peak_measurement()
+    cfg = _config(tokenizer, 3, *PP_1F1B)
+    dims = init_parallel(cfg.parallel, torch.device("cpu"))
+    dims.on_main(lambda: prepare_run_dir(root / "run", resume=False, overwrite=True))
+    data = build_data(cfg.data, root / "run", cfg.train.eval_problems, save_tokenizer=dims.is_main)
+    trainer = Trainer(cfg, root / "run", data, build_model(cfg.model, seed=0), log=lambda *a: None, dims=dims)
+    trainer.train_step()
+    if rank == 0:  # the embedding's stage: rank 1, which holds the loss, gets a non-finite hidden state
+        embedding = trainer.runner.modules[0].model.word_embeddings
+        hook = embedding.register_forward_hook(lambda module, args, out: out * float("inf"))
+    before = trainer.runner.gather()
+    assert trainer.train_step()["skipped"], f"rank {rank} stepped"
+    after = trainer.runner.gather()
+    assert all(torch.equal(before[k], after[k]) for k in before), f"rank {rank}: weights or expert biases moved"
+    if rank == 0:
+        hook.remove()
+    assert not trainer.train_step()["skipped"] and trainer.counters["skipped"] == 1
+
+
+def test_a_non_finite_step_is_skipped_on_every_pipeline_rank(tmp_path, runs):
+    run_on_ranks(functools.partial(_non_finite_on_the_first_stage, root=tmp_path, tokenizer=runs / "tokenizer.json"),
+                 tmp_path)

@@ -6,6 +6,10 @@
     optimizer = make_optimizer(runner, cfg.train)       # over runner.parameters(): this rank's stages, copies included
     full = runner.gather(grads=True)                     # collective: {model parameter name: gradient}
 
+For `linglab train --parallel.pp` (`Trainer`), collectives over the pipeline ranks: `clip_grad_norm_` (the whole
+model's norm, each shared weight once), `loss_terms` (the step's loss, main, MTP and z terms on every rank),
+`full_optimizer_state` / `load_full_state` (the single-process AdamW state keyed by parameter name).
+
 Every rank builds the same full model (same seed or checkpoint) and keeps the units of its virtual stages
 (stage j runs on rank j % S): one `StageModule` each, empty ones included, wrapped in a `PipelineStage`.
 V = 1 runs `Schedule1F1B`, V > 1 `ScheduleInterleaved1F1B`; the library does every send and receive.
