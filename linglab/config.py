@@ -7,7 +7,7 @@ every section and raises `ConfigError` with one line naming the key and what is 
     cfg = load_config(preset="tiny", overrides=["--model.hidden_size=256"])
 
 Sections: [model], [data], [train], [fp8], [rl] and [parallel] (the ranks of a `torchrun` launch: `dp` and `ep`,
-with dp * ep = the number of ranks; see ParallelConfig).
+with dp * ep = the number of ranks, or pipeline parallel alone with `pp` ranks; see ParallelConfig).
 
 Presets: `tiny` (the CPU default), `small` (hidden 512, for benchmarks) and the exact released shapes
 `ling-mini-2.0`, `ling-flash-2.0`, `ling-1t` (SPEC §1.1), which are built on the meta device.
@@ -202,14 +202,32 @@ class ParallelConfig:
     so the ep ranks of a group route distinct tokens and trade them by all-to-all. The routed experts are
     sliced over the ep ranks of a group and FSDP2-sharded over the dp groups; everything else is FSDP2-sharded
     over all ranks. A single process (no torchrun) is dp = ep = 1.
+
+    Pipeline parallel (pp > 1) runs alone for now: dp = ep = 1 and pp = the number of ranks. Every rank reads
+    the whole global batch; the first stage consumes the inputs, the last the targets and loss mask. The
+    pipeline splits the batch into `pp_microbatches` micro-batches (0 = train.grad_accum), so a run equals the
+    single process with grad_accum = that number.
     """
 
-    dp: int = 0  # data-parallel groups; 0 = all the ranks ep leaves (WORLD_SIZE / ep)
+    dp: int = 0  # data-parallel groups; 0 = all the ranks ep and pp leave (WORLD_SIZE / (ep * pp))
     ep: int = 1  # expert-parallel ranks per group; must divide model.num_experts
+    pp: int = 1  # pipeline ranks (SPEC §7); > 1 needs dp = ep = 1 (dp x pp is not built yet)
+    pp_virtual: int = 1  # virtual stages per pipeline rank: 1 -> 1F1B, > 1 -> interleaved 1F1B
+    pp_microbatches: int = 0  # micro-batches per step in the pipeline; 0 = train.grad_accum; must divide batch_size
+    pp_plan: str = "balanced"  # stage layout from analytic unit costs: "balanced" (planner) | "uniform" (layers by count)
 
     def validate(self) -> None:
-        _check(self.dp >= 0, "parallel.dp", f"must be >= 0 (0 = WORLD_SIZE / ep), got {self.dp}")
+        _check(self.dp >= 0, "parallel.dp", f"must be >= 0 (0 = WORLD_SIZE / (ep * pp)), got {self.dp}")
         _check(self.ep >= 1, "parallel.ep", f"must be >= 1, got {self.ep}")
+        _check(self.pp >= 1, "parallel.pp", f"must be >= 1, got {self.pp}")
+        _check(self.pp_virtual >= 1, "parallel.pp_virtual", f"must be >= 1, got {self.pp_virtual}")
+        _check(self.pp_microbatches >= 0, "parallel.pp_microbatches",
+               f"must be >= 0 (0 = train.grad_accum), got {self.pp_microbatches}")
+        _check(self.pp_plan in ("balanced", "uniform"), "parallel.pp_plan",
+               f"must be 'balanced' or 'uniform', got {self.pp_plan!r}")
+        _check(self.pp == 1 or (self.dp <= 1 and self.ep == 1), "parallel.pp",
+               f"({self.pp}) with dp={self.dp} x ep={self.ep}: pipeline parallel combined with data or expert "
+               "parallel is not built yet; use pp alone (dp = ep = 1)")
 
 
 RL_ALGOS = ("grpo", "dapo", "drgrpo", "gspo", "lpo")
@@ -316,6 +334,18 @@ class Config:
             getattr(self, f.name).validate()
         _check(self.model.num_experts % self.parallel.ep == 0, "parallel.ep",
                f"({self.parallel.ep}) must divide model.num_experts ({self.model.num_experts}): each rank holds E / ep experts")
+        par = self.parallel
+        if par.pp > 1:
+            micro = par.pp_microbatches or self.train.grad_accum
+            _check(self.train.batch_size % micro == 0, "parallel.pp_microbatches",
+                   f"({micro}) must divide train.batch_size ({self.train.batch_size})")
+            if par.pp_virtual == 1:
+                _check(micro >= par.pp, "parallel.pp_microbatches",
+                       f"({micro}) must be >= pp ({par.pp}) for 1F1B")
+            else:
+                rounds = max(1, micro // par.pp)
+                _check(micro % rounds == 0, "parallel.pp_microbatches",
+                       f"({micro}) must be a multiple of its rounds max(1, micro-batches // pp) = {rounds} for interleaved 1F1B")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

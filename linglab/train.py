@@ -17,6 +17,14 @@ the same global batch with the single-process math (global masked mean, global l
 and rank 0 alone writes the run directory. Checkpoints hold the full model (HF files) and the full AdamW state
 keyed by parameter name, whatever the layout, so a run saved on N ranks resumes on M. Evaluations and samples
 run on rank 0 on a single-device copy of the gathered weights while the other ranks wait.
+
+Pipeline parallel (`--parallel.pp=S`, `linglab.parallel.pipeline`): every rank reads the whole global batch and
+`PipelineRunner` runs it through the planned stages in `parallel.pp_microbatches` micro-batches (0 =
+train.grad_accum), 1F1B or interleaved. Its gradient is that of the mean micro-batch loss, as the single
+process accumulates it with grad_accum = the micro-batches, so a pipeline run is that run up to fp32 summation
+order. The reported loss terms and the gradient norm (shared-weight copies counted once) are reduced over the
+pipeline ranks, so every rank logs the same numbers and makes the same skip decision; each MoE layer's expert
+bias moves on the rank whose stage holds it.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ from linglab.fp8 import Fp8Monitor, Fp8Recipe, convert_to_fp8
 from linglab.model import LingForCausalLM, ModelOutput, build_model, count_parameters
 from linglab.moe import max_violation, update_expert_bias
 from linglab.parallel.parallel_dims import ParallelDims, init_parallel
+from linglab.parallel.pipeline import PipelineRunner
+from linglab.parallel.planner import training_plan
 from linglab.tasks import TIERS, format_document, generate_problems
 from linglab.tokenizer import Tokenizer, load_tokenizer
 
@@ -171,17 +181,25 @@ def save_checkpoint(run_dir: Path, model, model_state: dict, optimizer_state: di
     return out
 
 
-def load_checkpoint(path: Path, model, optimizer, loader: DataLoader, dims: ParallelDims | None = None) -> dict:
+def load_checkpoint(path: Path, model, optimizer, loader: DataLoader, dims: ParallelDims | None = None,
+                    runner: PipelineRunner | None = None) -> dict:
     """Restore weights, optimizer, data position and RNG from a checkpoint directory; returns the state.
 
-    Every rank reads the full checkpoint (a filesystem shared by the ranks) and keeps its own shards.
+    Every rank reads the full checkpoint (a filesystem shared by the ranks) and keeps its own shards, or under
+    pipeline parallel (`runner`) its stages.
     """
     expected = build_model(model.cfg, device="meta").state_dict()  # single-device names and shapes, whatever the layout
     model_state = ckpt.checked_state_dict(ckpt.load_hf_tensors(path), model.cfg, expected, str(path))
     try:
         state = torch.load(path / STATE_NAME, weights_only=False, map_location="cpu")
-        optimizer_state = optimizer_state_by_name(state["optimizer"], model, optimizer)
-        (dims or ParallelDims()).load_full_state(model, optimizer, model_state, optimizer_state)
+        if runner is not None:
+            if not all(isinstance(key, str) for key in state["optimizer"]["state"]):
+                raise ValueError("AdamW state keyed by position, from before torchrun training: resume it on one "
+                                 "process first")
+            runner.load_full_state(model_state, optimizer, state["optimizer"])
+        else:
+            optimizer_state = optimizer_state_by_name(state["optimizer"], model, optimizer)
+            (dims or ParallelDims()).load_full_state(model, optimizer, model_state, optimizer_state)
     except (OSError, RuntimeError, KeyError, ValueError, EOFError) as e:
         raise ckpt.CheckpointError(f"checkpoint {path}: unreadable training state ({e})") from None
     loader.load_state_dict(state["loader"])
@@ -216,8 +234,9 @@ def apply_fp8(model: LingForCausalLM, cfg: FP8Config) -> Fp8Monitor | None:
     return monitor
 
 
-def make_optimizer(model: LingForCausalLM, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (SPEC §2); no weight decay on norms (1-D weights), as is standard."""
+def make_optimizer(model: LingForCausalLM | PipelineRunner, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (SPEC §2); no weight decay on norms (1-D weights), as is standard. Over a pipeline's
+    `parameters()` (this rank's stages, shared-weight copies included) under pipeline parallel."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -242,23 +261,34 @@ class Trainer:
     """Owns the state of one run: model, optimizer, loader, counters, metrics file.
 
     `dims` places it among the ranks of a torchrun launch (default: a single process); the model is sharded
-    here, before the optimizer is built, and only rank 0 writes metrics and checkpoints.
+    (or cut into pipeline stages, `runner`) here, before the optimizer is built, and only rank 0 writes metrics
+    and checkpoints.
     """
 
     def __init__(self, cfg: Config, run_dir: Path, data: RunData, model: LingForCausalLM, log=print,
                  dims: ParallelDims | None = None):
         self.cfg, self.tcfg = cfg, cfg.train
         self.dims = dims or ParallelDims()
-        if self.tcfg.batch_size % (self.tcfg.grad_accum * self.dims.world):
-            raise LinglabError(f"train: batch_size {self.tcfg.batch_size} does not split evenly into grad_accum "
-                               f"{self.tcfg.grad_accum} x {self.dims.world} ranks")
+        pipelined = self.dims.pp > 1
+        self.micro_batches = (cfg.parallel.pp_microbatches or self.tcfg.grad_accum) if pipelined else self.tcfg.grad_accum
+        if self.tcfg.batch_size % (self.micro_batches * self.dims.data_world):
+            what = "pipeline micro-batches" if pipelined else "grad_accum"
+            raise LinglabError(f"train: batch_size {self.tcfg.batch_size} does not split evenly into {what} "
+                               f"{self.micro_batches} x {self.dims.data_world} ranks")
         self.run_dir = run_dir
         self.data = data
         self.device = next(model.parameters()).device
         self.log = log if self.dims.is_main else _quiet
         self.fp8_monitor = apply_fp8(model, cfg.fp8)  # converts modules in place: before sharding
         self.model = self.dims.parallelize(model)
-        self.optimizer = make_optimizer(self.model, self.tcfg)  # after sharding: it holds this rank's shards
+        self.runner: PipelineRunner | None = None
+        if pipelined:  # every rank keeps the full model; its stages hold (and train) this rank's share of it
+            par = cfg.parallel
+            plan = training_plan(cfg.model, cfg.data.seq_len, par.pp, par.pp_virtual, par.pp_plan)
+            self.runner = PipelineRunner(self.model, plan, None, self.micro_batches)
+            self.log(f"pipeline ({par.pp_plan}, {par.pp} ranks x {par.pp_virtual} virtual): {plan.stages}")
+        # after sharding: it holds this rank's shards, or this rank's stages
+        self.optimizer = make_optimizer(self.runner if pipelined else self.model, self.tcfg)
         self.loader = DataLoader(data.train, batch_size=self.tcfg.batch_size, seed=self.tcfg.seed)
         self.step = 0
         self.counters = {"tokens": 0, "skipped": 0, "bad_in_a_row": 0, "elapsed": 0.0}
@@ -275,7 +305,7 @@ class Trainer:
         ckpts = checkpoint_dirs(self.run_dir)
         if not ckpts:
             return None
-        state = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.loader, self.dims)
+        state = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.loader, self.dims, self.runner)
         self.step = state["step"]
         self.counters.update(state["counters"])
         self.counters["bad_in_a_row"] = 0
@@ -285,7 +315,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         """A checkpoint of the full state (collective); its path on rank 0, None elsewhere."""
-        model_state, optimizer_state = self.dims.full_state(self.model, self.optimizer)
+        model_state, optimizer_state = self._full_state(with_optimizer=True)
         return self.dims.on_main(lambda: save_checkpoint(
             self.run_dir, self.model, model_state, optimizer_state, self.loader, self.data.tokenizer, self.step,
             self.counters, self.tcfg.keep_last))
@@ -295,7 +325,7 @@ class Trainer:
         under torchrun a copy on rank 0 from the gathered weights (collective), None on the other ranks."""
         if self.dims.world == 1:
             return self.model
-        model_state, _ = self.dims.full_state(self.model)
+        model_state, _ = self._full_state(with_optimizer=False)
         if not self.dims.is_main:
             return None
         if self._eval_model is None:
@@ -304,10 +334,17 @@ class Trainer:
         self._eval_model.load_state_dict(model_state)
         return self._eval_model
 
+    def _full_state(self, with_optimizer: bool) -> tuple[dict, dict | None]:
+        """Collective: the single-device model state and (optionally) the AdamW state keyed by parameter name."""
+        if self.runner is None:
+            return self.dims.full_state(self.model, self.optimizer if with_optimizer else None)
+        return self.runner.gather(), self.runner.full_optimizer_state(self.optimizer) if with_optimizer else None
+
     # -- one optimizer step
 
     def train_step(self) -> dict:
-        """Forward/backward over grad_accum micro-batches, clip, skip if non-finite, AdamW, bias update."""
+        """Forward/backward over the micro-batches (one by one, or through the pipeline), clip, skip if non-finite,
+        AdamW, bias update."""
         model, tcfg = self.model, self.tcfg
         model.train()
         moe_layers = model.moe_layers()
@@ -318,37 +355,36 @@ class Trainer:
             group["lr"] = lr
 
         dims = self.dims
-        batch = self.loader.next_batch(shard=dims.rank, num_shards=dims.world, micro_batches=tcfg.grad_accum)
+        batch = self.loader.next_batch(shard=dims.data_rank, num_shards=dims.data_world, micro_batches=self.micro_batches)
         inputs, targets, mask = (t.to(self.device, non_blocking=True) for t in batch)
-        micro = list(zip(inputs.chunk(tcfg.grad_accum), targets.chunk(tcfg.grad_accum), mask.chunk(tcfg.grad_accum)))
-        weights = dims.loss_weights([ki for _, _, ki in micro])
         keys = ("loss", "main_loss", "mtp_loss", "z_loss")
-        sums = 0.0  # loss terms summed on the device, read once per step (one host sync on a GPU)
-        for (mi, ti, ki), (w_main, w_mtp) in zip(micro, weights):
-            out = model(mi, targets=ti, loss_mask=ki)
-            loss = weighted_loss(out, w_main, w_mtp, self.cfg.model.mtp_loss_scaling_factor)
-            (loss / tcfg.grad_accum).backward()
-            terms = [loss, w_main * out.main_loss, None if out.mtp_loss is None else w_mtp * out.mtp_loss, out.z_loss]
-            zero = torch.zeros_like(loss, dtype=torch.float32)
-            sums = sums + torch.stack([zero if t is None else t.detach().float() for t in terms])
-
-        dims.all_reduce_expert_loads(model)
-        grad_norm = dims.clip_grad_norm_(model, tcfg.grad_clip)
-        sums, grad_norm = dims.mean(sums / tcfg.grad_accum).tolist(), grad_norm.item()
+        if self.runner is None:
+            sums = self._accumulate(inputs, targets, mask)
+            dims.all_reduce_expert_loads(model)
+            grad_norm = dims.clip_grad_norm_(model, tcfg.grad_clip)
+            sums = dims.mean(sums / self.micro_batches)
+        else:
+            self.runner.step(inputs, targets, mask)
+            dims.all_reduce_expert_loads(model)  # each layer ran on one rank: the sum is its load, on every rank
+            grad_norm = self.runner.clip_grad_norm_(tcfg.grad_clip)
+            sums = self.runner.loss_terms()
+        sums, grad_norm = sums.tolist(), grad_norm.item()
         totals = dict(zip(keys, sums))
         finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
         loads = [m.tokens_per_expert for m in moe_layers]  # zeroed only at the start of the next step
         if finite:
             self.optimizer.step()
+            held = None if self.runner is None else self.runner.moe_blocks()
             for m, load in zip(moe_layers, loads):
-                update_expert_bias(m.gate.expert_bias, load, tcfg.bias_update_rate)
+                if held is None or id(m) in held:  # a pipeline rank moves only the biases its stages route with
+                    update_expert_bias(m.gate.expert_bias, load, tcfg.bias_update_rate)
             self.counters["bad_in_a_row"] = 0
         else:
             self.counters["skipped"] += 1
             self.counters["bad_in_a_row"] += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.counters["tokens"] += inputs.numel() * dims.world
+        self.counters["tokens"] += inputs.numel() * dims.data_world
         vios = [max_violation(load) for load in loads]
         row = {"kind": "train", "step": self.step, "tokens": self.counters["tokens"], "lr": lr,
                "grad_norm": grad_norm, "maxvio": max(vios, default=0.0), "maxvio_per_layer": vios,
@@ -360,6 +396,21 @@ class Trainer:
         if self.step % tcfg.load_every == 0 or self.step == 1:
             row["expert_load"] = [(load / load.sum().clamp(min=1)).tolist() for load in loads]
         return row
+
+    def _accumulate(self, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Forward/backward of this rank's rows micro-batch by micro-batch; the loss terms summed over them."""
+        n = self.micro_batches
+        micro = list(zip(inputs.chunk(n), targets.chunk(n), mask.chunk(n)))
+        weights = self.dims.loss_weights([ki for _, _, ki in micro])
+        sums = 0.0  # loss terms summed on the device, read once per step (one host sync on a GPU)
+        for (mi, ti, ki), (w_main, w_mtp) in zip(micro, weights):
+            out = self.model(mi, targets=ti, loss_mask=ki)
+            loss = weighted_loss(out, w_main, w_mtp, self.cfg.model.mtp_loss_scaling_factor)
+            (loss / n).backward()
+            terms = [loss, w_main * out.main_loss, None if out.mtp_loss is None else w_mtp * out.mtp_loss, out.z_loss]
+            zero = torch.zeros_like(loss, dtype=torch.float32)
+            sums = sums + torch.stack([zero if t is None else t.detach().float() for t in terms])
+        return sums
 
     def write_metrics(self, row: dict) -> None:
         if not self.dims.is_main:
@@ -544,7 +595,8 @@ def _run(cfg: Config, run_dir: Path, dims: ParallelDims, resume: bool, overwrite
         full = trainer.full_model()
         return None if full is None else evals.evaluate_run(full, data, step, cfg.data.seq_len)
 
-    ranks = f" on {dims.world} ranks (dp={dims.dp}, ep={dims.ep})" if dims.world > 1 else ""
+    layout = f"pp={dims.pp}" if dims.pp > 1 else f"dp={dims.dp}, ep={dims.ep}"
+    ranks = f" on {dims.world} ranks ({layout})" if dims.world > 1 else ""
     console.print(f"training {counts.total / 1e6:.2f}M parameters ({counts.active / 1e6:.2f}M active) on "
                   f"{len(data.train)} sequences of {cfg.data.seq_len} tokens{ranks} -> {run_dir}")
     columns = [TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("loss {task.fields[loss]:.3f}"),

@@ -20,6 +20,9 @@ The same math as one process on the global batch:
   makes the same skip decision on a non-finite loss or norm.
 Checkpoints hold the full single-device state (`full_state`, `load_full_state`), so any layout resumes any
 other. WORLD_SIZE=1 (`torchrun --nproc_per_node 1`) is the single-process run.
+
+Pipeline parallel (`--parallel.pp=W`, dp = ep = 1) is a layout of its own: every rank reads the whole global
+batch (`data_rank` 0 of `data_world` 1) and the Trainer runs it through `linglab.parallel.pipeline`.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class ParallelDims:
     world: int = 1
     dp: int = 1
     ep: int = 1
+    pp: int = 1  # pipeline ranks: all of them when > 1 (dp = ep = 1)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     world_mesh: DeviceMesh | None = None  # all ranks: FSDP2 of everything but the routed experts
     expert_mesh: DeviceMesh | None = None  # the dp ranks holding this rank's expert slice (ep > 1)
@@ -74,9 +78,18 @@ class ParallelDims:
         """Rank 0 alone writes the run directory: metrics, checkpoints, evaluations, report."""
         return self.rank == 0
 
+    @property
+    def data_world(self) -> int:
+        """Ranks that read distinct rows of each batch: dp * ep (the pipeline ranks share theirs)."""
+        return self.dp * self.ep
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank // self.pp
+
     def parallelize(self, model: LingForCausalLM) -> LingForCausalLM:
         """Slice the experts over ep, then FSDP2 (in place); the optimizer must be built afterwards."""
-        if self.world == 1:
+        if self.data_world == 1:  # one process, or a pipeline: the Trainer hands the model to PipelineRunner
             return model
         if self.ep > 1:
             apply_expert_parallel(model, self.ep_group)
@@ -206,9 +219,18 @@ def init_parallel(cfg: ParallelConfig, device: torch.device) -> ParallelDims:
     """
     initialised = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if initialised else int(os.environ.get("WORLD_SIZE", "1"))
-    ep = cfg.ep
-    dp = cfg.dp or max(world // ep, 1)
-    if dp * ep != world:
+    ep, pp = cfg.ep, cfg.pp
+    dp = cfg.dp or max(world // (ep * pp), 1)
+    if pp > 1 and dp * ep > 1:
+        raise LinglabError(f"parallel: pp={pp} with dp={dp} x ep={ep} is not built yet; pipeline parallel runs "
+                           f"alone (dp = ep = 1, pp = the number of ranks)")
+    if pp > 1 and pp != world:
+        if world == 1:
+            raise LinglabError(f"parallel: pp={pp} needs {pp} ranks but this is a single process; "
+                               f"launch it with torchrun --nproc_per_node {pp} -m linglab train ...")
+        raise LinglabError(f"parallel: pp={pp} ranks, but {world} were started (WORLD_SIZE); make pp equal the "
+                           "number of ranks")
+    if dp * ep * pp != world:
         if world == 1:
             raise LinglabError(f"parallel: dp={dp} x ep={ep} needs {dp * ep} ranks but this is a single process; "
                                f"launch it with torchrun --nproc_per_node {dp * ep} -m linglab train ...")
@@ -229,7 +251,7 @@ def init_parallel(cfg: ParallelConfig, device: torch.device) -> ParallelDims:
     if not initialised:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
-    dims = ParallelDims(rank=dist.get_rank(), world=world, dp=dp, ep=ep, device=device, owns_group=not initialised,
+    dims = ParallelDims(rank=dist.get_rank(), world=world, dp=dp, ep=ep, pp=pp, device=device, owns_group=not initialised,
                         world_mesh=init_device_mesh(device.type, (world,), mesh_dim_names=("world",)))
     if ep > 1:
         mesh = init_device_mesh(device.type, (dp, ep), mesh_dim_names=("dp", "ep"))

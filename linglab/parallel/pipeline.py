@@ -6,6 +6,10 @@
     optimizer = make_optimizer(runner, cfg.train)       # over runner.parameters(): this rank's stages, copies included
     full = runner.gather(grads=True)                     # collective: {model parameter name: gradient}
 
+For `linglab train --parallel.pp` (`Trainer`), collectives over the pipeline ranks: `clip_grad_norm_` (the whole
+model's norm, each shared weight once), `loss_terms` (the step's loss, main, MTP and z terms on every rank),
+`full_optimizer_state` / `load_full_state` (the single-process AdamW state keyed by parameter name).
+
 Every rank builds the same full model (same seed or checkpoint) and keeps the units of its virtual stages
 (stage j runs on rank j % S): one `StageModule` each, empty ones included, wrapped in a `PipelineStage`.
 V = 1 runs `Schedule1F1B`, V > 1 `ScheduleInterleaved1F1B`; the library does every send and receive.
@@ -82,6 +86,7 @@ class StageModule(nn.Module):
         self.cfg, self.units = model.cfg, units
         self.in_names: tuple[str, ...] = ()
         self.out_names: tuple[str, ...] = ()
+        self.loss_terms: list[torch.Tensor] = []  # (loss, main, mtp, z) per micro-batch, where the loss is summed
         self.model = nn.Module()
         if "model.word_embeddings" in shared:
             self.model.word_embeddings = shared["model.word_embeddings"]
@@ -138,6 +143,9 @@ class StageModule(nn.Module):
             loss = loss + self.cfg.mtp_loss_scaling_factor * state["mtp_loss"]
         if self.cfg.router_z_loss_coef > 0 and self.training:
             loss = loss + state["z_loss"]
+        zero = torch.zeros((), device=loss.device)
+        self.loss_terms.append(torch.stack([t.detach().float() for t in (
+            loss, state["main_loss"], state.get("mtp_loss", zero), state.get("z_loss", zero))]))
         return loss
 
 
@@ -257,6 +265,7 @@ class PipelineRunner:
         for module in self.modules:
             module.train()
             module.zero_grad(set_to_none=True)
+            module.loss_terms.clear()
         args = (input_ids, targets) if loss_mask is None else (input_ids, targets, loss_mask)
         losses: list[torch.Tensor] = []
         self._schedule.step(*args, target=targets, losses=losses, return_outputs=False)
@@ -313,3 +322,80 @@ class PipelineRunner:
             for name, t in part.items():
                 full.setdefault(name, t)
         return full
+
+    # ------------------------------------------------------------ training (collectives over `group`)
+
+    def loss_terms(self) -> torch.Tensor:
+        """Collective: the last step's mean (loss, main_loss, mtp_loss, z_loss) over micro-batches, on every rank
+        (zeros where a term does not exist). The stage that sums the loss records them; the others add zeros."""
+        local = [t for module in self.modules for t in module.loss_terms]
+        terms = torch.stack(local).sum(0) / self.n_microbatches if local else torch.zeros(4, device=self.device)
+        dist.all_reduce(terms, group=self.group)
+        return terms
+
+    def owned_parameters(self):
+        """This rank's parameters that count once in the pipeline's gradient norm: a shared weight's copies
+        carry the same summed gradient as its owner (the first holder), so only the owner's counts."""
+        for j, module in zip(self.stage_ids, self.modules):
+            for name, p in module.named_parameters():
+                path = name.rsplit(".", 1)[0]
+                if path not in self._holders or j == self._holders[path][0]:
+                    yield p
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Collective: clip every local gradient (copies included) by the whole model's gradient norm; returns it.
+
+        The squares of the owned gradients are summed over the pipeline ranks, so every rank gets the norm of the
+        single-process model's gradient and scales by the same factor (or sees the same non-finite norm)."""
+        grads = [p.grad for p in self.owned_parameters() if p.grad is not None]
+        square = (torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)).square()
+        dist.all_reduce(square, group=self.group)
+        total = square.sqrt()
+        torch.nn.utils.clip_grads_with_norm_(list(self.parameters()), max_norm, total)
+        return total
+
+    def moe_blocks(self) -> set[int]:
+        """ids of the MoE blocks this rank's stages hold: the ones whose expert bias this rank updates."""
+        return {id(m) for module in self.modules for m in module.modules() if isinstance(m, MoE)}
+
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """Collective: `optimizer`'s state as the single-process optimizer's full state dict keyed by model
+        parameter name (a shared weight once: its copies were stepped alike), complete on every rank."""
+        names = {id(p): name for name, p in self.named_parameters()}
+        local = {"state": {}, "param_groups": []}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p in optimizer.state:
+                    local["state"].setdefault(names[id(p)], {k: v.detach().cpu() if torch.is_tensor(v) else v
+                                                             for k, v in optimizer.state[p].items()})
+            local["param_groups"].append({**{k: v for k, v in group.items() if k != "params"},
+                                          "params": [names[id(p)] for p in group["params"]]})
+        parts: list = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(parts, local, group=self.group)
+        order = {name: i for i, (name, _) in enumerate(self.model.named_parameters())}
+        state = {}
+        for part in parts:
+            for name, per in part["state"].items():
+                state.setdefault(name, per)
+        groups = []
+        for i, group in enumerate(parts[0]["param_groups"]):
+            params = {name for part in parts for name in part["param_groups"][i]["params"]}
+            groups.append({**group, "params": sorted(params, key=order.__getitem__)})
+        return {"state": state, "param_groups": groups}
+
+    def load_full_state(self, model_state: dict, optimizer: torch.optim.Optimizer, optim_state: dict) -> None:
+        """Inverse of `gather` + `full_optimizer_state`: every rank passes the full states and keeps its stages'
+        share, shared-weight copies included. Groups are matched by position (both built by `make_optimizer`)."""
+        self.model.load_state_dict(model_state)
+        for module in self.modules:  # the copies of shared weights; the rest is the model's own
+            module.load_state_dict({name: model_state[name] for name in module.state_dict()})
+        for name, p in self.named_parameters():
+            if name in optim_state["state"]:
+                optimizer.state[p] = {k: v.to(p.device, copy=True) if torch.is_tensor(v) and k != "step" else
+                                      v.clone() if torch.is_tensor(v) else v
+                                      for k, v in optim_state["state"][name].items()}
+        if len(optim_state["param_groups"]) != len(optimizer.param_groups):
+            raise ValueError(f"{len(optim_state['param_groups'])} parameter groups saved, "
+                             f"{len(optimizer.param_groups)} in the optimizer")
+        for group, saved in zip(optimizer.param_groups, optim_state["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})

@@ -390,6 +390,12 @@ def balanced_partition(units: list[Unit], stages: int, virtual: int = 1, max_nod
     return _plan(units, spread or cuts, s, optimal=optimal)
 
 
+def training_plan(cfg: ModelConfig, seq_len: int, stages: int, virtual: int, kind: str = "balanced") -> Plan:
+    """The layout `linglab train --parallel.pp=S` runs: analytic unit costs, then the balanced or uniform partition."""
+    units = pipeline_units(cfg, analytic_unit_costs(cfg, seq_len))
+    return balanced_partition(units, stages, virtual) if kind == "balanced" else uniform_partition(units, stages, virtual)
+
+
 # ---------------------------------------------------------------- report
 
 
