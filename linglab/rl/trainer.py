@@ -4,7 +4,7 @@
     linglab rl --ckpt runs/tiny/final --out runs/tiny-rl --resume      # continue bit-exactly
 
 Per step: sync the rollout engine to the trainer's weights; sample whole groups of G responses (all to the
-end, or C3PO++ with `rl.c3po`); reward them (`rewards.verify` plus optional Evo-CoT length/format terms);
+end, or C3PO++ with `rl.c3po`); reward them (`linglab.verify.verify` plus optional Evo-CoT length/format terms);
 group advantages (DAPO drops groups whose rewards are all equal, without sampling more); recompute
 log pi_train(theta_old) of the rollout tokens without gradient; then `rl.ppo_epochs` AdamW steps on the
 selected loss (grpo, dapo, drgrpo, gspo, lpo) times the selected correction (none, tis, icepop; k_t =
@@ -12,6 +12,11 @@ pi_train(theta_old) / pi_infer from the log-probs the engine recorded), plus the
 RL started from. The router's expert bias stays frozen (no balancing update; checked every step).
 
 Log-probs on both sides are of the temperature-scaled distribution the rollouts sample from (SPEC §5: 1.0).
+
+Logged `clip_fraction` is the share of tokens the clipped ratio pi_train / pi_train(theta_old) cut in the last
+PPO epoch; with `rl.ppo_epochs = 1` that ratio is exactly 1 (the policy has not moved yet), so it is 0 by
+construction. `mask_fraction` is the share of tokens IcePop's [alpha, beta] band would mask, logged under
+every correction as a mismatch statistic; only `rl.correction = icepop` actually masks them.
 
 A run directory holds `config.toml`, `tokenizer.json`, `metrics.jsonl` (`sft` rows, one `train` row per RL
 step, `eval` rows before and after), `rl_start/` (the policy RL starts from, after SFT: the KL reference),
