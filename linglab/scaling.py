@@ -385,6 +385,52 @@ def fit_loss_vs_compute(compute, loss, delta: float = 1e-3) -> LossCurve:
     return LossCurve(E=float(np.exp(e)), A=float(np.exp(a)), alpha=float(alpha))
 
 
+def bootstrap_loss_vs_compute(compute, loss, n_boot: int = 200, seed: int = 0, level: float = 0.9, delta: float = 1e-3,
+                              fit: LossCurve | None = None) -> dict[str, tuple[float, float]]:
+    """Percentile intervals (central `level`) of E, A and alpha of `fit_loss_vs_compute` over bootstrap resamples.
+
+    As `bootstrap_chinchilla`: each resample is a vector of multinomial counts used as Huber weights, refitted
+    from the full-data fit and a few of the data-driven starts, all as one batch. A resample needs >= 3 distinct
+    points for 3 coefficients; those with fewer are drawn again.
+    """
+    compute, loss = _columns("bootstrap_loss_vs_compute", compute, loss)
+    fit = fit_loss_vs_compute(compute, loss, delta) if fit is None else fit
+    rng = np.random.default_rng(seed)
+    counts = []
+    while len(counts) < n_boot:
+        c = rng.multinomial(len(loss), np.full(len(loss), 1 / len(loss))).astype(float)
+        if np.count_nonzero(c) >= 3:
+            counts.append(c)
+    log_c = np.log(compute)
+    full = [np.log(fit.E), np.log(fit.A), fit.alpha]
+    starts = np.stack([np.array([full, *[[np.log(f * loss.min()), np.mean(np.log(loss - f * loss.min()) + p * log_c), p]
+                                          for f, p in zip(rng.choice([0.05, 0.25, 0.5, 0.75, 0.9], 4),
+                                                          rng.choice([0.05, 0.1, 0.3, 0.5, 1.0], 4))]])
+                       for _ in range(n_boot)])
+    theta = _fit_lse(log_c[:, None], np.log(loss), starts, np.array(counts), delta)
+    values = {"E": np.exp(theta[:, 0]), "A": np.exp(theta[:, 1]), "alpha": theta[:, 2]}
+    tail = 100 * (1 - level) / 2
+    return {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for k, v in values.items()}
+
+
+def bootstrap_power_law(x, y, n_boot: int = 1000, seed: int = 0, level: float = 0.9) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of coef and exponent of `fit_power_law` over bootstrap resamples of the points
+    (resamples with fewer than 2 distinct x are drawn again: they fix no slope)."""
+    x, y = _columns("bootstrap_power_law", x, y)
+    if len(np.unique(x)) < 2:
+        raise ValueError("scaling: bootstrap_power_law needs >= 2 distinct x")
+    rng = np.random.default_rng(seed)
+    fits = []
+    while len(fits) < n_boot:
+        idx = rng.integers(0, len(x), len(x))
+        if len(np.unique(x[idx])) >= 2:
+            fits.append(np.polyfit(np.log(x[idx]), np.log(y[idx]), 1))
+    exponent, intercept = np.array(fits).T
+    tail = 100 * (1 - level) / 2
+    return {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail)))
+            for k, v in (("coef", np.exp(intercept)), ("exponent", exponent))}
+
+
 @dataclass(frozen=True)
 class HoldoutPrediction:
     """The largest-compute point predicted by a LossCurve fitted on the others."""

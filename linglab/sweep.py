@@ -540,6 +540,11 @@ def fit_results(rows: list[dict], n_boot: int = 200) -> dict:
         curve = scaling.fit_loss_vs_compute([r["compute"] for r in front], [_loss(r) for r in front])
         fit["laws"]["loss_vs_compute"] = curve.as_dict()
         fit["laws"]["m_opt"] = scaling.fit_power_law([r["budget"] for r in front], [r["M"] for r in front]).as_dict()
+        if n_boot:  # 90% bootstrap intervals over the frontier points
+            fit["intervals"] = {
+                "loss_vs_compute": scaling.bootstrap_loss_vs_compute([r["compute"] for r in front],
+                                                                     [_loss(r) for r in front], n_boot=n_boot, fit=curve),
+                "m_opt": scaling.bootstrap_power_law([r["budget"] for r in front], [r["M"] for r in front])}
         edges = [f"{r['budget']:.3g}" for r in front
                  if len(ms := {p["M"] for p in shape_rows if p["budget"] == r["budget"]}) > 1 and r["M"] in (min(ms), max(ms))]
         if edges:
@@ -748,6 +753,12 @@ def write_fit(rows: list[dict], out: str | Path, n_boot: int = 200, commands: li
         m = laws["m_opt"]
         md.append(f"- compute-optimal M (M of the best run per budget): M_opt = {m['coef']:.4g} C^{m['exponent']:.4f} "
                   f"(published MoE law: 0.1915 C^0.5095)")
+        if "intervals" in fit:
+            iv = fit["intervals"]
+            span = lambda lo_hi: f"[{lo_hi[0]:.3g}, {lo_hi[1]:.3g}]"  # noqa: E731
+            md.append("  - 90% bootstrap intervals over the frontier points: L(C) E " + span(iv["loss_vs_compute"]["E"])
+                      + ", A " + span(iv["loss_vs_compute"]["A"]) + ", alpha " + span(iv["loss_vs_compute"]["alpha"])
+                      + "; M_opt coef " + span(iv["m_opt"]["coef"]) + ", exponent " + span(iv["m_opt"]["exponent"]))
     if "holdout" in fit:
         h = fit["holdout"]
         md.append(f"- wind tunnel: the largest budget C = {h['compute']:.3g} predicted from the others: {h['predicted']:.4f} "

@@ -10,6 +10,8 @@ from linglab.scaling import (
     LossCurve,
     activation_ratio,
     bootstrap_chinchilla,
+    bootstrap_loss_vs_compute,
+    bootstrap_power_law,
     chinchilla_optimal,
     compute_optimal,
     efficiency_leverage,
@@ -178,6 +180,26 @@ def test_fit_loss_vs_compute_recovers_a_saturating_law():
                                          pytest.approx(0.12, rel=1e-6))
     with pytest.raises(ValueError, match=">= 3 points"):
         fit_loss_vs_compute(c[:2], true.predict(c[:2]))
+
+
+def test_loss_vs_compute_and_power_law_bootstrap_intervals_contain_the_truth_and_shrink_with_less_noise():
+    true = LossCurve(E=1.5, A=30.0, alpha=0.12)
+    c = np.logspace(12, 16, 12)
+    widths = []
+    for sigma in (0.01, 0.002):
+        loss = true.predict(c) * np.exp(np.random.default_rng(2).normal(0, sigma, c.shape))
+        intervals = bootstrap_loss_vs_compute(c, loss, n_boot=100, seed=0)
+        assert set(intervals) == {"E", "A", "alpha"}
+        for name, (low, high) in intervals.items():
+            assert low <= getattr(true, name) <= high, (sigma, name)
+        widths.append(intervals["alpha"][1] - intervals["alpha"][0])
+    assert widths[1] < widths[0] / 2
+    x = np.logspace(11, 13, 8)
+    y = 0.2 * x**0.5 * np.exp(np.random.default_rng(3).normal(0, 0.05, x.shape))
+    law = bootstrap_power_law(x, y, seed=0)
+    assert law["exponent"][0] <= 0.5 <= law["exponent"][1] and law["exponent"][1] - law["exponent"][0] < 0.2
+    with pytest.raises(ValueError, match="distinct"):
+        bootstrap_power_law([1.0, 1.0], [2.0, 3.0])
 
 
 def test_holdout_prediction_predicts_the_largest_budget_from_the_others():
