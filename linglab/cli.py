@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", help="sweep directory: reads DIR/results.jsonl and writes into DIR")
     s.add_argument("--results", help="results.jsonl to read (instead of DIR/results.jsonl)")
     s.add_argument("--out", help="directory to write (default: --dir)")
-    s.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals of L(C), M_opt and L(N, D) (0 = none)")
+    s.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals of L(C), M_opt and L(N, D) "
+                   "(0 = none)")
     s.set_defaults(func=cmd_scaling_fit)
     s = scaling_sub.add_parser("suggest", help="a TOML training config for a compute budget, from fitted or published laws")
     s.add_argument("--compute", required=True, help="compute budget C in FLOPs, e.g. 1e14")

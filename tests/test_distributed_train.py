@@ -49,7 +49,7 @@ def _skip_peak_measurement() -> None:
     linglab.train.matmul_peak_flops = lambda repeats=2, device="cpu": 1e11
 
 
-def _fit(cfg, run_dir, resume: bool = False) -> None:
+def _fit(cfg, run_dir, resume: bool = False) -> Trainer:
     """run_training's loop on every rank of the launch, without its final evaluations and report."""
     dims = init_parallel(cfg.parallel, torch.device("cpu"))
     if not resume:
@@ -59,6 +59,7 @@ def _fit(cfg, run_dir, resume: bool = False) -> None:
     if resume:
         assert trainer.resume() is not None
     trainer.fit()
+    return trainer
 
 
 def _copy_then_resume(cfg, src, dst, rank: int) -> None:

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import requires_gloo, run_on_ranks
-from test_distributed_train import RTOL, WEIGHT_ATOL, _final_weights, _skip_peak_measurement, _train_rows
+from test_distributed_train import RTOL, WEIGHT_ATOL, _final_weights, _fit, _skip_peak_measurement, _train_rows
 
 import linglab.train
 from linglab.cli import main
@@ -48,19 +48,6 @@ PP_INTERLEAVED = ["--parallel.pp=2", "--parallel.pp_virtual=2"]  # the balanced 
 
 def _config(tokenizer, steps: int, *extra: str):
     return load_config("tiny", overrides=[*FAST, f"--data.tokenizer={tokenizer}", f"--train.max_steps={steps}", *extra])
-
-
-def _fit(cfg, run_dir, resume: bool = False) -> Trainer:
-    """run_training's loop on every rank of the launch, without its final evaluations and report."""
-    dims = init_parallel(cfg.parallel, torch.device("cpu"))
-    if not resume:
-        dims.on_main(lambda: prepare_run_dir(run_dir, resume=False, overwrite=True))
-    data = build_data(cfg.data, run_dir, cfg.train.eval_problems, save_tokenizer=dims.is_main)
-    trainer = Trainer(cfg, run_dir, data, build_model(cfg.model, seed=cfg.train.seed), log=lambda *a: None, dims=dims)
-    if resume:
-        assert trainer.resume() is not None
-    trainer.fit()
-    return trainer
 
 
 def _pipeline_runs(rank, world_size, root, tokenizer):
