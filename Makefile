@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The main job: pretrain, then RL from the final checkpoint (its report has the before/after evaluation).
 run: $(STAMP)
 	$(VENV)/bin/linglab train --preset tiny --out runs/tiny --overwrite
+	$(VENV)/bin/linglab rl --ckpt runs/tiny/final --out runs/tiny/rl --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest
