@@ -71,11 +71,20 @@ def ensure_trained(name: str, overrides: list[str], args) -> tuple[Path, object]
     return run_dir, cfg
 
 
+def _rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    train, _ = read_metrics(run_dir / "metrics.jsonl")
+    return train, read_fp8_samples(run_dir / "metrics.jsonl")
+
+
 def train_rows(name: str, overrides: list[str], args) -> tuple[list[dict], list[dict]]:
     """(train rows, fp8 monitor rows) of variant `name`, trained if needed."""
     run_dir, _ = ensure_trained(name, overrides, args)
-    train, _ = read_metrics(run_dir / "metrics.jsonl")
-    return train, read_fp8_samples(run_dir / "metrics.jsonl")
+    return _rows(run_dir)
+
+
+def train_seconds(name: str, args) -> float:
+    """Wall time of a finished variant's training steps, as its done.json recorded it."""
+    return json.loads((RUNS / f"{args.preset}-{args.steps}-{name}" / "done.json").read_text())["seconds"]
 
 
 def train_variant(name: str, overrides: list[str], args):
@@ -85,7 +94,7 @@ def train_variant(name: str, overrides: list[str], args):
     data = build_data(cfg.data, run_dir, eval_problems=8)  # reuses the run's tokenizer
     model = from_pretrained(checkpoint_dirs(run_dir)[-1])
     apply_fp8(model, cfg.fp8)
-    return (*train_rows(name, overrides, args), model, data)
+    return (*_rows(run_dir), model, data)
 
 
 def losses(rows: list[dict]) -> tuple[list[int], list[float]]:

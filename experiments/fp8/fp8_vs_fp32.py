@@ -17,7 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import RESULTS, losses, parser, smooth, train_rows, write_result  # noqa: E402
+from common import RESULTS, losses, parser, smooth, train_rows, train_seconds, write_result  # noqa: E402
 
 
 def variants(seeds: int, fp8_seeds: int) -> dict[str, list[str]]:
@@ -110,6 +110,7 @@ def main() -> None:
               "mean_final_relative_gap": mean_gap, "stdev_final_relative_gap": spread,
               "mean_abs_final_gap_between_fp32_seeds": noise_abs,
               "within_ling_bar": abs(mean_gap) <= 0.0025,
+              "train_seconds": {name: train_seconds(name, args) for name in todo},
               "per_seed": [{k: v for k, v in r.items() if k != "curve"} for r in per_seed],
               "seed_noise": [{k: v for k, v in r.items() if k != "curve"} for r in noise]}
     print(write_result(f"fp8_vs_fp32_{args.preset}", result))
