@@ -111,21 +111,22 @@ _QUANTIZE = {"tile": quantize_tilewise, "block": quantize_blockwise, "tensor": q
 _DEQUANTIZE = {"tile": dequantize_tilewise, "block": dequantize_blockwise, "tensor": dequantize_per_tensor}
 
 
+def _qdq_groups(groups: torch.Tensor, amax_dims, pow2_scales: bool) -> torch.Tensor:
+    """Quantise -> dequantise whole groups in place of their layout: one amax per group over `amax_dims`, scales
+    broadcast. No clamp: each group's amax maps to 448 (or below, with power-of-two scales), so nothing overflows."""
+    scale = _scale_from_amax(groups.abs().amax(dim=amax_dims, keepdim=True), pow2_scales)
+    return (groups / scale).to(E4M3).float() * scale
+
+
 def quantize_dequantize(x: torch.Tensor, granularity: Granularity, pow2_scales: bool = False) -> torch.Tensor:
     """The fp32 reconstruction of x through E4M3 at `granularity` (tile: 1x128, block: 128x128, tensor)."""
+    # The emulated GEMMs' hot paths, for whole tiles and blocks: the same arithmetic as quantize + dequantize
+    # without the padding and the per-element scale tensor (bit-identical; tested).
     if granularity == "tile" and x.shape[-1] % TILE == 0:
-        # The emulated GEMMs' hot path: the same arithmetic as quantize + dequantize_tilewise, without the
-        # padding and the repeated scale tensor (bit-identical; tested).
-        tiles = x.float().unflatten(-1, (-1, TILE))
-        scale = _scale_from_amax(tiles.abs().amax(-1, keepdim=True), pow2_scales)
-        # No clamp: the tile's amax maps to 448 (or below, with power-of-two scales), so nothing can overflow.
-        return ((tiles / scale).to(E4M3).float() * scale).flatten(-2)
+        return _qdq_groups(x.float().unflatten(-1, (-1, TILE)), -1, pow2_scales).flatten(-2)
     if granularity == "block" and x.shape[-1] % TILE == 0 and x.shape[-2] % TILE == 0:
-        # The same for whole 128x128 blocks: each block's amax over its two tile dims, scales broadcast.
-        n, k = x.shape[-2:]
-        blocks = x.float().unflatten(-1, (k // TILE, TILE)).unflatten(-3, (n // TILE, TILE))
-        scale = _scale_from_amax(blocks.abs().amax(dim=(-3, -1), keepdim=True), pow2_scales)
-        return ((blocks / scale).to(E4M3).float() * scale).flatten(-2).flatten(-3, -2)
+        blocks = x.float().unflatten(-1, (-1, TILE)).unflatten(-3, (-1, TILE))
+        return _qdq_groups(blocks, (-3, -1), pow2_scales).flatten(-2).flatten(-3, -2)
     return _DEQUANTIZE[granularity](*_QUANTIZE[granularity](x, pow2_scales=pow2_scales))
 
 
