@@ -248,7 +248,6 @@ class RLConfig:
     c3po_capacity: int = 128  # C3PO++ Omega: rollouts in flight in the pool (whole groups)
     c3po_budget: int = 2560  # C3PO++ Phi: response tokens of completed groups that end a step (~8 groups of 8)
     c3po_max_retention: int = 2  # C3PO++ sigma: carry-overs a rollout survives; one more purges its group
-    chunk_tokens: int = 16  # C3PO++: tokens generated per round between budget checks
     group_size: int = 8  # G responses per prompt
     prompts_per_step: int = 8  # groups per step without C3PO++
     max_new_tokens: int = 64  # response length limit (the longest worked solution is ~55 tokens)
@@ -293,7 +292,7 @@ class RLConfig:
         _check(self.tis_cap > 0, "rl.tis_cap", "must be > 0")
         _check(self.rollout_precision in ("fp32", "fp8"), "rl.rollout_precision",
                f"must be 'fp32' or 'fp8', got {self.rollout_precision!r}")
-        for name in ("c3po_budget", "chunk_tokens", "group_size", "prompts_per_step", "max_new_tokens", "steps",
+        for name in ("c3po_budget", "group_size", "prompts_per_step", "max_new_tokens", "steps",
                      "ppo_epochs", "sft_batch_size", "ckpt_every", "keep_last", "eval_samples"):
             _check(getattr(self, name) >= 1, f"rl.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(self.c3po_capacity >= self.group_size, "rl.c3po_capacity",

@@ -5,11 +5,12 @@
     result.tokens[0], result.logprobs[0], result.finished[0]
     texts = generate_text(model, tok, ["47+58=?\\n"], max_new_tokens=64, temperature=0.8, top_p=0.95, seed=0)
 
-Variable-length prompts: the model has no attention mask, so prompts cannot be left-padded into one
-batch. Instead prompts are bucketed by exact length; each bucket runs as one batch with its own
-KVCache (prefill the prompts, then one token per step) and stops when every row has produced EOS or
-`max_new_tokens` tokens. A row's output is therefore the same as generating its prompt alone (up to
-floating-point rounding from the batch shape; greedy outputs match exactly in practice).
+Variable-length prompts are left-padded into one batch with one KVCache (prefill the prompts, then one
+token per step), which stops when every row has produced EOS or `max_new_tokens` tokens. The model masks
+the padding and counts each row's RoPE positions from its first real token (`pad=` of
+`LingForCausalLM.forward`), so a row's output is the same as generating its prompt alone, up to
+floating-point rounding from the batch shape (greedy outputs match exactly in practice). One batch, not one
+per prompt length, is what keeps resumed C3PO++ rollouts (every one of its own length) fast.
 
 Each generated token comes with its log-prob under the temperature-scaled distribution BEFORE top-p
 truncation: the quantity a policy-gradient update (RL) differentiates. At temperature 0 (greedy) that
@@ -72,22 +73,23 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
 
 
-def _generate_bucket(model: LingForCausalLM, prompts: torch.Tensor, max_new_tokens: int, eos_id: int,
-                     temperature: float, top_p: float, generator: torch.Generator | None, use_cache: bool,
-                     on_token: Callable[[int, int], None] | None, rows: list[int],
-                     result: GenerationResult) -> None:
-    """Generate for equal-length prompts [B, P] as one batch; write into `result` at indices `rows`."""
+def _generate_batch(model: LingForCausalLM, prompts: torch.Tensor, pad: torch.Tensor | None, limits: list[int],
+                    eos_id: int, temperature: float, top_p: float, generator: torch.Generator | None, use_cache: bool,
+                    on_token: Callable[[int, int], None] | None, stop: Callable[[GenerationResult], bool] | None,
+                    result: GenerationResult) -> None:
+    """Generate for left-padded prompts [B, P] (pad [B] slots each, or None) as one batch into `result`; row b
+    stops at EOS or after limits[b] tokens."""
     batch, prompt_len = prompts.shape
+    steps = max(limits)
     weight = model.lm_head.weight
-    cache = (KVCache(model.cfg, batch, prompt_len + max_new_tokens, device=weight.device, dtype=weight.dtype)
+    cache = (KVCache(model.cfg, batch, prompt_len + steps, device=weight.device, dtype=weight.dtype)
              if use_cache else None)
     seq = prompts
-    logits = model(prompts, cache=cache)[:, -1]
-    for step in range(max_new_tokens):
+    logits = model(prompts, cache=cache, pad=pad)[:, -1]
+    for step in range(steps):
         ids, logp = sample_next(logits, temperature, top_p, generator)
-        for b, (token, lp) in enumerate(zip(ids.tolist(), logp.tolist(), strict=True)):
-            row = rows[b]
-            if result.finished[row]:
+        for row, (token, lp) in enumerate(zip(ids.tolist(), logp.tolist(), strict=True)):
+            if result.finished[row] or step >= limits[row]:
                 continue
             if token == eos_id:
                 result.finished[row] = True
@@ -96,32 +98,41 @@ def _generate_bucket(model: LingForCausalLM, prompts: torch.Tensor, max_new_toke
             result.logprobs[row].append(lp)
             if on_token is not None:
                 on_token(row, token)
-        if step == max_new_tokens - 1 or all(result.finished[r] for r in rows):
+        if stop is not None and stop(result):
             break
-        # Finished rows keep decoding (their samples are discarded) so the batch keeps its shape.
+        if step == steps - 1 or all(result.finished[r] or step + 1 >= limits[r] for r in range(batch)):
+            break
+        # Finished rows keep decoding (their samples are discarded) so the batch keeps its shape. (Dropping them
+        # from the batch and the cache was measured: no faster for the RL rollouts of docs/rl.md on a CPU.)
         if use_cache:
-            logits = model(ids[:, None], cache=cache)[:, -1]
+            logits = model(ids[:, None], cache=cache, pad=pad)[:, -1]
         else:  # the full forward every step: the reference the KV cache must reproduce
             seq = torch.cat([seq, ids[:, None]], dim=1)
-            logits = model(seq)[:, -1]
+            logits = model(seq, pad=pad)[:, -1]
 
 
 @torch.no_grad()
-def generate(model: LingForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int,
-             temperature: float = 1.0, top_p: float = 1.0, seed: int | torch.Generator | None = None,
-             use_cache: bool = True, on_token: Callable[[int, int], None] | None = None) -> GenerationResult:
-    """Sample up to `max_new_tokens` tokens after each prompt; see the module docstring.
+def generate(model: LingForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
+             eos_id: int, temperature: float = 1.0, top_p: float = 1.0, seed: int | torch.Generator | None = None,
+             use_cache: bool = True, on_token: Callable[[int, int], None] | None = None,
+             stop: Callable[[GenerationResult], bool] | None = None) -> GenerationResult:
+    """Sample up to `max_new_tokens` tokens after each prompt (one limit, or one per prompt); see the module
+    docstring.
 
     seed: an int (a fresh generator), a torch.Generator (continued), or None (torch's global RNG).
-    Buckets draw from one generator in order of length, so a row's samples (not its greedy output)
-    can change when prompts of other lengths are added to the call.
+    All rows draw from one generator at each step, so a row's samples (not its greedy output) change when
+    other prompts are added to the call.
     use_cache=False recomputes the whole sequence each step (same outputs, for benchmarks and tests).
     on_token(row, token_id) is called for every token as it is appended to `tokens[row]` (never for EOS).
+    stop(result so far) is called after every sampling step; True ends generation there (C3PO++'s budget).
     The model runs in eval mode (no MoE load statistics) and gets its previous mode back afterwards.
     """
     _check_sampling(temperature, top_p)
-    if max_new_tokens < 0:
-        raise LinglabError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != len(prompts):
+        raise LinglabError(f"generate: {len(limits)} max_new_tokens for {len(prompts)} prompts")
+    if any(n < 0 for n in limits):
+        raise LinglabError(f"generate: max_new_tokens must be >= 0, got {min(limits)}")
     vocab = model.cfg.vocab_size
     for i, p in enumerate(prompts):
         if len(p) == 0:
@@ -137,20 +148,19 @@ def generate(model: LingForCausalLM, prompts: Sequence[Sequence[int]], max_new_t
 
     n = len(prompts)
     result = GenerationResult(tokens=[[] for _ in range(n)], logprobs=[[] for _ in range(n)], finished=[False] * n)
-    if max_new_tokens == 0:
+    if n == 0 or max(limits) == 0:
         return result
-    buckets: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        buckets.setdefault(len(p), []).append(i)
+    width = max(len(p) for p in prompts)
+    # Left padding with id 0: masked, so its value never matters. None when every prompt is as long.
+    batch = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    pad = torch.tensor([width - len(p) for p in prompts], device=device)
+    pad = pad if bool(pad.any()) else None
 
     was_training = model.training
     model.eval()
     try:
-        for length in sorted(buckets):
-            rows = buckets[length]
-            batch = torch.tensor([list(prompts[i]) for i in rows], dtype=torch.long, device=device)
-            _generate_bucket(model, batch, max_new_tokens, eos_id, temperature, top_p, generator, use_cache,
-                             on_token, rows, result)
+        _generate_batch(model, batch, pad, limits, eos_id, temperature, top_p, generator, use_cache, on_token, stop,
+                        result)
     finally:
         model.train(was_training)
     return result

@@ -7,6 +7,7 @@ and unstacked by `linglab.checkpoint`.
     model = LingForCausalLM(cfg.model)
     logits = model(input_ids)                          # [B, T, V], main head
     out = model(input_ids, targets=targets)            # ModelOutput with loss = main + 0.1 * MTP (+ z-loss)
+    logits = model(input_ids, cache=cache, pad=pad)    # decoding left-padded prompts of several lengths
 
 Parallelism (FSDP2, expert/pipeline parallel) wraps this model from outside (`linglab/parallel/`).
 """
@@ -40,22 +41,34 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(rope_dim: int, theta: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [T, rope_dim] for NeoX-style RoPE with frequencies over rope_dim (SPEC §1.3 step 3)."""
+    """cos/sin tables [T, rope_dim] (or [B, T, rope_dim] for per-row positions [B, T]) for NeoX-style RoPE with
+    frequencies over rope_dim (SPEC §1.3 step 3)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32, device=positions.device) / rope_dim)
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+    freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
+
+
+def padding_mask(pad: torch.Tensor, start: int, t: int) -> torch.Tensor:
+    """Attention mask [B, 1, t, start + t] (True = attend) for queries at positions start..start+t-1 of rows whose
+    first pad[b] positions are left padding: causal, and no real token sees a pad slot. A pad query sees itself
+    only, so no row of the softmax is empty (an all-masked row would give NaN, and NaN * 0 still poisons)."""
+    kpos = torch.arange(start + t, device=pad.device)
+    qpos = torch.arange(start, start + t, device=pad.device)
+    causal = kpos[None, :] <= qpos[:, None]  # [t, S]
+    real_key = kpos[None, None, :] >= pad[:, None, None]  # [B, 1, S]
+    return ((causal[None] & real_key) | (kpos[None, :] == qpos[:, None])[None])[:, None]
 
 
 def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first rope_dim channels of each head (rotate-half pairs i with i + rope_dim/2); the rest pass.
 
-    x: [B, T, heads, hd]; cos/sin: [T, rope_dim].
+    x: [B, T, heads, hd]; cos/sin: [T, rope_dim] or [B, T, rope_dim].
     """
     rope_dim = cos.shape[-1]
     rot, rest = x[..., :rope_dim], x[..., rope_dim:]
     x1, x2 = rot[..., : rope_dim // 2], rot[..., rope_dim // 2:]
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
     rotated = rot * cos + torch.cat([-x2, x1], dim=-1) * sin
     return torch.cat([rotated, rest], dim=-1)
 
@@ -95,7 +108,9 @@ class Attention(nn.Module):
             self.key_layernorm = RMSNorm(self.hd, cfg.rms_norm_eps)
         self.dense = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` [B, 1, T, S] (True = attend) replaces the causal mask: left-padded rows (`padding_mask`)."""
         b, t, _ = x.shape
         qkv = self.query_key_value(x).view(b, t, self.nh + 2 * self.nkv, self.hd)
         q, k, v = qkv.split([self.nh, self.nkv, self.nkv], dim=2)
@@ -104,11 +119,11 @@ class Attention(nn.Module):
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
 
-        mask, causal = None, True
+        causal = mask is None
         if cache is not None:
             past = cache.pos
             k, v = cache.update(self.layer_idx, k, v)
-            if past > 0:
+            if past > 0 and mask is None:
                 causal = False
                 if t > 1:  # queries at positions past..past+t-1 see keys 0..their own position
                     kpos = torch.arange(past + t, device=x.device)
@@ -129,8 +144,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attention(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -207,6 +223,14 @@ class LingForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, MoE) and not m.gate.expert_bias.is_meta:
                 m.gate.expert_bias.zero_()
+        self.reset_load_counts()
+
+    @torch.no_grad()
+    def reset_load_counts(self) -> None:
+        """Zero every MoE's `tokens_per_expert` (the MTP layer's too): the non-persistent state a checkpoint
+        does not hold, so a loaded model starts it here."""
+        for m in self.modules():
+            if isinstance(m, MoE) and not m.tokens_per_expert.is_meta:
                 m.tokens_per_expert.zero_()
 
     def moe_layers(self) -> list[MoE]:
@@ -214,19 +238,28 @@ class LingForCausalLM(nn.Module):
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None, cache: KVCache | None = None):
+                loss_mask: torch.Tensor | None = None, cache: KVCache | None = None, pad: torch.Tensor | None = None):
         """Logits [B, T, V] when `targets` is None, else a ModelOutput with the training loss.
 
         targets[:, i] is the token after input_ids[:, i]; the MTP head at position i predicts
         targets[:, i + 1] from Emb(targets[:, i]) = Emb(t_{i+1}) and the main hidden state H_i.
+        pad [B] (inference): the first pad[b] positions of row b (of the whole sequence, cached ones included)
+        are left padding. Real tokens never attend to them and count their positions from the first real token,
+        so each row computes what it would alone, and prompts of several lengths decode as one batch.
         """
         t = input_ids.shape[1]
         start = cache.pos if cache is not None else 0
-        cos, sin = rope_cos_sin(self.cfg.rope_dim, self.cfg.rope_theta,
-                                torch.arange(start, start + t, device=input_ids.device))
+        positions = torch.arange(start, start + t, device=input_ids.device)
+        mask = None
+        if pad is not None:
+            if targets is not None:
+                raise ValueError("pad is for inference; training batches are packed, not padded")
+            positions = (positions[None, :] - pad[:, None]).clamp(min=0)  # [B, T]; pad slots sit at 0, masked
+            mask = padding_mask(pad, start, t)
+        cos, sin = rope_cos_sin(self.cfg.rope_dim, self.cfg.rope_theta, positions)
         x = self.model.word_embeddings(input_ids)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache)
+            x = layer(x, cos, sin, cache, mask)
         if cache is not None:
             cache.pos += t
         hidden = self.model.norm(x)

@@ -1,4 +1,4 @@
-"""The sampling engine: KV cache == full forward, greedy == argmax, top-p, seeds, EOS, log-probs, buckets."""
+"""The sampling engine: KV cache == full forward, greedy == argmax, top-p, seeds, EOS, log-probs, left padding."""
 
 import pytest
 import torch
@@ -78,13 +78,35 @@ def test_variable_length_prompts_match_generating_each_alone(model):
         assert together.logprobs[i] == pytest.approx(alone.logprobs[0], abs=1e-4)
 
 
+def test_left_padded_rows_compute_what_each_row_computes_alone(model):
+    prompts = prompts_of([2, 7, 4, 1])
+    batch = torch.tensor([[EOS] * (7 - len(p)) + p for p in prompts])
+    pad = torch.tensor([7 - len(p) for p in prompts])
+    padded = model(batch, pad=pad)
+    assert torch.isfinite(padded).all()  # pad queries see themselves: no empty softmax row, no NaN
+    for b, p in enumerate(prompts):
+        torch.testing.assert_close(padded[b, pad[b]:], model(torch.tensor([p]))[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="pad is for inference"):
+        model(batch, targets=batch, pad=pad)
+
+
+def test_per_row_limits_and_the_stop_callback(model):
+    prompts = prompts_of([3, 5, 4])
+    full = generate(model, prompts, 5, eos_id=-1, temperature=0.0)
+    limited = generate(model, prompts, [2, 5, 0], eos_id=-1, temperature=0.0)
+    assert limited.tokens == [full.tokens[0][:2], full.tokens[1], []]
+    seen = []
+    stopped = generate(model, prompts, 5, -1, temperature=0.0, stop=lambda r: seen.append(len(r.tokens[0])) or len(seen) == 3)
+    assert seen == [1, 2, 3] and stopped.tokens == [t[:3] for t in full.tokens]
+
+
 def test_stops_at_eos_per_row_and_streams(model, monkeypatch):
     real_forward = model.forward
     prompts, stop_after = [[5, 6, 7], [8, 9, 10]], [1, 4]  # row b: EOS wins once it has stop_after[b] tokens
 
-    def forward(input_ids, cache):
+    def forward(input_ids, cache, pad=None):
         generated = cache.pos + input_ids.shape[1] - len(prompts[0])  # tokens fed after the prompt
-        logits = real_forward(input_ids, cache=cache)
+        logits = real_forward(input_ids, cache=cache, pad=pad)
         for b, n in enumerate(stop_after):
             if generated >= n:
                 logits[b, -1, EOS] = 1e4

@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_config
 
 from linglab.model import build_model
-from linglab.rl.rollout import RolloutEngine, RolloutPool
+from linglab.rl.rollout import Rollout, RolloutEngine, RolloutGroup, RolloutPool
 from linglab.rl.trainer import policy_logprobs, rollout_batch
 
 EOS = 0
@@ -59,25 +59,30 @@ def test_sync_copies_into_a_separate_model_and_fp8_quantises_only_the_gemm_weigh
 
 
 class StubEngine:
-    """Stands in for RolloutEngine on a pool whose payloads are the G response lengths of each group: a rollout
-    gets EOS after its length, one token per step; token 7 with log-prob -version marks the version that sampled it."""
+    """Stands in for RolloutEngine on a pool whose payloads are the G response lengths of each group: one token
+    per step for every active rollout, EOS the step after its length; token 7 with log-prob -version marks the
+    version that sampled it. Like the engine, it asks `stop()` after every step."""
 
     def __init__(self, pool, max_new_tokens=100):
-        self.pool, self.version, self.max_new_tokens, self.calls = pool, 0, max_new_tokens, 0
+        self.pool, self.version, self.max_new_tokens, self.steps = pool, 0, max_new_tokens, 0
 
-    def continue_rollouts(self, rollouts, max_tokens, generator):
+    def continue_rollouts(self, rollouts, generator, stop=None):
         assert len(rollouts) <= self.pool.capacity
-        self.calls += 1
         target = {id(r): n for g in self.pool.groups for r, n in zip(g.rollouts, g.payload, strict=True)}
-        sampled = 0
-        for r in rollouts:
-            n = min(max_tokens, target[id(r)] - len(r.tokens), self.max_new_tokens - len(r.tokens))
-            r.tokens += [7] * n
-            r.logprobs += [-float(self.version)] * n
-            r.versions += [self.version] * n
-            r.eos = len(r.tokens) == target[id(r)]
-            r.truncated = not r.eos and len(r.tokens) >= self.max_new_tokens
-            sampled += n + int(r.eos)
+        active, sampled = [r for r in rollouts if not r.done], 0
+        while any(not r.done for r in active):
+            self.steps += 1
+            for r in (r for r in active if not r.done):
+                sampled += 1
+                if len(r.tokens) == target[id(r)]:
+                    r.eos = True
+                    continue
+                r.tokens.append(7)
+                r.logprobs.append(-float(self.version))
+                r.versions.append(self.version)
+                r.truncated = len(r.tokens) >= self.max_new_tokens
+            if stop is not None and stop():
+                break
         return sampled
 
 
@@ -89,7 +94,7 @@ def source(lengths_per_group):
 
 def test_c3po_returns_only_complete_groups_within_capacity():
     lengths = torch.randint(0, 30, (40, 4), generator=torch.Generator().manual_seed(0)).tolist()
-    pool = RolloutPool(capacity=12, budget=60, max_retention=10, chunk_tokens=4, group_size=4)
+    pool = RolloutPool(capacity=12, budget=60, max_retention=10, group_size=4)
     engine, new_prompts = StubEngine(pool), source(lengths)
     for _ in range(4):
         groups, stats = pool.collect(engine, new_prompts, None)
@@ -100,26 +105,27 @@ def test_c3po_returns_only_complete_groups_within_capacity():
 
 
 def test_c3po_budget_stops_generation_once_completed_tokens_reach_it():
-    # Two groups end after 2 and 6 tokens, generated 2 at a time. The first costs 2 x (2 + EOS) = 6 tokens: a budget
-    # of 6 stops after the first chunk, a budget of 7 generates on until the second group is done too.
-    for budget, chunks, finished in ((6, 1, 1), (7, 3, 2)):
-        pool = RolloutPool(capacity=4, budget=budget, max_retention=5, chunk_tokens=2, group_size=2)
+    # Two groups end after 2 and 6 tokens. The first costs 2 x (2 + EOS) = 6 tokens, done at step 3: a budget of 6
+    # stops there (the other group carried over with 3 tokens each), a budget of 7 samples on until step 7.
+    for budget, steps, finished in ((6, 3, 1), (7, 7, 2)):
+        pool = RolloutPool(capacity=4, budget=budget, max_retention=5, group_size=2)
         engine = StubEngine(pool)
         groups, stats = pool.collect(engine, source([[2, 2], [6, 6]]), None)
-        assert engine.calls == chunks and len(groups) == finished
+        assert engine.steps == steps and len(groups) == finished
         assert stats["completed_tokens"] >= budget
+        assert [len(r.tokens) for g in pool.groups for r in g.rollouts] == ([3, 3] if finished == 1 else [])
 
 
 def test_c3po_carries_unfinished_rollouts_over_and_purges_them_after_sigma():
-    # One group never finishes (one member done after 2 tokens, the other running to 100); short groups meet the budget.
-    pool = RolloutPool(capacity=4, budget=3, max_retention=2, chunk_tokens=4, group_size=2)
-    engine, new_prompts = StubEngine(pool), source([[2, 100]] + [[1, 1]] * 10)
+    # One group never finishes (one member done after 1 token, the other running to 100); short groups meet the budget.
+    pool = RolloutPool(capacity=4, budget=3, max_retention=2, group_size=2)
+    engine, new_prompts = StubEngine(pool), source([[1, 100]] + [[1, 1]] * 10)
     for step in (1, 2):
         groups, stats = pool.collect(engine, new_prompts, None)
         engine.version += 1
         assert [g.payload for g in groups] == [[1, 1]]
         (long,) = pool.groups
-        assert long.payload == [2, 100] and [r.retained for r in long.rollouts] == [0, step]
+        assert long.payload == [1, 100] and [r.retained for r in long.rollouts] == [0, step]
         assert stats["purged_groups"] == 0 and stats["carried_groups"] == 1
     groups, stats = pool.collect(engine, new_prompts, None)
     assert stats["purged_groups"] == 1 and pool.groups == []
@@ -129,14 +135,19 @@ def test_c3po_carries_unfinished_rollouts_over_and_purges_them_after_sigma():
 def test_a_carried_rollout_resumes_after_a_sync_from_its_tokens_keeping_its_logprobs(model):
     engine = RolloutEngine(model.cfg, EOS, max_new_tokens=12, precision="fp32")
     engine.sync_weights(model)
-    pool = RolloutPool(capacity=4, budget=1, max_retention=3, chunk_tokens=4, group_size=2)
+    pool = RolloutPool(capacity=4, budget=1, max_retention=3, group_size=2)
     prompts = iter([(p, None) for p in prompts_of([5, 5, 5, 5, 5, 5])])
     new_prompts = lambda n: [next(prompts) for _ in range(min(n, 1))]  # noqa: E731 - one new group per round
     generator = torch.Generator().manual_seed(0)
 
-    pool.collect(engine, new_prompts, generator)
+    # A group the previous step left unfinished: 4 tokens sampled by version 1, then the budget stopped sampling.
+    (prompt, _), = new_prompts(1)
+    group = RolloutGroup(prompt, [Rollout(list(prompt)) for _ in range(2)])
+    steps = iter(range(1, 100))
+    assert engine.continue_rollouts(group.rollouts, generator, stop=lambda: next(steps) == 4) == 8
+    pool.groups.append(group)
     carried = [r for g in pool.groups for r in g.rollouts if r.tokens and not r.done]
-    assert carried, "something must be left unfinished for the next policy version"
+    assert len(carried) == 2 and all(len(r.tokens) == 4 for r in carried)
     before = [(list(r.tokens), list(r.logprobs)) for r in carried]
 
     newer = build_model(model.cfg, seed=1)  # the next policy version: other weights

@@ -10,7 +10,7 @@ pi_infer really differs from pi_train, as it does between a real inference engin
     engine.sync_weights(model)
     groups = engine.generate_groups(prompts, group_size=8, generator=g, payloads=problems)  # synchronous
 
-    pool = RolloutPool(capacity=128, budget=2560, max_retention=2, chunk_tokens=16, group_size=8)
+    pool = RolloutPool(capacity=128, budget=2560, max_retention=2, group_size=8)
     groups, stats = pool.collect(engine, next_prompts, g)   # C3PO++: whole groups, >= budget tokens
 
 A response is the sampled tokens without the EOS that ended it: `generate` reports no log-prob for EOS,
@@ -88,28 +88,36 @@ class RolloutEngine:
         ckpt.load_state_into(self.model, tensors, "rollout sync")
         self.version += 1
 
-    def continue_rollouts(self, rollouts: Sequence[Rollout], max_tokens: int, generator: torch.Generator) -> int:
-        """Sample up to `max_tokens` more tokens for each unfinished rollout, from its prompt + tokens so far.
+    def continue_rollouts(self, rollouts: Sequence[Rollout], generator: torch.Generator,
+                          stop: Callable[[], bool] | None = None) -> int:
+        """Sample on for every unfinished rollout, from its prompt + tokens so far, as one batch, until each ends
+        (EOS or max_new_tokens) or `stop()` says so; `stop` is asked after every token step, when the rollouts
+        already hold what was sampled, so it can count completed groups (C3PO++'s budget).
 
         Earlier tokens keep the log-probs recorded when they were sampled, possibly by an older policy version.
         Returns the tokens sampled (EOS included).
         """
-        by_budget: dict[int, list[Rollout]] = {}
-        for r in rollouts:
-            if not r.done:
-                by_budget.setdefault(min(max_tokens, self.max_new_tokens - len(r.tokens)), []).append(r)
-        sampled = 0
-        for budget, batch in sorted(by_budget.items()):
-            out = generate(self.model, [r.prompt + r.tokens for r in batch], budget, self.eos_id, self.temperature,
-                           self.top_p, seed=generator)
-            for r, tokens, logprobs, eos in zip(batch, out.tokens, out.logprobs, out.finished, strict=True):
-                r.tokens += tokens
-                r.logprobs += logprobs
-                r.versions += [self.version] * len(tokens)
+        active = [r for r in rollouts if not r.done]
+        if not active:
+            return 0
+        start = [len(r.tokens) for r in active]
+
+        def record(result) -> bool:
+            for r, n0, tokens, logprobs, eos in zip(active, start, result.tokens, result.logprobs, result.finished,
+                                                    strict=True):
+                k = len(r.tokens) - n0  # tokens of this call already recorded
+                if len(tokens) > k:
+                    r.tokens += tokens[k:]
+                    r.logprobs += logprobs[k:]
+                    r.versions += [self.version] * (len(tokens) - k)
                 r.eos = eos
                 r.truncated = not eos and len(r.tokens) >= self.max_new_tokens
-                sampled += len(tokens) + int(eos)
-        return sampled
+            return stop is not None and stop()
+
+        result = generate(self.model, [r.prompt + r.tokens for r in active], [self.max_new_tokens - n for n in start],
+                          self.eos_id, self.temperature, self.top_p, seed=generator, stop=record)
+        record(result)
+        return sum(len(r.tokens) - n0 + int(r.eos) for r, n0 in zip(active, start, strict=True))
 
     def generate_groups(self, prompts: Sequence[Sequence[int]], group_size: int, generator: torch.Generator,
                         payloads: Sequence[object] | None = None) -> list[RolloutGroup]:
@@ -117,29 +125,31 @@ class RolloutEngine:
         payloads = [None] * len(prompts) if payloads is None else payloads
         groups = [RolloutGroup(list(p), [Rollout(list(p)) for _ in range(group_size)], payload)
                   for p, payload in zip(prompts, payloads, strict=True)]
-        self.continue_rollouts([r for g in groups for r in g.rollouts], self.max_new_tokens, generator)
+        self.continue_rollouts([r for g in groups for r in g.rollouts], generator)
         return groups
 
 
 class RolloutPool:
     """C3PO++ (SPEC §5): an inference pool of `capacity` rollouts, generation per step bounded by a token budget.
 
-    `collect` keeps the pool full with new groups, generates `chunk_tokens` tokens at a time for every unfinished
-    rollout, and moves each group whose G responses are all done out of the pool, until those groups hold
-    `budget` tokens. Unfinished rollouts stay, their retention + 1, and the next policy version (the next
-    `sync_weights`) resumes them; their earlier tokens keep the log-probs of the versions that sampled them, so
-    IcePop/TIS see the staleness as mismatch. A rollout carried over more than `max_retention` times is purged
-    with its whole group: a group's advantages need all G rewards, and its finished members are stale by then.
+    `collect` fills the pool with new groups, samples every unfinished rollout as one batch (resumed ones from
+    where they stopped), and stops at the first token step after which the groups whose G responses are all
+    done hold `budget` tokens; those groups leave the pool for training. (Should every rollout end before the
+    budget is met, the pool is refilled and sampling goes on.) Unfinished rollouts stay, their retention + 1,
+    and the next policy version (the next `sync_weights`) resumes them; their earlier tokens keep the log-probs
+    of the versions that sampled them, so IcePop/TIS see the staleness as mismatch. A rollout carried over more
+    than `max_retention` times is purged with its whole group: a group's advantages need all G rewards, and its
+    finished members are stale by then.
 
     Choices SPEC leaves open: Phi counts the response tokens (EOS included) of the groups completed in this
     step, i.e. the batch the trainer gets; Omega counts rollouts, filled G at a time with whole groups.
     """
 
-    def __init__(self, capacity: int, budget: int, max_retention: int, chunk_tokens: int, group_size: int):
+    def __init__(self, capacity: int, budget: int, max_retention: int, group_size: int):
         if capacity < group_size:
             raise ValueError(f"pool capacity {capacity} cannot hold a group of {group_size}")
         self.capacity, self.budget, self.max_retention = capacity, budget, max_retention
-        self.chunk_tokens, self.group_size = chunk_tokens, group_size
+        self.group_size = group_size
         self.groups: list[RolloutGroup] = []
 
     def open_slots(self) -> int:
@@ -148,7 +158,7 @@ class RolloutPool:
 
     def collect(self, engine: RolloutEngine, new_prompts: Callable[[int], list[tuple[list[int], object]]],
                 generator: torch.Generator) -> tuple[list[RolloutGroup], dict]:
-        """One step's rollouts: completed groups in order of completion, and stats for the metrics.
+        """One step's rollouts: the completed groups, and stats for the metrics.
 
         `new_prompts(n)` returns n (prompt ids, payload) pairs to start new groups with.
         """
@@ -161,7 +171,11 @@ class RolloutPool:
             active = [r for g in self.groups for r in g.rollouts if not r.done]
             if not active:
                 break
-            sampled += engine.continue_rollouts(active, self.chunk_tokens, generator)
+
+            def budget_met(before: int = completed_tokens) -> bool:
+                return before + sum(r.cost for g in self.groups if g.done for r in g.rollouts) >= self.budget
+
+            sampled += engine.continue_rollouts(active, generator, stop=budget_met)
             for group in [g for g in self.groups if g.done]:
                 self.groups.remove(group)
                 completed.append(group)
