@@ -381,7 +381,5 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Lin
     tensors = load_hf_tensors(path)
     model = build_model(cfg, device="meta").to_empty(device=device)
     load_state_into(model, tensors, str(path))
-    for name, buffer in model.named_buffers():
-        if name.endswith("tokens_per_expert"):
-            buffer.zero_()
+    model.reset_load_counts()
     return model

@@ -53,7 +53,8 @@ from linglab.parallel.planner import Plan, unit_layout
 SHARED_WEIGHTS = {"model.word_embeddings": ("embedding", "mtp_transformer"), "lm_head": ("head", "mtp_loss")}
 # Carried tensors that gradients flow back through; token ids and the loss mask are data.
 DIFFERENTIABLE = ("hidden", "final_hidden", "mtp_hidden", "main_loss", "z_loss", "loss")
-_SUBGROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}  # see PipelineRunner._group_over
+# (id of the default group, global ranks) -> (that default group, the subgroup); see PipelineRunner._group_over
+_SUBGROUPS: dict[tuple[int, tuple[int, ...]], tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
 
 
 def carried_names(units_done: list[str], all_units: list[str], has_mask: bool, has_z: bool) -> tuple[str, ...]:
@@ -209,10 +210,14 @@ class PipelineRunner:
             return self.group
         global_ranks = tuple(dist.get_global_rank(self.group, r) for r in ranks)
         # Only the member ranks call new_group (local synchronisation: other pipelines need not join). Such a
-        # group is named by its ranks, so one is made per rank set and reused by later runners in this process.
-        if global_ranks not in _SUBGROUPS:
-            _SUBGROUPS[global_ranks] = dist.new_group(list(global_ranks), use_local_synchronization=True)
-        return _SUBGROUPS[global_ranks]
+        # group is named by its ranks, so one is made per rank set and reused by later runners in this process,
+        # as long as the default group it was made under lives: the key holds the id of that group and the value
+        # the group itself (so the id is not reused), and a re-initialised process group makes new subgroups.
+        world = dist.group.WORLD
+        key = (id(world), global_ranks)
+        if key not in _SUBGROUPS:
+            _SUBGROUPS[key] = (world, dist.new_group(list(global_ranks), use_local_synchronization=True))
+        return _SUBGROUPS[key][1]
 
     def _build_schedule(self, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None) -> None:
         """Stages with static metadata for this micro-batch shape, and the 1F1B / interleaved schedule."""
