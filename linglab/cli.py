@@ -6,6 +6,8 @@
     linglab export --ckpt ckpt/tiny --out ckpt/tiny-fp8 --fp8   # the HF FP8 format (SPEC §1.6)
     linglab scaling sweep --out runs/scaling --dry-run  # scaling-law sweep, fit, suggest (SPEC §4; linglab.sweep)
     linglab rl --ckpt runs/tiny/final --out runs/tiny-rl --rl.algo=lpo   # RL post-training (SPEC §5)
+    linglab sft --ckpt runs/tiny/final --out runs/tiny-sft --rl.sft_steps=100   # optional SFT before RL
+    linglab pipeline --preset tiny --out runs/tiny --overwrite   # the main job: pretrain -> RL -> one report.md
     linglab plan --preset ling-mini-2.0 --stages 8      # heterogeneous pipeline partition (SPEC §7)
 
 Config overrides go after the subcommand as `--section.key=value` (e.g. `--model.hidden_size=256`).
@@ -294,6 +296,22 @@ def cmd_rl(args, overrides) -> None:
     run_rl(cfg, args.ckpt, args.out, resume=args.resume, overwrite=args.overwrite, command=args.command_line)
 
 
+def cmd_sft(args, overrides) -> None:
+    """Supervised fine-tuning on worked solutions, written as an HF checkpoint (the optional stage before RL)."""
+    from linglab.rl.trainer import run_sft
+
+    cfg = _load_cfg(args, overrides)
+    run_sft(cfg, args.ckpt, args.out, overwrite=args.overwrite, command=args.command_line)
+
+
+def cmd_pipeline(args, overrides) -> None:
+    """The main job: pretrain -> RL -> evaluation -> one report.md (`make run`)."""
+    from linglab.pipeline import run_pipeline
+
+    cfg = _load_cfg(args, overrides)
+    run_pipeline(cfg, args.out, resume=args.resume, overwrite=args.overwrite, command=args.command_line)
+
+
 def cmd_plan(args, overrides) -> None:
     """Uniform vs planned pipeline partition of a model over stages and virtual stages (SPEC §7)."""
     from linglab.parallel.planner import plan_command
@@ -399,6 +417,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_rl_arguments(p)
     p.set_defaults(func=cmd_rl)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on worked solutions (rl.sft_* keys), before RL")
+    add_config_args(p)
+    p.add_argument("--ckpt", required=True, help="HF checkpoint directory with tokenizer.json to start from")
+    p.add_argument("--out", required=True, help="directory for the fine-tuned HF checkpoint and its metrics")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("pipeline", help="the main job (make run): pretrain -> RL -> evaluation -> one report.md")
+    add_config_args(p)
+    p.add_argument("--out", required=True, help="pipeline directory: pretrain/, rl/, summary.json, report.md")
+    p.add_argument("--resume", action="store_true", help="keep finished stages, resume the unfinished one")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing pipeline in --out and start over")
+    p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("plan", help="heterogeneous pipeline plan: uniform vs planned stage partition (SPEC §7)")
     p.add_argument("--preset", default="ling-mini-2.0", choices=sorted(PRESETS), help="model shape (default ling-mini-2.0)")

@@ -422,7 +422,7 @@ def train_run(run: PlannedRun, data, run_dir: Path, log=print) -> dict:
     cfg = run.config()
     resume = any(d.name == f"step_{run.steps:06d}" for d in checkpoint_dirs(run_dir)) \
         and (run_dir / "config.toml").is_file() and (run_dir / "config.toml").read_text() == to_toml(cfg)
-    prepare_run_dir(run_dir, resume=resume, overwrite=not resume)
+    prepare_run_dir(run_dir, resume=resume, overwrite=not resume, command="scaling sweep")
     (run_dir / "config.toml").write_text(to_toml(cfg))
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)

@@ -525,16 +525,17 @@ def _tensorboard_writer(run_dir: Path):
 # ---------------------------------------------------------------- entry point
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an existing run unless asked; --resume needs an existing run."""
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, command: str = "train") -> None:
+    """Refuse to clobber an existing run unless asked; --resume needs an existing run. `command` names the
+    subcommand in the error."""
     exists = run_dir.exists() and any(run_dir.iterdir())
     if resume:
         if not exists:
-            raise LinglabError(f"train: --resume given but {run_dir} has no run to resume")
+            raise LinglabError(f"{command}: --resume given but {run_dir} has no run to resume")
         return
     if exists and not overwrite:
-        raise LinglabError(f"train: {run_dir} already holds a run (use --resume to continue it or "
-                           "--overwrite to start over)")
+        hint = "use --resume to continue it or --overwrite to start over" if command != "sft" else "use --overwrite"
+        raise LinglabError(f"{command}: {run_dir} already holds a run ({hint})")
     if exists:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

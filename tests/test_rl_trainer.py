@@ -18,7 +18,7 @@ from linglab.tasks import generate_problems, iter_corpus_texts
 from linglab.tokenizer import Tokenizer, load_tokenizer
 
 METRIC_KEYS = {"reward", "accuracy", "response_length", "entropy", "clip_fraction", "kl", "mask_fraction",
-               "mean_abs_logdiff", "max_abs_logdiff", "tokens_generated", "time"}
+               "mean_abs_logdiff", "max_abs_logdiff", "tokens_generated", "time", "step_time", "rollout_time"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,6 +69,7 @@ def test_three_steps_of_every_loss_and_correction(start, tmp_path, algo, correct
     for row in rows:
         assert METRIC_KEYS <= row.keys()
         assert 0 <= row["accuracy"] <= 1 and 0 <= row["mask_fraction"] <= 1 and row["response_length"] <= 16
+        assert 0 < row["rollout_time"] < row["step_time"]
     assert any(not r["skipped"] for r in rows) and any(r["grad_norm"] for r in rows if not r["skipped"])
     if precision == "fp32":  # same weights: only the KV-cache path and the batch shape differ
         assert all(r["max_abs_logdiff"] < 1e-5 for r in rows)
@@ -80,7 +81,7 @@ def test_three_steps_of_every_loss_and_correction(start, tmp_path, algo, correct
 
 
 def test_c3po_steps_train_on_whole_groups_with_stale_tokens(start, tmp_path):
-    trainer = trainer_for(start, tmp_path / "run", c3po=True, c3po_capacity=12, c3po_budget=40, chunk_tokens=4,
+    trainer = trainer_for(start, tmp_path / "run", c3po=True, c3po_capacity=12, c3po_budget=40,
                           c3po_max_retention=1)
     rows = [trainer.train_step() for _ in range(3)]
     assert all(r["completed_tokens"] >= 40 and r["groups"] >= 1 for r in rows)
@@ -89,7 +90,7 @@ def test_c3po_steps_train_on_whole_groups_with_stale_tokens(start, tmp_path):
 
 
 def test_run_then_resume_is_bit_exact(start, tmp_path):
-    options = dict(steps=4, c3po=True, c3po_capacity=12, c3po_budget=40, chunk_tokens=4, kl_coef=0.1)
+    options = dict(steps=4, c3po=True, c3po_capacity=12, c3po_budget=40, kl_coef=0.1)
     run_rl(rl_config(**options), start, tmp_path / "full")
     run_rl(rl_config(**{**options, "steps": 2}), start, tmp_path / "resumed")
     run_rl(rl_config(**options), None, tmp_path / "resumed", resume=True)
@@ -147,3 +148,23 @@ def test_bad_input_is_one_line_before_anything_is_written(start, tmp_path):
                               ("eval_ks=1,16", "rl.eval_ks")):
         with pytest.raises(ConfigError, match=message):
             rl_config(**dict([override.split("=")]))
+
+
+def test_sft_command_writes_a_checkpoint_rl_can_start_from(start, tmp_path, capsys):
+    from linglab.cli import main
+
+    out = tmp_path / "sft"
+    args = ["sft", "--ckpt", str(start), "--out", str(out), "--rl.sft_steps=2", "--rl.sft_batch_size=2",
+            "--rl.sft_seq_len=32", "--rl.eval_problems=2", "--rl.eval_samples=2", "--rl.eval_ks=1,2"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["sft_step"] for r in rows if r["kind"] == "sft"] == [1, 2]
+    assert set(json.loads((out / "sft_eval.json").read_text())) == {"before", "after"}
+    tuned = from_pretrained(out)
+    assert not torch.equal(tuned.lm_head.weight, from_pretrained(start).lm_head.weight)
+    assert main(["rl", "--ckpt", str(out), "--out", str(tmp_path / "rl"), "--rl.steps=1", "--rl.group_size=2",
+                 "--rl.prompts_per_step=1", "--rl.max_new_tokens=8", "--rl.eval_problems=0"]) == 0
+    capsys.readouterr()
+    assert main(args) == 2  # an existing --out is never overwritten without --overwrite
+    assert main([*args[:5], "--rl.sft_steps=0", "--overwrite"]) == 2
+    assert "rl.sft_steps" in capsys.readouterr().err and (out / "model.safetensors").is_file()

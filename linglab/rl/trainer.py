@@ -16,7 +16,8 @@ Log-probs on both sides are of the temperature-scaled distribution the rollouts 
 Logged `clip_fraction` is the share of tokens the clipped ratio pi_train / pi_train(theta_old) cut in the last
 PPO epoch; with `rl.ppo_epochs = 1` that ratio is exactly 1 (the policy has not moved yet), so it is 0 by
 construction. `mask_fraction` is the share of tokens IcePop's [alpha, beta] band would mask, logged under
-every correction as a mismatch statistic; only `rl.correction = icepop` actually masks them.
+every correction as a mismatch statistic; only `rl.correction = icepop` actually masks them. `step_time` is the
+whole step; `rollout_time` its rollout phase (weight sync + generation), the figure C3PO++ targets (SPEC §5).
 
 A run directory holds `config.toml`, `tokenizer.json`, `metrics.jsonl` (`sft` rows, one `train` row per RL
 step, `eval` rows before and after), `rl_start/` (the policy RL starts from, after SFT: the KL reference),
@@ -231,8 +232,8 @@ class RLTrainer:
         self.reference = reference.eval().requires_grad_(False)
         self.engine = RolloutEngine(model.cfg, tokenizer.eos_id, cfg.max_new_tokens, cfg.rollout_precision,
                                     cfg.temperature, cfg.top_p)
-        self.pool = (RolloutPool(cfg.c3po_capacity, cfg.c3po_budget, cfg.c3po_max_retention, cfg.chunk_tokens,
-                                 cfg.group_size) if cfg.c3po else None)
+        self.pool = (RolloutPool(cfg.c3po_capacity, cfg.c3po_budget, cfg.c3po_max_retention, cfg.group_size)
+                     if cfg.c3po else None)
         self.optimizer = make_rl_optimizer(model, cfg.lr, cfg)
         self.problems = ProblemStream(cfg.tiers, cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -309,6 +310,7 @@ class RLTrainer:
         start = time.perf_counter()
         self.engine.sync_weights(model)
         groups, rollout_stats = self.rollouts()
+        rollout_time = time.perf_counter() - start
         rollouts = [r for g in groups for r in g.rollouts]
         completions = [self.tokenizer.decode(r.tokens) for r in rollouts]
         lengths = torch.tensor([len(r.tokens) for r in rollouts])
@@ -328,7 +330,7 @@ class RLTrainer:
                "accuracy": correct.float().mean().item(),
                "accuracy_by_tier": {t: float(np.mean([c for c, tt in zip(correct.tolist(), tiers) if tt == t]))
                                     for t in dict.fromkeys(tiers)},
-               "response_length": lengths.float().mean().item(),
+               "response_length": lengths.float().mean().item(), "response_tokens": int(lengths.sum()),
                "truncated_fraction": float(np.mean([r.truncated for r in rollouts])),
                "entropy": entropy[batch.mask].mean().item() if batch.mask.any() else 0.0,
                "kl": losses.k3_kl(old_logp, ref_logp, batch.mask).item(),
@@ -364,6 +366,7 @@ class RLTrainer:
         self.counters["elapsed"] += elapsed
         self.counters["tokens_generated"] += rollout_stats["tokens_generated"]
         row.update(loss=loss, grad_norm=grad_norm, clip_fraction=clip, skipped=loss is None, step_time=elapsed,
+                   rollout_time=rollout_time,
                    time=self.counters["elapsed"], total_tokens_generated=self.counters["tokens_generated"])
         return row
 
@@ -385,6 +388,61 @@ class RLTrainer:
 
 
 # ---------------------------------------------------------------- entry point
+
+
+def run_sft(cfg: Config, ckpt: str | Path, out: str | Path, overwrite: bool = False, console=None,
+            command: str = "") -> dict:
+    """`linglab sft`: the supervised stage alone (`rl.sft_*` keys), written as an HF checkpoint RL can start from.
+
+    <out> holds config.json, model.safetensors and tokenizer.json (so `linglab rl --ckpt <out>` works), plus
+    config.toml, metrics.jsonl (one `sft` row per step, `eval` rows before and after), sft_eval.json and
+    summary.json. `linglab rl` with `rl.sft_steps > 0` runs the same stage inside an RL run instead.
+    """
+    from rich.console import Console
+
+    rl = cfg.rl
+    console = console or Console()
+    if rl.sft_steps < 1:
+        raise LinglabError("sft: rl.sft_steps is 0; give the number of steps, e.g. --rl.sft_steps=100")
+    checkpoint.load_config_json(ckpt)
+    if not (Path(ckpt) / "tokenizer.json").is_file():
+        raise LinglabError(f"sft: {ckpt} has no tokenizer.json")
+    run_dir = Path(out)
+    prepare_run_dir(run_dir, resume=False, overwrite=overwrite, command="sft")
+    (run_dir / "config.toml").write_text(to_toml(cfg))
+    torch.manual_seed(rl.seed)
+    model = checkpoint.from_pretrained(ckpt)
+    tokenizer = load_tokenizer(Path(ckpt) / "tokenizer.json")
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_text("")
+
+    def write_row(row: dict) -> None:
+        with open(metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    stages = {}
+    if rl.eval_problems:
+        stages["before"] = evaluate_policy(model, tokenizer, rl, "before", 0)
+        write_row(stages["before"])
+    console.print(f"SFT: {rl.sft_steps} steps on worked solutions of tiers {rl.tiers} -> {run_dir}")
+    start = time.perf_counter()
+    sft(model, tokenizer, rl, write_row)
+    elapsed = time.perf_counter() - start
+    checkpoint.write_model_files(model, run_dir)
+    tokenizer.save(run_dir / "tokenizer.json")
+    if rl.eval_problems:
+        stages["after"] = evaluate_policy(model, tokenizer, rl, "after", rl.sft_steps)
+        write_row(stages["after"])
+        (run_dir / "sft_eval.json").write_text(json.dumps(
+            {k: {"step": v["step"], "tiers": v["tiers"]} for k, v in stages.items()}, indent=2) + "\n")
+        for tier in stages["after"]["accuracy"]:
+            console.print(f"held-out {tier:6s} greedy {stages['before']['accuracy'][tier]:6.1%} -> "
+                          f"{stages['after']['accuracy'][tier]:6.1%}")
+    summary = {"sft_steps": rl.sft_steps, "start_checkpoint": str(ckpt), "wall_time_s": elapsed, "command": command}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    console.print(f"SFT checkpoint: {run_dir} (linglab rl --ckpt {run_dir} ...)")
+    return summary
+
 
 
 def add_rl_arguments(parser) -> None:
@@ -444,7 +502,7 @@ def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool =
         checkpoint.load_config_json(ckpt)
         if not (Path(ckpt) / "tokenizer.json").is_file():
             raise LinglabError(f"rl: {ckpt} has no tokenizer.json (RL decodes and verifies text)")
-    prepare_run_dir(run_dir, resume, overwrite)
+    prepare_run_dir(run_dir, resume, overwrite, command="rl")
     resuming = resume and (start_dir / checkpoint.CONFIG_NAME).is_file()
     if resume and not resuming and ckpt is None:
         raise LinglabError(f"rl: {run_dir} has no {START_NAME}/ to resume from; give --ckpt to start over")

@@ -1,0 +1,79 @@
+"""`linglab pipeline` (make run): pretrain -> RL -> one report.md, resumable stage by stage, never clobbering."""
+
+import json
+
+import pytest
+from test_train import FAST
+
+from linglab.cli import main
+from linglab.pipeline import write_pipeline_report
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RL_FAST = ["--rl.steps=2", "--rl.group_size=2", "--rl.prompts_per_step=2", "--rl.max_new_tokens=8",
+           "--rl.eval_problems=2", "--rl.eval_samples=2", "--rl.eval_ks=1,2", "--rl.ckpt_every=1"]
+ARGS = ["--train.max_steps=4", "--train.ckpt_every=2", *FAST, *RL_FAST]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    assert main(["pipeline", "--out", str(out), *ARGS]) == 0
+    return out
+
+
+def test_pipeline_writes_both_stages_and_one_report(finished):
+    assert (finished / "pretrain" / "final" / "model.safetensors").is_file()
+    assert (finished / "rl" / "final" / "model.safetensors").is_file()
+    rl_summary = json.loads((finished / "rl" / "summary.json").read_text())
+    assert rl_summary["start_checkpoint"] == str(finished / "pretrain" / "final")
+    summary = json.loads((finished / "summary.json").read_text())
+    assert set(summary["stages"]) == {"pretrain", "rl"}
+    assert summary["total_wall_time_s"] == pytest.approx(sum(s["wall_time_s"] for s in summary["stages"].values()))
+
+    report = (finished / "report.md").read_text()
+    rl_eval = json.loads((finished / "rl" / "rl_eval.json").read_text())
+    for tier in ("easy", "medium", "hard"):
+        before = rl_eval["before"]["tiers"][tier]["greedy_accuracy"]
+        after = rl_eval["after"]["tiers"][tier]["greedy_accuracy"]
+        assert f"| {tier} | greedy_accuracy | {before:.1%} | {after:.1%} | {100 * (after - before):+.1f} |" in report
+        assert f"| {tier} | ApexEval (pass@2) |" in report
+    for plot in ("pretrain/plots/loss.png", "rl/plots/reward.png"):
+        assert f"]({plot})" in report and (finished / plot).is_file()
+
+
+def test_existing_pipeline_is_refused_then_resume_keeps_finished_stages(finished):
+    before = (finished / "rl" / "final" / "model.safetensors").read_bytes()
+    assert main(["pipeline", "--out", str(finished), *ARGS]) == 2  # no --overwrite: untouched
+    assert main(["pipeline", "--out", str(finished), "--resume", *ARGS]) == 0  # both stages done: nothing reruns
+    assert (finished / "rl" / "final" / "model.safetensors").read_bytes() == before
+
+
+def test_resume_finishes_an_interrupted_rl_stage(finished, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    # As if killed during RL after its first checkpoint: no final/, no summary, the step-2 checkpoint gone.
+    for name in ("summary.json", "rl_eval.json", "report.md"):
+        (out / "rl" / name).unlink()
+    shutil.rmtree(out / "rl" / "final")
+    shutil.rmtree(out / "rl" / "checkpoints" / "step_000002")
+    pretrain_weights = (out / "pretrain" / "final" / "model.safetensors").read_bytes()
+    assert main(["pipeline", "--out", str(out), "--resume", *ARGS]) == 0
+    assert (out / "pretrain" / "final" / "model.safetensors").read_bytes() == pretrain_weights
+    assert (out / "rl" / "final" / "model.safetensors").read_bytes() == \
+        (finished / "rl" / "final" / "model.safetensors").read_bytes()
+    assert json.loads((out / "summary.json").read_text())["stages"]["rl"]["resumed"] is True
+
+
+def test_resume_without_a_pipeline_is_a_one_line_error(tmp_path, capsys):
+    assert main(["pipeline", "--out", str(tmp_path / "none"), "--resume", *ARGS]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_report_of_a_partial_pipeline_says_what_is_missing(finished, tmp_path):
+    out = tmp_path / "partial"
+    (out / "pretrain").mkdir(parents=True)
+    report = write_pipeline_report(out).read_text()
+    assert "No before/after evaluation" in report
