@@ -148,7 +148,7 @@ class TrainConfig:
     load_every: int = 50  # steps between expert-load snapshots in metrics.jsonl
     max_bad_steps: int = 5  # consecutive non-finite steps that stop the run
     num_samples: int = 12  # generated samples written at the end
-    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when one is visible); weights and math in fp32
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when one is visible): pretraining, SFT and RL; fp32
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "ckpt_every", "keep_last", "log_every",

@@ -87,3 +87,23 @@ def test_train_command_runs_on_cuda_and_resumes(tmp_path):
     cfg.train.max_steps = 9
     run_training(cfg, tmp_path / "run", resume=True)
     assert (tmp_path / "run" / "checkpoints" / "step_000009").is_dir()
+
+
+def test_rl_runs_on_cuda_with_fp8_rollouts_and_c3po_and_resumes(tmp_path):
+    from linglab.checkpoint import save_pretrained
+    from linglab.config import load_config
+    from linglab.model import build_model
+    from linglab.rl.trainer import run_rl
+    from linglab.tasks import iter_corpus_texts
+    from linglab.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(iter_corpus_texts(300, seed=0), vocab_size=300)
+    cfg = load_config("tiny", overrides=["--model.num_hidden_layers=2", f"--model.vocab_size={tok.vocab_size}"])
+    save_pretrained(build_model(cfg.model, seed=0), tmp_path / "start")
+    tok.save(tmp_path / "start" / "tokenizer.json")
+    over = ["--train.device=cuda", "--rl.steps=2", "--rl.group_size=2", "--rl.c3po=true", "--rl.c3po_capacity=8",
+            "--rl.c3po_budget=16", "--rl.max_new_tokens=8", "--rl.ckpt_every=1", "--rl.eval_problems=2",
+            "--rl.eval_samples=2", "--rl.eval_ks=1,2", "--rl.rollout_precision=fp8"]
+    run_rl(load_config("tiny", overrides=over), tmp_path / "start", tmp_path / "rl")
+    run_rl(load_config("tiny", overrides=[*over, "--rl.steps=3"]), None, tmp_path / "rl", resume=True)
+    assert (tmp_path / "rl" / "checkpoints" / "step_000003").is_dir()

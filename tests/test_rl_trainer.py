@@ -18,7 +18,8 @@ from linglab.tasks import generate_problems, iter_corpus_texts
 from linglab.tokenizer import Tokenizer, load_tokenizer
 
 METRIC_KEYS = {"reward", "accuracy", "response_length", "entropy", "clip_fraction", "kl", "mask_fraction",
-               "mean_abs_logdiff", "max_abs_logdiff", "tokens_generated", "time", "step_time", "rollout_time"}
+               "mean_abs_logdiff", "max_abs_logdiff", "tokens_generated", "time", "step_time", "rollout_time",
+               "response_tokens"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,6 +71,7 @@ def test_three_steps_of_every_loss_and_correction(start, tmp_path, algo, correct
         assert METRIC_KEYS <= row.keys()
         assert 0 <= row["accuracy"] <= 1 and 0 <= row["mask_fraction"] <= 1 and row["response_length"] <= 16
         assert 0 < row["rollout_time"] < row["step_time"]
+        assert row["response_tokens"] == round(row["response_length"] * 2 * 4)  # 2 prompts x 4 samples
     assert any(not r["skipped"] for r in rows) and any(r["grad_norm"] for r in rows if not r["skipped"])
     if precision == "fp32":  # same weights: only the KV-cache path and the batch shape differ
         assert all(r["max_abs_logdiff"] < 1e-5 for r in rows)

@@ -1,7 +1,7 @@
 """RL post-training (SPEC §5) from an HF checkpoint: optional SFT, then rollouts -> rewards -> policy loss.
 
-    linglab rl --ckpt runs/tiny/final --out runs/tiny-rl --rl.algo=lpo --rl.correction=icepop
-    linglab rl --ckpt runs/tiny/final --out runs/tiny-rl --resume      # continue bit-exactly
+    linglab rl --ckpt runs/tiny/pretrain/final --out runs/tiny-rl --rl.algo=lpo --rl.correction=icepop
+    linglab rl --ckpt runs/tiny/pretrain/final --out runs/tiny-rl --resume      # continue bit-exactly
 
 Per step: sync the rollout engine to the trainer's weights; sample whole groups of G responses (all to the
 end, or C3PO++ with `rl.c3po`); reward them (`linglab.verify.verify` plus optional Evo-CoT length/format terms);
@@ -51,7 +51,7 @@ from linglab.rl.rewards import evo_cot_length_reward, format_reward, verify
 from linglab.rl.rollout import Rollout, RolloutEngine, RolloutGroup, RolloutPool
 from linglab.tasks import TIERS, Problem, format_document, generate_problem, generate_problems, is_heldout
 from linglab.tokenizer import Tokenizer, load_tokenizer
-from linglab.train import prepare_run_dir, rng_state, set_rng_state, truncate_metrics
+from linglab.train import prepare_run_dir, resolve_device, rng_state, set_rng_state, truncate_metrics
 
 STATE_NAME = "rl_state.pt"
 START_NAME = "rl_start"
@@ -110,6 +110,11 @@ class RolloutBatch:
     def rows(self, index: Tensor) -> RolloutBatch:
         ids = None if self.sentence_ids is None else self.sentence_ids[index]
         return RolloutBatch(self.inputs[index], self.targets[index], self.mask[index], self.infer_logp[index], ids)
+
+    def to(self, device: torch.device) -> RolloutBatch:
+        ids = None if self.sentence_ids is None else self.sentence_ids.to(device)
+        return RolloutBatch(self.inputs.to(device), self.targets.to(device), self.mask.to(device),
+                            self.infer_logp.to(device), ids)
 
 
 def rollout_batch(rollouts: list[Rollout], pad_id: int, tokenizer: Tokenizer | None = None) -> RolloutBatch:
@@ -202,7 +207,7 @@ def sft(model: LingForCausalLM, tokenizer: Tokenizer, cfg: RLConfig, log_row=Non
     optimizer = make_rl_optimizer(model, cfg.sft_lr, cfg)
     model.train()
     for step in range(1, cfg.sft_steps + 1):
-        inputs, targets, mask = loader.next_batch()
+        inputs, targets, mask = (t.to(model.lm_head.weight.device) for t in loader.next_batch())
         out = model(inputs, targets=targets, loss_mask=mask)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -230,13 +235,14 @@ class RLTrainer:
                  tokenizer: Tokenizer, log=print):
         self.cfg, self.run_dir, self.model, self.tokenizer, self.log = cfg, Path(run_dir), model, tokenizer, log
         self.reference = reference.eval().requires_grad_(False)
+        self.device = model.lm_head.weight.device
         self.engine = RolloutEngine(model.cfg, tokenizer.eos_id, cfg.max_new_tokens, cfg.rollout_precision,
-                                    cfg.temperature, cfg.top_p)
+                                    cfg.temperature, cfg.top_p, device=self.device)
         self.pool = (RolloutPool(cfg.c3po_capacity, cfg.c3po_budget, cfg.c3po_max_retention, cfg.group_size)
                      if cfg.c3po else None)
         self.optimizer = make_rl_optimizer(model, cfg.lr, cfg)
         self.problems = ProblemStream(cfg.tiers, cfg.seed)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)  # samples where the engine runs
         self.step = 0
         self.counters = {"tokens_generated": 0, "elapsed": 0.0}
         self.frozen_bias = _expert_biases(model)
@@ -318,7 +324,8 @@ class RLTrainer:
                                            lengths)
         keep = (losses.dapo_keep_groups(rewards, cfg.group_size) if cfg.algo == "dapo"
                 else torch.ones(len(rollouts), dtype=torch.bool))
-        batch = rollout_batch(rollouts, self.tokenizer.pad_id, self.tokenizer if cfg.algo == "lpo" else None)
+        batch = rollout_batch(rollouts, self.tokenizer.pad_id,
+                              self.tokenizer if cfg.algo == "lpo" else None).to(self.device)
 
         with torch.no_grad():
             model.eval()
@@ -341,9 +348,10 @@ class RLTrainer:
         loss = grad_norm = clip = None
         if keep.any():
             index = keep.nonzero().squeeze(-1)
-            train_batch, old = batch.rows(index), old_logp[index]
             scale = "none" if cfg.algo == "drgrpo" else "std"
-            advantages = losses.group_advantages(rewards[index], cfg.group_size, scale=scale)
+            advantages = losses.group_advantages(rewards[index], cfg.group_size, scale=scale).to(self.device)
+            index = index.to(self.device)
+            train_batch, old = batch.rows(index), old_logp[index]
             weights = correction_weights(cfg, old, train_batch.infer_logp)
             model.train()
             for _ in range(cfg.ppo_epochs):
@@ -411,7 +419,7 @@ def run_sft(cfg: Config, ckpt: str | Path, out: str | Path, overwrite: bool = Fa
     prepare_run_dir(run_dir, resume=False, overwrite=overwrite, command="sft")
     (run_dir / "config.toml").write_text(to_toml(cfg))
     torch.manual_seed(rl.seed)
-    model = checkpoint.from_pretrained(ckpt)
+    model = checkpoint.from_pretrained(ckpt, device=resolve_device(cfg.train.device))
     tokenizer = load_tokenizer(Path(ckpt) / "tokenizer.json")
     metrics = run_dir / "metrics.jsonl"
     metrics.write_text("")
@@ -512,7 +520,8 @@ def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool =
     np.random.seed(rl.seed)
 
     source = start_dir if resuming else Path(ckpt)
-    model = checkpoint.from_pretrained(source)
+    device = resolve_device(cfg.train.device)
+    model = checkpoint.from_pretrained(source, device=device)
     tokenizer = load_tokenizer(source / "tokenizer.json")
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise LinglabError(f"rl: {source} has a tokenizer of {tokenizer.vocab_size} tokens for a model of vocab_size "
@@ -541,7 +550,8 @@ def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool =
 
         checkpoint.write_atomically(start_dir, write_start)
 
-    trainer = RLTrainer(rl, run_dir, model, checkpoint.from_pretrained(start_dir), tokenizer, log=console.print)
+    trainer = RLTrainer(rl, run_dir, model, checkpoint.from_pretrained(start_dir, device=device), tokenizer,
+                        log=console.print)
     if resuming:
         resumed_from = trainer.resume()
         console.print(f"resumed from {resumed_from}" if resumed_from else "no RL checkpoint yet: starting from step 0")
