@@ -32,11 +32,14 @@ from linglab.tokenizer import Tokenizer
 
 @dataclass
 class GenerationResult:
-    """Per prompt, in input order: generated ids (no prompt, no EOS), their log-probs, whether EOS ended it."""
+    """Per prompt, in input order: generated ids (no prompt, no EOS), their log-probs, whether EOS ended it; and
+    the work done: prompt positions prefilled (padding included) and decode forwards of the whole batch."""
 
     tokens: list[list[int]]
     logprobs: list[list[float]]
     finished: list[bool]
+    prefill_tokens: int = 0
+    decode_steps: int = 0
 
 
 def _check_sampling(temperature: float, top_p: float) -> None:
@@ -86,6 +89,7 @@ def _generate_batch(model: LingForCausalLM, prompts: torch.Tensor, pad: torch.Te
              if use_cache else None)
     seq = prompts
     logits = model(prompts, cache=cache, pad=pad)[:, -1]
+    result.prefill_tokens += prompts.numel()
     for step in range(steps):
         ids, logp = sample_next(logits, temperature, top_p, generator)
         for row, (token, lp) in enumerate(zip(ids.tolist(), logp.tolist(), strict=True)):
@@ -104,6 +108,7 @@ def _generate_batch(model: LingForCausalLM, prompts: torch.Tensor, pad: torch.Te
             break
         # Finished rows keep decoding (their samples are discarded) so the batch keeps its shape. (Dropping them
         # from the batch and the cache was measured: no faster for the RL rollouts of docs/rl.md on a CPU.)
+        result.decode_steps += 1
         if use_cache:
             logits = model(ids[:, None], cache=cache, pad=pad)[:, -1]
         else:  # the full forward every step: the reference the KV cache must reproduce

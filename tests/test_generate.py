@@ -93,6 +93,7 @@ def test_left_padded_rows_compute_what_each_row_computes_alone(model):
 def test_per_row_limits_and_the_stop_callback(model):
     prompts = prompts_of([3, 5, 4])
     full = generate(model, prompts, 5, eos_id=-1, temperature=0.0)
+    assert (full.prefill_tokens, full.decode_steps) == (3 * 5, 4)  # padded to width 5; 5 samples, 4 more forwards
     limited = generate(model, prompts, [2, 5, 0], eos_id=-1, temperature=0.0)
     assert limited.tokens == [full.tokens[0][:2], full.tokens[1], []]
     seen = []

@@ -19,7 +19,7 @@ from linglab.tokenizer import Tokenizer, load_tokenizer
 
 METRIC_KEYS = {"reward", "accuracy", "response_length", "entropy", "clip_fraction", "kl", "mask_fraction",
                "mean_abs_logdiff", "max_abs_logdiff", "tokens_generated", "time", "step_time", "rollout_time",
-               "response_tokens"}
+               "response_tokens", "prefill_tokens", "decode_steps", "decode_rows"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

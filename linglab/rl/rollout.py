@@ -78,6 +78,7 @@ class RolloutEngine:
         self.eos_id, self.max_new_tokens = eos_id, max_new_tokens
         self.precision, self.temperature, self.top_p = precision, temperature, top_p
         self.version = 0  # number of syncs: the policy version that samples new tokens
+        self.work = {"prefill_tokens": 0, "decode_steps": 0, "decode_rows": 0}  # cumulative, see `generate`
 
     @torch.no_grad()
     def sync_weights(self, train_model: LingForCausalLM) -> None:
@@ -117,6 +118,9 @@ class RolloutEngine:
         result = generate(self.model, [r.prompt + r.tokens for r in active], [self.max_new_tokens - n for n in start],
                           self.eos_id, self.temperature, self.top_p, seed=generator, stop=record)
         record(result)
+        self.work["prefill_tokens"] += result.prefill_tokens
+        self.work["decode_steps"] += result.decode_steps
+        self.work["decode_rows"] += result.decode_steps * len(active)
         return sum(len(r.tokens) - n0 + int(r.eos) for r, n0 in zip(active, start, strict=True))
 
     def generate_groups(self, prompts: Sequence[Sequence[int]], group_size: int, generator: torch.Generator,

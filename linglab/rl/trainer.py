@@ -17,7 +17,9 @@ Logged `clip_fraction` is the share of tokens the clipped ratio pi_train / pi_tr
 PPO epoch; with `rl.ppo_epochs = 1` that ratio is exactly 1 (the policy has not moved yet), so it is 0 by
 construction. `mask_fraction` is the share of tokens IcePop's [alpha, beta] band would mask, logged under
 every correction as a mismatch statistic; only `rl.correction = icepop` actually masks them. `step_time` is the
-whole step; `rollout_time` its rollout phase (weight sync + generation), the figure C3PO++ targets (SPEC §5).
+whole step; `rollout_time` its rollout phase (weight sync + generation), the figure C3PO++ targets (SPEC §5);
+`prefill_tokens`, `decode_steps` and `decode_rows` the engine's work in it (padded prompt positions prefilled,
+decode forwards, rows summed over them).
 
 A run directory holds `config.toml`, `tokenizer.json`, `metrics.jsonl` (`sft` rows, one `train` row per RL
 step, `eval` rows before and after), `rl_start/` (the policy RL starts from, after SFT: the KL reference),
@@ -315,8 +317,10 @@ class RLTrainer:
         cfg, model = self.cfg, self.model
         start = time.perf_counter()
         self.engine.sync_weights(model)
+        work_before = dict(self.engine.work)
         groups, rollout_stats = self.rollouts()
         rollout_time = time.perf_counter() - start
+        rollout_stats.update({k: v - work_before[k] for k, v in self.engine.work.items()})
         rollouts = [r for g in groups for r in g.rollouts]
         completions = [self.tokenizer.decode(r.tokens) for r in rollouts]
         lengths = torch.tensor([len(r.tokens) for r in rollouts])
