@@ -5,9 +5,9 @@
     linglab check --preset tiny                      # build, print the parameter table, forward + backward
     linglab export --ckpt ckpt/tiny --out ckpt/tiny-fp8 --fp8   # the HF FP8 format (SPEC §1.6)
     linglab scaling sweep --out runs/scaling --dry-run  # scaling-law sweep, fit, suggest (SPEC §4; linglab.sweep)
-    linglab rl --ckpt runs/tiny/final --out runs/tiny-rl --rl.algo=lpo   # RL post-training (SPEC §5)
-    linglab sft --ckpt runs/tiny/final --out runs/tiny-sft --rl.sft_steps=100   # optional SFT before RL
-    linglab pipeline --preset tiny --out runs/tiny --overwrite   # the main job: pretrain -> RL -> one report.md
+    linglab rl --ckpt runs/tiny/pretrain/final --out runs/tiny-rl --rl.algo=lpo   # RL post-training (SPEC §5)
+    linglab sft --ckpt runs/tiny/pretrain/final --out runs/tiny-sft --rl.sft_steps=100   # optional SFT before RL
+    linglab pipeline --preset tiny --out runs/tiny --overwrite --rl-seeds 3   # make run: pretrain -> RL -> report
     linglab plan --preset ling-mini-2.0 --stages 8      # heterogeneous pipeline partition (SPEC §7)
 
 Config overrides go after the subcommand as `--section.key=value` (e.g. `--model.hidden_size=256`).
@@ -309,7 +309,8 @@ def cmd_pipeline(args, overrides) -> None:
     from linglab.pipeline import run_pipeline
 
     cfg = _load_cfg(args, overrides)
-    run_pipeline(cfg, args.out, resume=args.resume, overwrite=args.overwrite, command=args.command_line)
+    run_pipeline(cfg, args.out, resume=args.resume, overwrite=args.overwrite, command=args.command_line,
+                 rl_seeds=args.rl_seeds)
 
 
 def cmd_plan(args, overrides) -> None:
@@ -430,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="pipeline directory: pretrain/, rl/, summary.json, report.md")
     p.add_argument("--resume", action="store_true", help="keep finished stages, resume the unfinished one")
     p.add_argument("--overwrite", action="store_true", help="delete an existing pipeline in --out and start over")
+    p.add_argument("--rl-seeds", type=int, default=1, help="RL runs from the one pretraining, rl.seed, rl.seed + 1, "
+                   "...: the report gives the gain's spread over them (default 1; make run uses 3)")
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("plan", help="heterogeneous pipeline plan: uniform vs planned stage partition (SPEC §7)")

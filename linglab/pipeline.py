@@ -1,6 +1,6 @@
 """The main job (`make run`, issue 5 point 7): pretrain -> RL -> evaluation -> one report.md.
 
-    linglab pipeline --preset tiny --out runs/tiny --overwrite     # what `make run` runs
+    linglab pipeline --preset tiny --out runs/tiny --overwrite --rl-seeds 3   # what `make run` runs
     linglab pipeline --out runs/tiny --resume                      # finish an interrupted pipeline
     linglab pipeline --preset tiny --out runs/x --rl.algo=lpo --train.max_steps=300   # any config override
 
@@ -8,9 +8,12 @@ One config drives both stages: `[model]`, `[data]`, `[train]` and `[fp8]` the pr
 
     <out>/pretrain/     the `linglab train` run: metrics, plots, samples, report.md, checkpoints, final/
     <out>/rl/           the `linglab rl` run from pretrain/final: per-step RL metrics, before/after evaluation
+                        (with --rl-seeds N > 1: rl-seed<s>/ for rl.seed = s, s+1, ..., each its own prompts,
+                        samples and held-out problems, so the gain comes with its spread over seeds)
     <out>/summary.json  wall time of each stage and of the whole pipeline (evaluations and reports included)
-    <out>/report.md     the one report: the before/after table per tier (greedy, pass@k, ApexEval), both
-                        stages' headline numbers and plots, and links to each stage's full report
+    <out>/report.md     the one report: the before/after table per tier (greedy, pass@k, ApexEval; mean,
+                        spread and per-seed changes), both stages' headline numbers and plots, and links to
+                        each stage's full report
 
 With --resume a finished stage (its summary.json is written last) is kept and an unfinished one resumes from
 its last checkpoint, bit-exactly as `linglab train --resume` and `linglab rl --resume` do.
@@ -18,8 +21,10 @@ its last checkpoint, bit-exactly as `linglab train --resume` and `linglab rl --r
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -43,9 +48,16 @@ def _stage_state(stage_dir: Path) -> str:
     return "started" if stage_dir.is_dir() and any(stage_dir.iterdir()) else "new"
 
 
+def rl_runs(rl_seeds: int, first_seed: int) -> list[tuple[str, int]]:
+    """(directory name, rl.seed) of each RL run: `rl` alone, or `rl-seed<s>` for several seeds."""
+    if rl_seeds == 1:
+        return [(RL, first_seed)]
+    return [(f"{RL}-seed{s}", s) for s in range(first_seed, first_seed + rl_seeds)]
+
+
 def run_pipeline(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False, command: str = "",
-                 console=None) -> dict:
-    """Pretrain, RL from the final checkpoint, report; returns the pipeline summary."""
+                 console=None, rl_seeds: int = 1) -> dict:
+    """Pretrain, RL from the final checkpoint (once per RL seed), report; returns the pipeline summary."""
     from rich.console import Console
 
     from linglab.rl.trainer import run_rl
@@ -55,10 +67,13 @@ def run_pipeline(cfg: Config, out: str | Path, resume: bool = False, overwrite: 
     out = Path(out)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise LinglabError("pipeline: runs in one process; under torchrun use `linglab train`, then `linglab rl`")
+    if rl_seeds < 1:
+        raise LinglabError(f"pipeline: --rl-seeds must be >= 1, got {rl_seeds}")
     prepare_run_dir(out, resume, overwrite, command="pipeline")
     previous = (_read_json(out / "summary.json") or {}) if resume else {}
     stages = dict(previous.get("stages", {}))
-    pretrain_dir, rl_dir = out / PRETRAIN, out / RL
+    pretrain_dir = out / PRETRAIN
+    runs = rl_runs(rl_seeds, cfg.rl.seed)
 
     state = _stage_state(pretrain_dir)
     if state != "done":
@@ -67,27 +82,31 @@ def run_pipeline(cfg: Config, out: str | Path, resume: bool = False, overwrite: 
         run_training(cfg, pretrain_dir, resume=state == "started", command=command, console=console)
         stages[PRETRAIN] = {"wall_time_s": time.perf_counter() - t0 + stages.get(PRETRAIN, {}).get("wall_time_s", 0.0),
                             "resumed": state == "started"}
-        _write_summary(out, stages, command)
+        _write_summary(out, stages, command, runs)
 
-    state = _stage_state(rl_dir)
-    if state != "done":
-        console.rule(f"[bold]2/2 RL from {pretrain_dir / 'final'} -> {rl_dir}")
+    for name, seed in runs:
+        rl_dir, state = out / name, _stage_state(out / name)
+        if state == "done":
+            continue
+        console.rule(f"[bold]2/2 RL (rl.seed={seed}) from {pretrain_dir / 'final'} -> {rl_dir}")
+        rl_cfg = copy.deepcopy(cfg)
+        rl_cfg.rl.seed = seed
         t0 = time.perf_counter()
         started = state == "started" and (rl_dir / "rl_start").is_dir()
-        run_rl(cfg, pretrain_dir / "final", rl_dir, resume=started, overwrite=not started, command=command,
+        run_rl(rl_cfg, pretrain_dir / "final", rl_dir, resume=started, overwrite=not started, command=command,
                console=console)
-        stages[RL] = {"wall_time_s": time.perf_counter() - t0 + stages.get(RL, {}).get("wall_time_s", 0.0),
-                      "resumed": started}
-        _write_summary(out, stages, command)
+        stages[name] = {"wall_time_s": time.perf_counter() - t0 + stages.get(name, {}).get("wall_time_s", 0.0),
+                        "resumed": started, "rl_seed": seed}
+        _write_summary(out, stages, command, runs)
 
-    summary = _write_summary(out, stages, command)
+    summary = _write_summary(out, stages, command, runs)
     console.print(f"pipeline report: {write_pipeline_report(out)}")
     return summary
 
 
-def _write_summary(out: Path, stages: dict, command: str) -> dict:
+def _write_summary(out: Path, stages: dict, command: str, runs: list[tuple[str, int]]) -> dict:
     summary = {"stages": stages, "total_wall_time_s": sum(s["wall_time_s"] for s in stages.values()),
-               "command": command}
+               "rl_runs": [name for name, _ in runs], "command": command}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -96,27 +115,42 @@ def _pct(x) -> str:
     return f"{x:.1%}" if isinstance(x, int | float) else ""
 
 
-def _before_after_section(rl_eval: dict | None) -> list[str]:
-    """Per tier and metric: before RL, after RL and the change in points, from rl/rl_eval.json."""
-    if not rl_eval or "before" not in rl_eval or "after" not in rl_eval:
-        return ["*No before/after evaluation (rl/rl_eval.json missing or rl.eval_problems = 0).*", ""]
-    before, after = rl_eval["before"]["tiers"], rl_eval["after"]["tiers"]
+def _before_after_section(evals: list[dict | None]) -> list[str]:
+    """Per tier and metric: before RL, after RL and the change in points, from each RL run's rl_eval.json; with
+    several RL seeds the means, the change's stdev and each seed's change."""
+    evals = [e for e in evals if e and "before" in e and "after" in e]
+    if not evals:
+        return ["*No before/after evaluation (rl_eval.json missing or rl.eval_problems = 0).*", ""]
+    several = len(evals) > 1
     lines = ["## Held-out accuracy before vs after RL", "",
              "The same held-out problems before and after RL (none of them in any training document): greedy "
              "exact match, unbiased pass@k of n samples, and ApexEval, the best pass@k over prompt variants "
-             "(SPEC §6). Answers are checked by the verifier, not by string match.", "",
-             "| tier | metric | before RL | after RL | change (points) |", "|---|---|---:|---:|---:|"]
-    for tier, info in before.items():
+             "(SPEC §6). Answers are checked by the verifier, not by string match.", ""]
+    if several:
+        lines += [f"{len(evals)} RL seeds, each with its own prompts, samples and held-out problems: before and "
+                  "after are means over the seeds; the change is mean ± stdev, then each seed's.", ""]
+    lines += ["| tier | metric | before RL | after RL | change (points) |" + (" per seed |" if several else ""),
+              "|---|---|---:|---:|---:|" + ("---|" if several else "")]
+
+    def value(e: dict, stage: str, tier: str, metric: str):
+        v = e[stage]["tiers"].get(tier, {}).get(metric)
+        return v.get("apex") if isinstance(v, dict) else v
+
+    first = evals[0]["before"]["tiers"]
+    for tier, info in first.items():
         for metric in ["greedy_accuracy", *(k for k in info if k.startswith("pass@")), "apex"]:
-            b, a = info.get(metric), after.get(tier, {}).get(metric)
-            if isinstance(b, dict):  # ApexEval: {"apex", "best_variant", "k"}
-                b, a = b.get("apex"), (a or {}).get("apex")
-                metric = f"ApexEval (pass@{info['apex']['k']})"
-            change = f"{100 * (a - b):+.1f}" if isinstance(a, int | float) and isinstance(b, int | float) else ""
-            lines.append(f"| {tier} | {metric} | {_pct(b)} | {_pct(a)} | {change} |")
-    n = next(iter(before.values())).get("n_problems")
+            before = [value(e, "before", tier, metric) for e in evals]
+            after = [value(e, "after", tier, metric) for e in evals]
+            if any(not isinstance(v, int | float) for v in before + after):
+                continue
+            change = [100 * (a - b) for a, b in zip(after, before, strict=True)]
+            cell = f"{statistics.fmean(change):+.1f}" + (f" ± {statistics.stdev(change):.1f}" if several else "")
+            label = f"ApexEval (pass@{info['apex']['k']})" if metric == "apex" else metric
+            row = f"| {tier} | {label} | {_pct(statistics.fmean(before))} | {_pct(statistics.fmean(after))} | {cell} |"
+            lines.append(row + (" " + ", ".join(f"{c:+.1f}" for c in change) + " |" if several else ""))
+    n = next(iter(first.values())).get("n_problems")
     if n:
-        lines += ["", f"{n} problems per tier."]
+        lines += ["", f"{n} problems per tier" + (" per seed." if several else ".")]
     return lines + [""]
 
 
@@ -130,8 +164,9 @@ def write_pipeline_report(out: str | Path) -> Path:
     summary = _read_json(out / "summary.json") or {}
     pre_summary = _read_json(out / PRETRAIN / "summary.json") or {}
     pre_eval = _read_json(out / PRETRAIN / "final_eval.json") or {}
-    rl_summary = _read_json(out / RL / "summary.json") or {}
-    rl_eval = _read_json(out / RL / "rl_eval.json")
+    names = summary.get("rl_runs", [RL])
+    rl_summaries = [_read_json(out / name / "summary.json") or {} for name in names]
+    rl_evals = [_read_json(out / name / "rl_eval.json") for name in names]
 
     lines = ["# linglab pipeline: pretrain -> RL -> evaluation", ""]
     if summary.get("command"):
@@ -141,15 +176,18 @@ def write_pipeline_report(out: str | Path) -> Path:
     if PRETRAIN in stages:
         lines.append(f"| [pretraining]({PRETRAIN}/report.md) | {pre_summary.get('steps', '?')} steps, "
                      f"{pre_summary.get('tokens', 0) / 1e6:.2f}M tokens | {stages[PRETRAIN]['wall_time_s']:.0f} s |")
-    if RL in stages:
-        lines.append(f"| [RL]({RL}/report.md) | {rl_summary.get('steps', '?')} steps of {rl_summary.get('algo', '?')} + "
-                     f"{rl_summary.get('correction', '?')}, {rl_summary.get('rollout_precision', '?')} rollouts"
-                     f"{', C3PO++' if rl_summary.get('c3po') else ''} | {stages[RL]['wall_time_s']:.0f} s |")
+    for name, rl_summary in zip(names, rl_summaries, strict=True):
+        if name in stages:
+            seed = stages[name].get("rl_seed")
+            lines.append(f"| [RL]({name}/report.md){'' if seed is None else f' seed {seed}'} | "
+                         f"{rl_summary.get('steps', '?')} steps of {rl_summary.get('algo', '?')} + "
+                         f"{rl_summary.get('correction', '?')}, {rl_summary.get('rollout_precision', '?')} rollouts"
+                         f"{', C3PO++' if rl_summary.get('c3po') else ''} | {stages[name]['wall_time_s']:.0f} s |")
     if stages:
         lines.append(f"| total | | {summary.get('total_wall_time_s', 0):.0f} s |")
     lines += ["", "Wall times include data, evaluation and report writing, not the package install.", ""]
 
-    lines += _before_after_section(rl_eval)
+    lines += _before_after_section(rl_evals)
 
     lines += ["## Pretraining", ""]
     if pre_eval.get("tiers"):
@@ -158,13 +196,16 @@ def write_pipeline_report(out: str | Path) -> Path:
                   f"{tiers}.", ""]
     lines += _image(out, f"{PRETRAIN}/plots/loss.png", "Pretraining loss.")
     lines += _image(out, f"{PRETRAIN}/plots/accuracy.png", "Held-out exact match per tier during pretraining.")
-    lines += ["## RL", ""]
-    lines += _image(out, f"{RL}/plots/reward.png", "Mean reward of each RL step's rollouts.")
-    lines += _image(out, f"{RL}/plots/accuracy.png", "Rollout accuracy per tier during RL.")
-    lines += _image(out, f"{RL}/plots/mismatch.png",
+    first = names[0]
+    lines += ["## RL", ""] + ([f"Plots of the first RL seed ({first}/); the others' are in their directories.", ""]
+                              if len(names) > 1 else [])
+    lines += _image(out, f"{first}/plots/reward.png", "Mean reward of each RL step's rollouts.")
+    lines += _image(out, f"{first}/plots/accuracy.png", "Rollout accuracy per tier during RL.")
+    lines += _image(out, f"{first}/plots/mismatch.png",
                     "Train-inference mismatch |log pi_train - log pi_infer| of the rollout tokens.")
-    lines += ["Full reports: [pretraining](pretrain/report.md) (config, expert load, samples), "
-              "[RL](rl/report.md) (config, mask fraction, response length).", ""]
+    lines += [f"Full reports: [pretraining]({PRETRAIN}/report.md) (config, expert load, samples), "
+              + ", ".join(f"[{name}]({name}/report.md)" for name in names)
+              + " (config, mask fraction, response length).", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

@@ -77,3 +77,18 @@ def test_report_of_a_partial_pipeline_says_what_is_missing(finished, tmp_path):
     (out / "pretrain").mkdir(parents=True)
     report = write_pipeline_report(out).read_text()
     assert "No before/after evaluation" in report
+
+
+def test_several_rl_seeds_report_the_gain_with_its_spread(tmp_path):
+    out = tmp_path / "run"
+    assert main(["pipeline", "--out", str(out), "--rl-seeds", "2", *ARGS]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rl_runs"] == ["rl-seed0", "rl-seed1"] and not (out / "rl").exists()
+    assert [summary["stages"][name]["rl_seed"] for name in summary["rl_runs"]] == [0, 1]
+    evals = [json.loads((out / name / "rl_eval.json").read_text()) for name in summary["rl_runs"]]
+    changes = [100 * (e["after"]["tiers"]["hard"]["pass@1"] - e["before"]["tiers"]["hard"]["pass@1"]) for e in evals]
+    report = (out / "report.md").read_text()
+    assert "2 RL seeds" in report
+    row = next(line for line in report.splitlines() if line.startswith("| hard | pass@1 |"))
+    assert row.endswith(f" {changes[0]:+.1f}, {changes[1]:+.1f} |")
+    assert main(["pipeline", "--out", str(tmp_path / "bad"), "--rl-seeds", "0", *ARGS]) == 2
