@@ -15,10 +15,9 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# The main job: pretrain, then RL from the final checkpoint (its report has the before/after evaluation).
+# The main job: pretrain -> RL -> evaluation -> runs/tiny/report.md (linglab/pipeline.py).
 run: $(STAMP)
-	$(VENV)/bin/linglab train --preset tiny --out runs/tiny --overwrite
-	$(VENV)/bin/linglab rl --ckpt runs/tiny/final --out runs/tiny/rl --overwrite
+	$(VENV)/bin/linglab pipeline --preset tiny --out runs/tiny --overwrite --rl-seeds 3
 
 test: $(STAMP)
 	$(PY) -m pytest

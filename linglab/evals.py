@@ -1,6 +1,6 @@
 """Evaluation of a model on the embedded tasks: held-out loss, greedy exact match, pass@k and ApexEval per tier.
 
-    linglab eval --ckpt runs/tiny/final          # held-out loss + greedy exact match per difficulty tier
+    linglab eval --ckpt runs/tiny/pretrain/final          # held-out loss + greedy exact match per difficulty tier
     sample_pass_at_k(model, tok, problems, n=8, ks=[1, 4, 8])   # {"hard": {"pass@1": 0.4, ...}, ...}
     apex_eval(model, tok, problems, PROMPT_VARIANTS, n=8, k=8)  # best pass@k over prompt variants (SPEC §6)
 

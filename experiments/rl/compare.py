@@ -1,0 +1,327 @@
+"""The RL comparisons of docs/rl.md (issue 5), each arm run with several seeds from the default tiny pretraining:
+
+    algo      GRPO vs GSPO vs LPO (SPEC §5) at the same budget, 2 PPO epochs per rollout batch so that each
+              loss's clipping acts (with one epoch pi_theta = pi_old and no ratio is ever clipped)
+    mismatch  FP8 rollouts (the engine quantises its weights at every sync) with no correction vs TIS vs IcePop
+    c3po      C3PO++ budget-controlled partial rollouts vs synchronous rollouts: time per step and reward
+
+Every arm keeps the RL defaults (GRPO + IcePop, FP8 rollouts, 40 steps, lr 1e-4, tiers 1-2) except what it
+names. Each run is a `linglab rl` subprocess in `runs/cmp/<config hash>/seed<k>`; a run whose directory holds
+the same resolved config and a finished summary is reused, so arms shared by two experiments (the default
+GRPO + IcePop run is both the IcePop arm of `mismatch` and the synchronous arm of `c3po`) run once, and an
+interrupted comparison continues where it stopped. With --jobs 2 two runs share the machine at one thread
+each; `c3po` starts the two arms of a seed together so that their times are measured under the same load.
+
+    .venv/bin/python experiments/rl/compare.py --experiment c3po [--seeds 3] [--steps 40] [--jobs 2]
+    .venv/bin/python experiments/rl/compare.py --experiment mismatch --arms none,IcePop --steps 200 --name mismatch-200
+    .venv/bin/python experiments/rl/compare.py --pooled    # every distinct run of the 40-step results, together
+
+Writes results/<name>.json (per-arm curves, held-out accuracy before/after per tier, timings, per-seed values
+and their spread) and results/<name>.png; the name is the experiment's unless --name gives another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parents[1]))
+
+from linglab.config import load_config, to_toml  # noqa: E402
+from linglab.train import run_training  # noqa: E402
+
+RUNS, RESULTS = ROOT / "runs", ROOT / "results"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    title: str
+    arms: dict[str, dict[str, object]]  # arm label -> its rl.* overrides
+    common: dict[str, object]  # overrides of every arm
+    panels: tuple[tuple[str, str], ...]  # (metrics.jsonl key, y label) of the curve panels besides reward
+
+
+EXPERIMENTS = {
+    "algo": Experiment(
+        "GRPO vs GSPO vs LPO (2 PPO epochs per rollout batch)",
+        {"GRPO": {"rl.algo": "grpo"}, "GSPO": {"rl.algo": "gspo"}, "LPO": {"rl.algo": "lpo"}},
+        {"rl.ppo_epochs": 2},
+        (("clip_fraction", "clip fraction (2nd epoch)"), ("entropy", "entropy (nats/token)"),
+         ("grad_norm", "grad norm (before clipping)"))),
+    "mismatch": Experiment(
+        "FP8 rollouts: no correction vs TIS vs IcePop",
+        {"none": {"rl.correction": "none"}, "TIS": {"rl.correction": "tis"}, "IcePop": {"rl.correction": "icepop"}},
+        {"rl.rollout_precision": "fp8"},
+        (("mean_abs_logdiff", "mean |log pi_train - log pi_infer|"),
+         ("max_abs_logdiff", "max |log pi_train - log pi_infer|"),
+         ("mask_fraction", "share of tokens outside [0.5, 5]"))),
+    "c3po": Experiment(
+        "C3PO++ vs synchronous rollouts",
+        {"synchronous": {"rl.c3po": False}, "C3PO++": {"rl.c3po": True}},
+        {},
+        (("rollout_time", "rollout phase, s/step"), ("step_time", "whole step, s/step"),
+         ("response_tokens", "response tokens trained per step"))),
+}
+TIERS = ("easy", "medium", "hard")
+EVAL_METRICS = ("greedy_accuracy", "pass@1")
+
+
+def pretrained(path: str | None) -> Path:
+    """The checkpoint RL starts from: --pretrained, else the default tiny run (trained here once, ~5 min)."""
+    if path:
+        return Path(path)
+    final = RUNS / "pretrain" / "final"
+    if not final.is_dir():
+        run_training(load_config("tiny"), RUNS / "pretrain", overwrite=True,
+                     command="linglab train --preset tiny (experiments/rl/compare.py)")
+    return final
+
+
+def overrides_of(arm: dict, common: dict, args) -> list[str]:
+    settings = {"rl.steps": args.steps, "rl.lr": args.lr, "rl.eval_problems": args.eval_problems, **common, **arm}
+    return [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()]
+
+
+def run_dir(overrides: list[str], seed: int) -> tuple[Path, list[str], str]:
+    """The run's directory (keyed by the resolved config without the seed), its full overrides and config TOML."""
+    base = to_toml(load_config("tiny", overrides=overrides))
+    full = [*overrides, f"--rl.seed={seed}"]
+    key = hashlib.sha256(base.encode()).hexdigest()[:10]
+    return RUNS / "cmp" / key / f"seed{seed}", full, to_toml(load_config("tiny", overrides=full))
+
+
+def finished(out: Path, config: str) -> bool:
+    return ((out / "summary.json").is_file() and (out / "rl_eval.json").is_file()
+            and (out / "config.toml").is_file() and (out / "config.toml").read_text() == config)
+
+
+def launch(start: Path, out: Path, overrides: list[str], threads: int) -> None:
+    """One `linglab rl` run in a subprocess; its output goes to <out>.log."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "linglab", "rl", "--ckpt", str(start), "--out", str(out), "--overwrite", *overrides]
+    t0 = time.time()
+    with open(out.parent / f"{out.name}.log", "w") as log:
+        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise SystemExit(f"compare: run failed (exit {rc}); see {out.parent / (out.name + '.log')}")
+    print(f"  done {out.relative_to(RUNS)} in {time.time() - t0:.0f} s", flush=True)
+
+
+def read_run(out: Path) -> dict:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in rows if r.get("kind") == "train"]
+    return {"train": train, "eval": json.loads((out / "rl_eval.json").read_text()),
+            "summary": json.loads((out / "summary.json").read_text())}
+
+
+def curve(run: dict, key: str) -> np.ndarray:
+    return np.array([np.nan if r.get(key) is None else float(r[key]) for r in run["train"]])
+
+
+def smooth(values: np.ndarray, window: int = 5) -> np.ndarray:
+    """Trailing mean over `window` steps."""
+    return np.array([np.nanmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))])
+
+
+def spread(values: list[float]) -> dict:
+    return {"values": values, "mean": statistics.fmean(values),
+            "stdev": statistics.stdev(values) if len(values) > 1 else None}
+
+
+def summarise_arm(runs: list[dict]) -> dict:
+    """Per-arm figures over seeds: reward trend, stability, timings, mismatch statistics, held-out before/after."""
+    out: dict = {"seeds": len(runs)}
+    reward = [curve(r, "reward") for r in runs]
+    smoothed = [smooth(c) for c in reward]
+    out["reward_first5"] = spread([float(np.mean(c[:5])) for c in reward])
+    out["reward_last5"] = spread([float(np.mean(c[-5:])) for c in reward])
+    # Stability: the largest fall of the 5-step reward average below its running best, and the worst step.
+    out["reward_max_drawdown"] = spread([float(np.max(np.maximum.accumulate(s) - s)) for s in smoothed])
+    # Time per 1000 trained response tokens: C3PO++ steps end on a token budget, so their batches differ in size.
+    out["rollout_s_per_1k_tokens"] = spread([float(np.mean(curve(r, "rollout_time")[1:] / curve(r, "response_tokens")[1:]))
+                                             * 1000 for r in runs])
+    out["step_s_per_1k_tokens"] = spread([float(np.mean(curve(r, "step_time")[1:] / curve(r, "response_tokens")[1:]))
+                                          * 1000 for r in runs])
+    for key in ("step_time", "rollout_time", "tokens_generated", "response_tokens", "response_length", "entropy", "kl",
+                "stale_token_fraction", "prefill_tokens", "decode_steps", "decode_rows",
+                "mean_abs_logdiff", "max_abs_logdiff", "mask_fraction", "clip_fraction", "grad_norm"):
+        if any(key not in r["train"][0] for r in runs):  # e.g. the C3PO++ pool's stats in synchronous runs
+            continue
+        values = [float(np.nanmean(curve(r, key)[1:])) for r in runs]  # step 1 pays one-off warm-up costs
+        if all(np.isfinite(values)):
+            out[f"mean_{key}"] = spread(values)
+    # The trend over the run: means over each fifth of the steps (40-step blocks of a 200-step run).
+    for key in ("reward", "entropy", "mask_fraction", "mean_abs_logdiff"):
+        blocks = np.array([[np.mean(b) for b in np.array_split(curve(r, key), 5)] for r in runs])  # [seeds, 5]
+        out[f"{key}_by_fifth"] = blocks.mean(axis=0).tolist()
+    out["max_max_abs_logdiff"] = max(float(np.nanmax(curve(r, "max_abs_logdiff"))) for r in runs)
+    out["max_grad_norm"] = max(float(np.nanmax(curve(r, "grad_norm"))) for r in runs)
+    out["final_entropy"] = spread([float(np.mean(curve(r, "entropy")[-5:])) for r in runs])
+    heldout = {}
+    for tier in TIERS:
+        for metric in EVAL_METRICS:
+            before = [r["eval"]["before"]["tiers"][tier][metric] for r in runs]
+            after = [r["eval"]["after"]["tiers"][tier][metric] for r in runs]
+            heldout[f"{tier}/{metric}"] = {"before": before, "after": after,
+                                          "gain": spread([a - b for a, b in zip(after, before, strict=True)])}
+    out["heldout"] = heldout
+    return out
+
+
+def plot(exp: Experiment, arms: dict[str, list[dict]], path: Path) -> None:
+    keys = (("reward", "reward (5-step mean)"), *exp.panels)
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4.2 * (len(keys) + 1), 3.6), layout="constrained")
+    for ax, (key, label) in zip(axes, keys):
+        for i, (arm, runs) in enumerate(arms.items()):
+            curves = np.array([smooth(curve(r, key)) if key == "reward" else curve(r, key) for r in runs])
+            steps = np.arange(1, curves.shape[1] + 1)
+            for c in curves:
+                ax.plot(steps, c, color=f"C{i}", lw=0.6, alpha=0.3)
+            ax.plot(steps, np.nanmean(curves, axis=0), color=f"C{i}", lw=1.8, label=f"{arm} (mean of {len(runs)})")
+        ax.set(xlabel="RL step", ylabel=label)
+        if key in ("max_abs_logdiff", "mask_fraction"):
+            ax.set_yscale("symlog", linthresh=1e-3)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    ax = axes[-1]  # held-out greedy accuracy per tier, before (hatched, shared start) and after RL, per seed dots
+    width = 0.8 / (len(arms) + 1)
+    before = np.mean([[r["eval"]["before"]["tiers"][t]["greedy_accuracy"] for t in TIERS]
+                      for runs in arms.values() for r in runs], axis=0)
+    ax.bar(np.arange(3) - 0.4 + width / 2, 100 * before, width, color="0.75", label="before RL")
+    for i, (arm, runs) in enumerate(arms.items()):
+        after = np.array([[r["eval"]["after"]["tiers"][t]["greedy_accuracy"] for t in TIERS] for r in runs])
+        x = np.arange(3) - 0.4 + width * (i + 1.5)
+        ax.bar(x, 100 * after.mean(0), width, color=f"C{i}", label=arm)
+        for row in after:
+            ax.plot(x, 100 * row, "k.", ms=3)
+    ax.set_xticks(range(3), TIERS)
+    ax.set(ylabel="held-out greedy accuracy, %", title="after RL (dots: seeds)")
+    ax.legend(fontsize=7)
+    steps = len(next(iter(arms.values()))[0]["train"])
+    fig.suptitle(f"{exp.title}, {steps} steps")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--experiment", choices=sorted(EXPERIMENTS))
+    p.add_argument("--pooled", action="store_true", help="pool the held-out gains of every distinct run in "
+                   "results/{algo,mismatch,c3po}.json into results/pooled_gain.json")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--eval-problems", type=int, default=64, help="held-out problems per tier, before and after")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (each with 2 // jobs threads)")
+    p.add_argument("--pretrained", help="HF checkpoint to start from (default: train the tiny preset here)")
+    p.add_argument("--arms", help="comma-separated subset of the experiment's arms (default: all)")
+    p.add_argument("--name", help="results file stem (default: the experiment's name)")
+    args = p.parse_args()
+    if args.pooled:
+        return pooled()
+    if args.experiment is None:
+        p.error("give --experiment or --pooled")
+    exp = EXPERIMENTS[args.experiment]
+    if args.arms:
+        unknown = set(args.arms.split(",")) - set(exp.arms)
+        if unknown:
+            p.error(f"unknown arms {sorted(unknown)}; {args.experiment} has {list(exp.arms)}")
+        exp = Experiment(exp.title, {a: v for a, v in exp.arms.items() if a in args.arms.split(",")}, exp.common,
+                         exp.panels)
+    name = args.name or args.experiment
+    start = pretrained(args.pretrained).resolve()
+
+    plan = []  # (arm, seed, out, overrides, config), seed-major so that the arms of a seed run side by side
+    for seed in range(args.seeds):
+        for arm, settings in exp.arms.items():
+            out, full, config = run_dir(overrides_of(settings, exp.common, args), seed)
+            plan.append((arm, seed, out, full, config))
+    todo = [(out, full) for _, _, out, full, config in plan if not finished(out, config)]
+    print(f"{args.experiment}: {len(plan)} runs, {len(plan) - len(todo)} reused, {len(todo)} to run "
+          f"({args.jobs} at a time)", flush=True)
+    threads = max(1, 2 // args.jobs)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda job: launch(start, job[0], job[1], threads), todo))
+
+    arms: dict[str, list[dict]] = {arm: [] for arm in exp.arms}
+    for arm, _, out, _, _ in plan:
+        arms[arm].append(read_run(out))
+    result = {"experiment": args.experiment, "title": exp.title, "common": exp.common,
+              "arms": {arm: {"overrides": exp.arms[arm], "runs": [str(out.relative_to(RUNS)) for a, _, out, _, _ in plan
+                                                                  if a == arm], **summarise_arm(runs)}
+                       for arm, runs in arms.items()},
+              "settings": {"seeds": args.seeds, "steps": args.steps, "lr": args.lr,
+                           "eval_problems": args.eval_problems, "jobs": args.jobs, "threads_per_run": threads,
+                           "pretrained": str(start)},
+              "command": "experiments/rl/compare.py " + " ".join(sys.argv[1:])}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(exp, arms, RESULTS / f"{name}.png")
+    print_table(result)
+
+
+def pooled() -> None:
+    """Does RL raise the harder tier, whatever the variant? Each distinct run (the default recipe appears in two
+    experiments) of the 40-step comparisons once: its held-out gains per tier and metric, and their spread."""
+    runs: dict[str, dict] = {}
+    for name in EXPERIMENTS:
+        result = json.loads((RESULTS / f"{name}.json").read_text())
+        for arm, a in result["arms"].items():
+            for i, run in enumerate(a["runs"]):
+                entry = runs.setdefault(run, {"variants": [], "gain": {}})
+                entry["variants"].append(f"{name}/{arm}")
+                for key, h in a["heldout"].items():
+                    entry["gain"][key] = h["gain"]["values"][i]
+    table = {}
+    for key in next(iter(runs.values()))["gain"]:
+        gains = [r["gain"][key] for r in runs.values()]
+        table[key] = {**spread(gains), "positive": sum(g > 0 for g in gains), "runs": len(gains)}
+    out = {"runs": runs, "table": table, "command": "experiments/rl/compare.py --pooled"}
+    (RESULTS / "pooled_gain.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(f"{len(runs)} distinct RL runs (mean ± stdev of the gain, runs with a gain > 0)")
+    for key, row in table.items():
+        print(f"  {key:24s} {_pm(row, 100)} points, {row['positive']}/{row['runs']} > 0")
+
+
+def _pm(s: dict, scale: float = 1.0, fmt: str = ".1f") -> str:
+    sd = "" if s["stdev"] is None else f" ± {format(scale * s['stdev'], fmt)}"
+    return f"{format(scale * s['mean'], fmt)}{sd}"
+
+
+def print_table(result: dict) -> None:
+    """The Markdown table docs/rl.md quotes."""
+    print(f"\n{result['title']} ({result['settings']['seeds']} seeds, mean ± stdev)\n")
+    print("| arm | reward steps 1-5 | reward last 5 | max drawdown | hard greedy gain (pts) | hard pass@1 gain "
+          "| medium greedy gain | easy greedy gain | s/step | rollout s/step | rollout s per 1k tokens "
+          "| mean |dlogp| | mask fraction |")
+    print("|---" * 13 + "|")
+    for arm, a in result["arms"].items():
+        h = a["heldout"]
+        print(f"| {arm} | {_pm(a['reward_first5'], 1, '.3f')} | {_pm(a['reward_last5'], 1, '.3f')} "
+              f"| {_pm(a['reward_max_drawdown'], 1, '.3f')} | {_pm(h['hard/greedy_accuracy']['gain'], 100)} "
+              f"| {_pm(h['hard/pass@1']['gain'], 100)} | {_pm(h['medium/greedy_accuracy']['gain'], 100)} "
+              f"| {_pm(h['easy/greedy_accuracy']['gain'], 100)} | {_pm(a['mean_step_time'], 1, '.2f')} "
+              f"| {_pm(a['mean_rollout_time'], 1, '.2f')} | {_pm(a['rollout_s_per_1k_tokens'], 1, '.3f')} "
+              f"| {_pm(a['mean_mean_abs_logdiff'], 1, '.4f')} "
+              f"| {_pm(a['mean_mask_fraction'], 100, '.3f')}% |")
+
+
+if __name__ == "__main__":
+    main()
