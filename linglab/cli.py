@@ -428,11 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", help="the main job (make run): pretrain -> RL -> evaluation -> one report.md")
     add_config_args(p)
-    p.add_argument("--out", required=True, help="pipeline directory: pretrain/, rl/, summary.json, report.md")
+    p.add_argument("--out", required=True, help="pipeline directory: pretrain/, rl/ (rl-seed<s>/ with several RL "
+                   "seeds), summary.json, report.md")
     p.add_argument("--resume", action="store_true", help="keep finished stages, resume the unfinished one")
     p.add_argument("--overwrite", action="store_true", help="delete an existing pipeline in --out and start over")
-    p.add_argument("--rl-seeds", type=int, default=1, help="RL runs from the one pretraining, rl.seed, rl.seed + 1, "
-                   "...: the report gives the gain's spread over them (default 1; make run uses 3)")
+    p.add_argument("--rl-seeds", type=int, help="RL runs from the one pretraining, rl.seed, rl.seed + 1, ...: the "
+                   "report gives the gain's spread over them (default 1, or as many as the run being resumed has; "
+                   "make run uses 3)")
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("plan", help="heterogeneous pipeline plan: uniform vs planned stage partition (SPEC §7)")

@@ -56,8 +56,10 @@ def rl_runs(rl_seeds: int, first_seed: int) -> list[tuple[str, int]]:
 
 
 def run_pipeline(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False, command: str = "",
-                 console=None, rl_seeds: int = 1) -> dict:
-    """Pretrain, RL from the final checkpoint (once per RL seed), report; returns the pipeline summary."""
+                 console=None, rl_seeds: int | None = None) -> dict:
+    """Pretrain, RL from the final checkpoint (once per RL seed), report; returns the pipeline summary.
+
+    rl_seeds None: as many as the pipeline being resumed has, else 1."""
     from rich.console import Console
 
     from linglab.rl.trainer import run_rl
@@ -67,13 +69,16 @@ def run_pipeline(cfg: Config, out: str | Path, resume: bool = False, overwrite: 
     out = Path(out)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise LinglabError("pipeline: runs in one process; under torchrun use `linglab train`, then `linglab rl`")
-    if rl_seeds < 1:
+    if rl_seeds is not None and rl_seeds < 1:
         raise LinglabError(f"pipeline: --rl-seeds must be >= 1, got {rl_seeds}")
     prepare_run_dir(out, resume, overwrite, command="pipeline")
     previous = (_read_json(out / "summary.json") or {}) if resume else {}
+    if rl_seeds is None:
+        rl_seeds = len(previous.get("rl_runs", [RL]))
     stages = dict(previous.get("stages", {}))
     pretrain_dir = out / PRETRAIN
     runs = rl_runs(rl_seeds, cfg.rl.seed)
+    _write_summary(out, stages, command, runs)  # the RL runs are on record before anything can be interrupted
 
     state = _stage_state(pretrain_dir)
     if state != "done":

@@ -91,4 +91,8 @@ def test_several_rl_seeds_report_the_gain_with_its_spread(tmp_path):
     assert "2 RL seeds" in report
     row = next(line for line in report.splitlines() if line.startswith("| hard | pass@1 |"))
     assert row.endswith(f" {changes[0]:+.1f}, {changes[1]:+.1f} |")
+    before = (out / "rl-seed1" / "final" / "model.safetensors").read_bytes()
+    assert main(["pipeline", "--out", str(out), "--resume", *ARGS]) == 0  # resumes with the run's own 2 seeds
+    assert json.loads((out / "summary.json").read_text())["rl_runs"] == ["rl-seed0", "rl-seed1"]
+    assert (out / "rl-seed1" / "final" / "model.safetensors").read_bytes() == before and not (out / "rl").exists()
     assert main(["pipeline", "--out", str(tmp_path / "bad"), "--rl-seeds", "0", *ARGS]) == 2
