@@ -106,8 +106,7 @@ def _generate_batch(model: LingForCausalLM, prompts: torch.Tensor, pad: torch.Te
             break
         if step == steps - 1 or all(result.finished[r] or step + 1 >= limits[r] for r in range(batch)):
             break
-        # Finished rows keep decoding (their samples are discarded) so the batch keeps its shape. (Dropping them
-        # from the batch and the cache was measured: no faster for the RL rollouts of docs/rl.md on a CPU.)
+        # Finished rows keep decoding (their samples are discarded) so the batch keeps its shape.
         result.decode_steps += 1
         if use_cache:
             logits = model(ids[:, None], cache=cache, pad=pad)[:, -1]
@@ -157,9 +156,9 @@ def generate(model: LingForCausalLM, prompts: Sequence[Sequence[int]], max_new_t
         return result
     width = max(len(p) for p in prompts)
     # Left padding with id 0: masked, so its value never matters. None when every prompt is as long.
-    batch = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
-    pad = torch.tensor([width - len(p) for p in prompts], device=device)
-    pad = pad if bool(pad.any()) else None
+    pads = [width - len(p) for p in prompts]
+    batch = torch.tensor([[0] * n + list(p) for n, p in zip(pads, prompts)], dtype=torch.long, device=device)
+    pad = torch.tensor(pads, device=device) if any(pads) else None
 
     was_training = model.training
     model.eval()

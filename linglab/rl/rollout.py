@@ -103,7 +103,7 @@ class RolloutEngine:
             return 0
         start = [len(r.tokens) for r in active]
 
-        def record(result) -> bool:
+        def record(result) -> None:
             for r, n0, tokens, logprobs, eos in zip(active, start, result.tokens, result.logprobs, result.finished,
                                                     strict=True):
                 k = len(r.tokens) - n0  # tokens of this call already recorded
@@ -113,10 +113,14 @@ class RolloutEngine:
                     r.versions += [self.version] * (len(tokens) - k)
                 r.eos = eos
                 r.truncated = not eos and len(r.tokens) >= self.max_new_tokens
-            return stop is not None and stop()
+
+        def record_then_stop(result) -> bool:  # with a budget only: without one, recording once at the end does
+            record(result)
+            return stop()
 
         result = generate(self.model, [r.prompt + r.tokens for r in active], [self.max_new_tokens - n for n in start],
-                          self.eos_id, self.temperature, self.top_p, seed=generator, stop=record)
+                          self.eos_id, self.temperature, self.top_p, seed=generator,
+                          stop=None if stop is None else record_then_stop)
         record(result)
         self.work["prefill_tokens"] += result.prefill_tokens
         self.work["decode_steps"] += result.decode_steps
