@@ -170,3 +170,10 @@ def test_sft_command_writes_a_checkpoint_rl_can_start_from(start, tmp_path, caps
     assert main(args) == 2  # an existing --out is never overwritten without --overwrite
     assert main([*args[:5], "--rl.sft_steps=0", "--overwrite"]) == 2
     assert "rl.sft_steps" in capsys.readouterr().err and (out / "model.safetensors").is_file()
+    bare = tmp_path / "bare"  # an HF checkpoint without tokenizer.json: both commands refuse it before writing
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((start / name).read_bytes())
+    for command in ("sft", "rl"):
+        assert main([command, "--ckpt", str(bare), "--out", str(tmp_path / f"{command}-bare"), "--rl.sft_steps=1"]) == 2
+        assert "has no tokenizer.json" in capsys.readouterr().err and not (tmp_path / f"{command}-bare").exists()

@@ -30,6 +30,7 @@ pool), `final/`, `rl_eval.json` (greedy accuracy, pass@k and ApexEval per tier, 
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import shutil
@@ -222,6 +223,29 @@ def sft(model: LingForCausalLM, tokenizer: Tokenizer, cfg: RLConfig, log_row=Non
 # ---------------------------------------------------------------- the trainer
 
 
+def append_row(path: Path, row: dict) -> None:
+    """One JSON row appended to a metrics.jsonl."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def check_start_checkpoint(ckpt: str | Path, command: str) -> None:
+    """A one-line error, before anything is written, unless `ckpt` is an HF checkpoint with a tokenizer.json."""
+    checkpoint.load_config_json(ckpt)
+    if not (Path(ckpt) / "tokenizer.json").is_file():
+        raise LinglabError(f"{command}: {ckpt} has no tokenizer.json (RL and SFT decode and verify text)")
+
+
+def load_start(source: Path, device: torch.device, command: str) -> tuple[LingForCausalLM, Tokenizer]:
+    """The policy and its tokenizer from an HF checkpoint directory, on `device`."""
+    model = checkpoint.from_pretrained(source, device=device)
+    tokenizer = load_tokenizer(source / "tokenizer.json")
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise LinglabError(f"{command}: {source} has a tokenizer of {tokenizer.vocab_size} tokens for a model of "
+                           f"vocab_size {model.cfg.vocab_size}")
+    return model, tokenizer
+
+
 def rl_checkpoint_dirs(run_dir: Path) -> list[Path]:
     """Complete RL checkpoints of a run, oldest first (temp dirs of an interrupted write are ignored)."""
     root = run_dir / "checkpoints"
@@ -295,8 +319,7 @@ class RLTrainer:
         return path
 
     def write_metrics(self, row: dict) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(self.metrics_path, row)
 
     # -- one step
 
@@ -416,21 +439,15 @@ def run_sft(cfg: Config, ckpt: str | Path, out: str | Path, overwrite: bool = Fa
     console = console or Console()
     if rl.sft_steps < 1:
         raise LinglabError("sft: rl.sft_steps is 0; give the number of steps, e.g. --rl.sft_steps=100")
-    checkpoint.load_config_json(ckpt)
-    if not (Path(ckpt) / "tokenizer.json").is_file():
-        raise LinglabError(f"sft: {ckpt} has no tokenizer.json")
+    check_start_checkpoint(ckpt, "sft")
     run_dir = Path(out)
     prepare_run_dir(run_dir, resume=False, overwrite=overwrite, command="sft")
     (run_dir / "config.toml").write_text(to_toml(cfg))
     torch.manual_seed(rl.seed)
-    model = checkpoint.from_pretrained(ckpt, device=resolve_device(cfg.train.device))
-    tokenizer = load_tokenizer(Path(ckpt) / "tokenizer.json")
+    model, tokenizer = load_start(Path(ckpt), resolve_device(cfg.train.device), "sft")
     metrics = run_dir / "metrics.jsonl"
     metrics.write_text("")
-
-    def write_row(row: dict) -> None:
-        with open(metrics, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    write_row = functools.partial(append_row, metrics)
 
     stages = {}
     if rl.eval_problems:
@@ -454,7 +471,6 @@ def run_sft(cfg: Config, ckpt: str | Path, out: str | Path, overwrite: bool = Fa
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     console.print(f"SFT checkpoint: {run_dir} (linglab rl --ckpt {run_dir} ...)")
     return summary
-
 
 
 def add_rl_arguments(parser) -> None:
@@ -511,9 +527,7 @@ def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool =
     if not resume:  # a bad --ckpt is reported before anything is written to --out
         if ckpt is None:
             raise LinglabError("rl: --ckpt is required to start a run")
-        checkpoint.load_config_json(ckpt)
-        if not (Path(ckpt) / "tokenizer.json").is_file():
-            raise LinglabError(f"rl: {ckpt} has no tokenizer.json (RL decodes and verifies text)")
+        check_start_checkpoint(ckpt, "rl")
     prepare_run_dir(run_dir, resume, overwrite, command="rl")
     resuming = resume and (start_dir / checkpoint.CONFIG_NAME).is_file()
     if resume and not resuming and ckpt is None:
@@ -525,17 +539,10 @@ def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool =
 
     source = start_dir if resuming else Path(ckpt)
     device = resolve_device(cfg.train.device)
-    model = checkpoint.from_pretrained(source, device=device)
-    tokenizer = load_tokenizer(source / "tokenizer.json")
-    if tokenizer.vocab_size > model.cfg.vocab_size:
-        raise LinglabError(f"rl: {source} has a tokenizer of {tokenizer.vocab_size} tokens for a model of vocab_size "
-                           f"{model.cfg.vocab_size}")
+    model, tokenizer = load_start(source, device, "rl")
     tokenizer.save(run_dir / "tokenizer.json")
     metrics = run_dir / "metrics.jsonl"
-
-    def write_row(row: dict) -> None:
-        with open(metrics, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    write_row = functools.partial(append_row, metrics)
 
     if not resuming:
         metrics.write_text("")
