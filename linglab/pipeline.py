@@ -30,15 +30,9 @@ from pathlib import Path
 
 from linglab.config import Config
 from linglab.errors import LinglabError
+from linglab.report import read_json
 
 PRETRAIN, RL = "pretrain", "rl"
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _stage_state(stage_dir: Path) -> str:
@@ -72,7 +66,7 @@ def run_pipeline(cfg: Config, out: str | Path, resume: bool = False, overwrite: 
     if rl_seeds is not None and rl_seeds < 1:
         raise LinglabError(f"pipeline: --rl-seeds must be >= 1, got {rl_seeds}")
     prepare_run_dir(out, resume, overwrite, command="pipeline")
-    previous = (_read_json(out / "summary.json") or {}) if resume else {}
+    previous = (read_json(out / "summary.json") or {}) if resume else {}
     if rl_seeds is None:
         rl_seeds = len(previous.get("rl_runs", [RL]))
     stages = dict(previous.get("stages", {}))
@@ -166,12 +160,12 @@ def _image(out: Path, rel: str, caption: str) -> list[str]:
 def write_pipeline_report(out: str | Path) -> Path:
     """<out>/report.md from the files the two stages wrote; every number is read from them."""
     out = Path(out)
-    summary = _read_json(out / "summary.json") or {}
-    pre_summary = _read_json(out / PRETRAIN / "summary.json") or {}
-    pre_eval = _read_json(out / PRETRAIN / "final_eval.json") or {}
+    summary = read_json(out / "summary.json") or {}
+    pre_summary = read_json(out / PRETRAIN / "summary.json") or {}
+    pre_eval = read_json(out / PRETRAIN / "final_eval.json") or {}
     names = summary.get("rl_runs", [RL])
-    rl_summaries = [_read_json(out / name / "summary.json") or {} for name in names]
-    rl_evals = [_read_json(out / name / "rl_eval.json") for name in names]
+    rl_summaries = [read_json(out / name / "summary.json") or {} for name in names]
+    rl_evals = [read_json(out / name / "rl_eval.json") for name in names]
 
     lines = ["# linglab pipeline: pretrain -> RL -> evaluation", ""]
     if summary.get("command"):

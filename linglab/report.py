@@ -80,7 +80,7 @@ def _load_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return read_metrics(path)
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
     """The parsed file, or None when it is missing or unreadable (the report then names it)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -588,7 +588,7 @@ def write_report(run_dir: str | Path, title: str = "linglab training run") -> Pa
     run_dir = Path(run_dir)
     train, evals = _load_metrics(run_dir)
     plots = _render(run_dir, train, evals)
-    data = {name: _read_json(run_dir / name) for name in OPTIONAL_FILES if name.endswith(".json")}
+    data = {name: read_json(run_dir / name) for name in OPTIONAL_FILES if name.endswith(".json")}
     try:
         config_text = (run_dir / "config.toml").read_text(encoding="utf-8")
     except OSError:

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parents[1]))
 
 from linglab.config import load_config, to_toml  # noqa: E402
+from linglab.rl.report import smooth  # noqa: E402
 from linglab.train import run_training  # noqa: E402
 
 RUNS, RESULTS = ROOT / "runs", ROOT / "results"
@@ -133,11 +134,6 @@ def read_run(out: Path) -> dict:
 
 def curve(run: dict, key: str) -> np.ndarray:
     return np.array([np.nan if r.get(key) is None else float(r[key]) for r in run["train"]])
-
-
-def smooth(values: np.ndarray, window: int = 5) -> np.ndarray:
-    """Trailing mean over `window` steps."""
-    return np.array([np.nanmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))])
 
 
 def spread(values: list[float]) -> dict:

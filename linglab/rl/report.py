@@ -9,14 +9,13 @@ and `report.md`, every number computed from those files.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from linglab.report import DPI, FIGSIZE, read_metrics
+from linglab.report import DPI, FIGSIZE, read_json, read_metrics
 
 
 def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -25,7 +24,7 @@ def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array(steps, dtype=int), np.array(values, dtype=float)
 
 
-def _smooth(values: np.ndarray, window: int = 5) -> np.ndarray:
+def smooth(values: np.ndarray, window: int = 5) -> np.ndarray:
     """Trailing mean over `window` steps: a step's reward is a small-batch estimate, the trend is what matters."""
     cumulative = np.cumsum(np.insert(values, 0, 0.0))
     counts = np.minimum(np.arange(1, len(values) + 1), window)
@@ -58,7 +57,7 @@ def _plot_curve(train: list[dict], key: str, title: str, ylabel: str, fmt: str, 
         return None
     fig, ax = _figure(title, ylabel)
     ax.plot(steps, values, lw=0.8, alpha=0.5, label="per step")
-    ax.plot(steps, _smooth(values), lw=1.5, label="5-step mean")
+    ax.plot(steps, smooth(values), lw=1.5, label="5-step mean")
     ax.legend(fontsize=8)
     _save(fig, path)
     return f"{title.capitalize()} went from {_first_last(steps, values, fmt)}."
@@ -69,12 +68,12 @@ def _plot_accuracy(train: list[dict], path: Path) -> str | None:
     if not len(steps):
         return None
     fig, ax = _figure("rollout accuracy (verifier)", "accuracy")
-    ax.plot(steps, _smooth(values), lw=1.8, color="black", label="all (5-step mean)")
+    ax.plot(steps, smooth(values), lw=1.8, color="black", label="all (5-step mean)")
     tiers = list(dict.fromkeys(t for r in train for t in r.get("accuracy_by_tier") or {}))
     for tier in tiers:
         rows = [{"step": r["step"], "a": r["accuracy_by_tier"][tier]} for r in train if tier in (r.get("accuracy_by_tier") or {})]
         s, v = _series(rows, "a")
-        ax.plot(s, _smooth(v), lw=1, label=f"{tier} (5-step mean)")
+        ax.plot(s, smooth(v), lw=1, label=f"{tier} (5-step mean)")
     ax.set_ylim(-0.03, 1.03)
     ax.legend(fontsize=8)
     _save(fig, path)
@@ -151,18 +150,12 @@ def write_rl_report(run_dir: str | Path, title: str = "linglab RL run") -> Path:
         if caption is not None:
             drawn.append((stem, caption))
 
-    def read(name):
-        try:
-            return json.loads((run_dir / name).read_text())
-        except (OSError, ValueError):
-            return None
-
-    summary = read("summary.json") or {}
+    summary = read_json(run_dir / "summary.json") or {}
     lines = [f"# {title}", ""]
     if summary:
         shown = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in summary.items() if v not in ("", None)}
         lines += ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in shown.items()), ""]
-    lines += _eval_section(read("rl_eval.json"))
+    lines += _eval_section(read_json(run_dir / "rl_eval.json"))
     if drawn:
         lines += ["## Plots", ""]
     for stem, caption in drawn:
