@@ -15,9 +15,14 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# The main job: pretrain -> RL -> evaluation -> runs/tiny/report.md (linglab/pipeline.py).
-run: $(STAMP)
-	$(VENV)/bin/linglab pipeline --preset tiny --out runs/tiny --overwrite --rl-seeds 3
+# The main job: pretrain -> RL -> evaluation -> runs/tiny/report.md (linglab/pipeline.py). Its wall time, with
+# the install when this call did it, goes to runs/tiny/make_run.json.
+run:
+	@start=$$(date +%s); install=$$(test -f $(STAMP) && echo false || echo true); \
+	$(MAKE) --no-print-directory $(STAMP) && \
+	$(VENV)/bin/linglab pipeline --preset tiny --out runs/tiny --overwrite --rl-seeds 3 && \
+	echo "{\"make_run_seconds\": $$(( $$(date +%s) - start )), \"install_included\": $$install}" > runs/tiny/make_run.json && \
+	cat runs/tiny/make_run.json
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -253,7 +253,7 @@ class RLConfig:
     max_new_tokens: int = 64  # response length limit (the longest worked solution is ~55 tokens)
     temperature: float = 1.0  # rollout sampling temperature (SPEC §5 Ring-1T: 1.0)
     top_p: float = 1.0  # rollout nucleus sampling
-    lr: float = 1e-4  # AdamW, constant (docs/rl.md: 2e-5 left the reward flat, 3e-4 collapsed it)
+    lr: float = 1e-4  # AdamW, constant; the rate of every experiment in docs/rl.md
     beta1: float = 0.9  # SPEC §5 Ring-1T: (0.9, 0.999)
     beta2: float = 0.999
     weight_decay: float = 0.01
