@@ -234,8 +234,9 @@ class LingForCausalLM(nn.Module):
                 m.tokens_per_expert.zero_()
 
     def moe_layers(self) -> list[MoE]:
-        """The MoE blocks of the main stack (the MTP layer's router is excluded from balancing stats)."""
-        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+        """Every MoE block with a router, in model order: the main stack, then the MTP layer's (SPEC §1.4: each
+        router that has an expert bias gets the aux-loss-free update, and its load counts in MaxVio)."""
+        return [layer.mlp for layer in [*self.model.layers, *self.model.mtp_layers] if isinstance(layer.mlp, MoE)]
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None, cache: KVCache | None = None, pad: torch.Tensor | None = None):
@@ -298,7 +299,7 @@ def count_parameters(model: LingForCausalLM) -> ParamCounts:
     total = sum(p.numel() for p in model.parameters()) - mtp
     inactive = sum(
         (cfg.num_experts - cfg.num_experts_per_tok) * sum(p[0].numel() for p in m.experts.parameters())
-        for m in model.moe_layers())
+        for m in (layer.mlp for layer in model.model.layers) if isinstance(m, MoE))
     active = total - inactive
     embedding = model.model.word_embeddings.weight.numel() + model.lm_head.weight.numel()
     return ParamCounts(total=total, active=active, active_non_embedding=active - embedding, mtp=mtp)

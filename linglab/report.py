@@ -240,7 +240,7 @@ def _plot_maxvio(train: list[dict], evals: list[dict], path: Path) -> str | None
         colors = ListedColormap(plt.get_cmap("viridis")(np.linspace(0, 0.85, 256)))  # viridis minus pale yellow
         for i in range(n_layers):
             ax.plot(layer_steps, layer_vio[:, i], lw=0.8, alpha=0.7, color=colors(i / max(n_layers - 1, 1)),
-                    label=f"MoE layer {i}" if n_layers <= 8 else None)
+                    label=(_moe_layer_name(rows[-1], i) if n_layers <= 8 else None))
         if n_layers > 8:  # a legend of dozens of layers would cover the plot; a colour scale reads better
             scale = plt.cm.ScalarMappable(norm=Normalize(0, n_layers - 1), cmap=colors)
             colorbar = fig.colorbar(scale, ax=ax, label="MoE layer")
@@ -253,8 +253,15 @@ def _plot_maxvio(train: list[dict], evals: list[dict], path: Path) -> str | None
                f"from {vio[0]:.3g} at step {steps[0]} to {vio[-1]:.3g} at step {steps[-1]}")
     if layer_vio is not None and np.isfinite(layer_vio[-1]).any():
         worst = int(np.nanargmax(layer_vio[-1]))
-        caption += f"; at step {layer_steps[-1]} the worst was MoE layer {worst} ({layer_vio[-1, worst]:.3g})"
+        caption += f"; at step {layer_steps[-1]} the worst was {_moe_layer_name(rows[-1], worst)} ({layer_vio[-1, worst]:.3g})"
     return caption + "."
+
+
+def _moe_layer_name(row: dict, i: int) -> str:
+    """Entry i of a row's `maxvio_per_layer`: the main stack's MoE layers, then the MTP layer's when it has one."""
+    if row.get("maxvio_mtp") is not None and i == len(row["maxvio_per_layer"]) - 1:
+        return "MTP layer"
+    return f"MoE layer {i}"
 
 
 def _pct(share: float) -> str:

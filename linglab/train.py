@@ -388,6 +388,7 @@ class Trainer:
         vios = [max_violation(load) for load in loads]
         row = {"kind": "train", "step": self.step, "tokens": self.counters["tokens"], "lr": lr,
                "grad_norm": grad_norm, "maxvio": max(vios, default=0.0), "maxvio_per_layer": vios,
+               "maxvio_mtp": vios[-1] if self.cfg.model.num_nextn_predict_layers else None,
                "skipped": not finite, **totals}
         if not self.cfg.model.num_nextn_predict_layers:
             row["mtp_loss"] = None

@@ -14,6 +14,7 @@ import torch
 from linglab.cli import main
 from linglab.config import TrainConfig, load_config
 from linglab.model import build_model
+from linglab.moe import max_violation
 from linglab.train import Trainer, TrainingDiverged, build_data, checkpoint_dirs, lr_at, prepare_run_dir
 
 # A fast run: small batch, short sequences, a small corpus and few held-out problems.
@@ -66,6 +67,25 @@ def _trainer(tmp_path, max_bad_steps=3):
     prepare_run_dir(tmp_path, resume=False, overwrite=True)
     data = build_data(cfg.data, tmp_path, cfg.train.eval_problems)
     return Trainer(cfg, tmp_path, data, build_model(cfg.model, seed=0), log=lambda *a: None)
+
+
+def test_mtp_router_bias_moves_toward_balance_and_its_maxvio_is_reported(tmp_path):
+    """SPEC §1.4: every router with an expert bias is balanced, the MTP layer's included (SPEC §1.5)."""
+    trainer = _trainer(tmp_path)
+    mtp = trainer.model.model.mtp_layers[0].mlp
+    assert trainer.model.moe_layers()[-1] is mtp
+    for _ in range(3):
+        before = mtp.gate.expert_bias.clone()
+        row = trainer.train_step()
+        load = mtp.tokens_per_expert.float()
+        assert load.sum() > 0, "the MTP layer routed no tokens"
+        delta = mtp.gate.expert_bias - before
+        over, under = load > load.mean(), load < load.mean()
+        assert (delta[over] < 0).all() and (delta[under] > 0).all(), "overloaded experts must lose bias, idle ones gain"
+        assert row["maxvio_mtp"] == pytest.approx(max_violation(load))
+        assert row["maxvio_per_layer"][-1] == row["maxvio_mtp"]
+        assert len(row["maxvio_per_layer"]) == len(trainer.model.moe_layers())
+        assert row["maxvio"] == max(row["maxvio_per_layer"])
 
 
 def test_non_finite_steps_are_skipped_and_too_many_stop_with_last_good_checkpoint(tmp_path, monkeypatch):

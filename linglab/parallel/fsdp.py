@@ -56,7 +56,7 @@ def apply_fsdp(model: LingForCausalLM, mesh: DeviceMesh, mp_policy: MixedPrecisi
 
 @torch.no_grad()
 def all_reduce_expert_loads(model: LingForCausalLM, group: dist.ProcessGroup | None = None) -> None:
-    """Sum every main-stack MoE layer's `tokens_per_expert` over the ranks of `group`, in place (SPEC §1.4).
+    """Sum every MoE layer's `tokens_per_expert` (the MTP layer's included) over the ranks of `group`, in place (SPEC §1.4).
 
     The bias update needs the step's global loads, and after this every rank holds the same loads, so
     each rank's `update_expert_bias` moves its replicated bias identically. `group` must span every rank
