@@ -26,9 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import matmul_peak_flops, report  # noqa: E402
 
 from linglab.config import load_config  # noqa: E402
+from linglab.data import build_data  # noqa: E402
 from linglab.flops import flops_per_token  # noqa: E402
 from linglab.model import build_model  # noqa: E402
-from linglab.train import Trainer, build_data  # noqa: E402
+from linglab.run import RunDir  # noqa: E402
+from linglab.train import build_trainer  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +51,7 @@ def main() -> None:
         run_dir = Path(tmp)
         data = build_data(cfg.data, run_dir, eval_problems=8)
         model = build_model(cfg.model, seed=0)
-        trainer = Trainer(cfg, run_dir, data, model, log=lambda *a: None)
+        trainer = build_trainer(cfg, RunDir(run_dir), data, model, log=lambda *a: None)
 
         bare_model = build_model(cfg.model, seed=0)
         ids = data.train.tokens[:batch].long()

@@ -122,7 +122,7 @@ def cmd_train(args, overrides) -> None:
 
     cfg = _load_cfg(args, overrides)
     out = Path(args.out or f"runs/{args.preset}")
-    run_training(cfg, out, resume=args.resume, overwrite=args.overwrite, command="linglab " + " ".join(sys.argv[1:]))
+    run_training(cfg, out, resume=args.resume, overwrite=args.overwrite, command=args.command_line)
 
 
 def cmd_merge(args, overrides) -> None:
@@ -133,9 +133,10 @@ def cmd_merge(args, overrides) -> None:
         raise LinglabError(f"merge: unexpected arguments {' '.join(overrides)}")
     ckpts = [Path(p) for p in args.ckpts]
     if len(ckpts) == 1 and (ckpts[0] / "checkpoints").is_dir():  # a run directory: its kept checkpoints
-        from linglab.train import checkpoint_dirs
+        from linglab.run import RunDir
+        from linglab.train import STATE_NAME
 
-        ckpts = checkpoint_dirs(ckpts[0])
+        ckpts = RunDir(ckpts[0], "merge", STATE_NAME).checkpoints()
     if len(ckpts) < 2:
         raise LinglabError(f"merge: need at least 2 checkpoints, got {len(ckpts)}")
     weights = merge_weights_from_decay(decay_schedule(args.decay, len(ckpts) - 1))
@@ -192,31 +193,33 @@ def cmd_generate(args, overrides) -> None:
 
 
 def cmd_eval(args, overrides) -> None:
-    """Held-out loss and greedy exact match per tier of a checkpoint, on the embedded tasks."""
+    """Held-out loss and greedy exact match per tier of a checkpoint, on the embedded tasks: the evaluation a training
+    run ends with (`evals.evaluate_run`), on the held-out problems of the run's data.seed."""
     from rich.console import Console
     from rich.table import Table
 
     from linglab import evals
     from linglab.checkpoint import from_pretrained
-    from linglab.data import PackedDataset
-    from linglab.tasks import TIERS, format_document, generate_problems
+    from linglab.data import heldout_data
+    from linglab.tasks import TIERS, heldout_problems
     from linglab.tokenizer import load_tokenizer
 
     if overrides:
         raise LinglabError(f"eval: unexpected arguments {' '.join(overrides)}")
     model = from_pretrained(args.ckpt)
     tokenizer = load_tokenizer(Path(args.ckpt) / "tokenizer.json")
+    data = heldout_data(tokenizer, heldout_problems(args.problems, range(len(TIERS)), args.data_seed), args.seq_len)
+    row = evals.evaluate_run(model, data, step=0)
     table = Table(title=f"held-out evaluation of {args.ckpt}")
     for col in ("tier", "description", "exact match", "n", "held-out loss"):
         table.add_column(col)
-    for tier, info in enumerate(TIERS):
-        # Same held-out problems as the training run's evaluation with data.seed = args.data_seed.
-        problems = generate_problems(args.problems, tiers=[tier], seed=args.data_seed + 1 + tier, split="heldout")
-        packed = PackedDataset.from_pairs([format_document(p) for p in problems], tokenizer, args.seq_len)
-        acc = evals.tier_accuracy(model, tokenizer, problems)
-        table.add_row(info.name, info.description, f"{acc:.1%}", str(len(problems)),
-                      f"{evals.heldout_loss(model, packed):.4f}")
+    for tier, problems in data.heldout_problems.items():
+        name = TIERS[tier].name
+        loss = row["heldout_loss_by_tier"].get(name)
+        table.add_row(name, TIERS[tier].description, f"{row['accuracy'][name]:.1%}", str(len(problems)),
+                      "-" if loss is None else f"{loss:.4f}")
     Console().print(table)
+    print(f"held-out loss (all tiers): {row['heldout_loss']:.4f}")
 
 
 def _positive_flops(text: str, what: str) -> float:
@@ -298,7 +301,7 @@ def cmd_rl(args, overrides) -> None:
 
 def cmd_sft(args, overrides) -> None:
     """Supervised fine-tuning on worked solutions, written as an HF checkpoint (the optional stage before RL)."""
-    from linglab.rl.trainer import run_sft
+    from linglab.rl.sft import run_sft
 
     cfg = _load_cfg(args, overrides)
     run_sft(cfg, args.ckpt, args.out, overwrite=args.overwrite, command=args.command_line)
@@ -315,9 +318,11 @@ def cmd_pipeline(args, overrides) -> None:
 
 def cmd_plan(args, overrides) -> None:
     """Uniform vs planned pipeline partition of a model over stages and virtual stages (SPEC §7)."""
-    from linglab.parallel.planner import plan_command
+    from linglab.parallel.planner import compare_plans, format_comparison
 
-    print(plan_command(args.preset, args.stages, args.virtual, args.micro_batches, args.measured, overrides))
+    cfg = _load_cfg(args, overrides)
+    uniform, planned, unit = compare_plans(cfg, args.stages, args.virtual, args.micro_batches, args.measured)
+    print(format_comparison(uniform, planned, args.micro_batches, unit, f"pipeline plan for {args.preset}"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -414,9 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_scaling_suggest)
     p = sub.add_parser("rl", help="RL post-training of a checkpoint: GRPO/DAPO/Dr.GRPO/GSPO/LPO, IcePop/TIS, C3PO++")
     add_config_args(p)
-    from linglab.rl.trainer import add_rl_arguments
-
-    add_rl_arguments(p)
+    p.add_argument("--ckpt", help="HF checkpoint directory with tokenizer.json to start from (not needed with --resume)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start over")
     p.set_defaults(func=cmd_rl)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on worked solutions (rl.sft_* keys), before RL")

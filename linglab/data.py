@@ -28,13 +28,15 @@ import itertools
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from linglab.errors import LinglabError
-from linglab.tokenizer import Tokenizer
+from linglab.tasks import format_document, generate_problems, heldout_problems
+from linglab.tokenizer import Tokenizer, load_tokenizer
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 _BLANK_LINES = re.compile(r"\n[ \t]*\n")
@@ -243,3 +245,63 @@ class DataLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._permutation(self.epoch)
+
+
+# ---------------------------------------------------------------- a run's data
+
+
+@dataclass
+class RunData:
+    """What a pretraining run (or `linglab eval`) reads: the tokenizer, packed train rows and the held-out sets."""
+
+    tokenizer: Tokenizer
+    train: PackedDataset | None
+    heldout: PackedDataset | None  # every held-out tier packed together: the run's held-out loss
+    heldout_problems: dict[int, list] = field(default_factory=dict)  # tier -> problems (embedded corpus)
+    heldout_by_tier: dict[int, PackedDataset] = field(default_factory=dict)  # tier -> its problems packed alone
+
+
+def heldout_data(tokenizer: Tokenizer, problems: dict[int, list], seq_len: int) -> RunData:
+    """Held-out problems per tier packed for loss (all together, and each tier alone), without training rows."""
+    pairs = [format_document(p) for tier in problems for p in problems[tier]]
+    heldout = PackedDataset.from_pairs(pairs, tokenizer, seq_len) if pairs else None
+    by_tier = {}
+    for tier, ps in problems.items():
+        try:
+            by_tier[tier] = PackedDataset.from_pairs([format_document(p) for p in ps], tokenizer, seq_len)
+        except LinglabError:  # too few problems to fill one row alone: that tier's loss is only in the joint one
+            continue
+    return RunData(tokenizer, None, heldout, problems, by_tier)
+
+
+def build_data(cfg, run_dir: Path, eval_problems: int, save_tokenizer: bool = True) -> RunData:
+    """Corpus, tokenizer (loaded, reused from the run dir, or trained and saved there) and packed datasets of the
+    `[data]` section `cfg`.
+
+    `save_tokenizer=False` leaves the run dir alone (ranks other than 0, which reuse the tokenizer rank 0 saved).
+    """
+    problems = {}
+    if cfg.path:
+        texts = load_text_documents(cfg.path)
+        pairs = None
+    else:
+        pairs = [format_document(p) for p in generate_problems(cfg.num_documents, tiers=cfg.tiers, seed=cfg.seed,
+                                                               split="train")]
+        texts = [prompt + solution for prompt, solution in pairs]
+        problems = heldout_problems(eval_problems, cfg.tiers, cfg.seed)
+
+    saved = run_dir / "tokenizer.json"
+    if cfg.tokenizer:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    elif saved.is_file():
+        tokenizer = load_tokenizer(saved)
+    else:
+        tokenizer = Tokenizer.train(texts[:20000], vocab_size=cfg.vocab_size)
+    if save_tokenizer:
+        tokenizer.save(saved)
+
+    if pairs is None:
+        return RunData(tokenizer, PackedDataset.from_texts(texts, tokenizer, cfg.seq_len), None)
+    data = heldout_data(tokenizer, problems, cfg.seq_len)
+    data.train = PackedDataset.from_pairs(pairs, tokenizer, cfg.seq_len, loss_on_prompt=cfg.loss_on_prompt)
+    return data

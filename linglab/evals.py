@@ -53,13 +53,17 @@ def tier_accuracy(model: LingForCausalLM, tokenizer, problems: list[Problem]) ->
     return sum(is_correct(c, p) for c, p in zip(completions, problems)) / max(len(problems), 1)
 
 
-def evaluate_run(model: LingForCausalLM, data, step: int, seq_len: int) -> dict:
-    """An eval row for metrics.jsonl: held-out loss and accuracy per tier (embedded corpus only)."""
-    row = {"kind": "eval", "step": step, "heldout_loss": None, "accuracy": {}}
+def evaluate_run(model: LingForCausalLM, data, step: int) -> dict:
+    """An eval row for metrics.jsonl: held-out loss (all tiers together and each alone) and greedy exact match per
+    tier, of a `RunData` (the embedded corpus; user text has no held-out problems)."""
+    row = {"kind": "eval", "step": step, "heldout_loss": None, "accuracy": {}, "heldout_loss_by_tier": {}}
     if data.heldout is not None:
         row["heldout_loss"] = heldout_loss(model, data.heldout)
     for tier, problems in data.heldout_problems.items():
-        row["accuracy"][TIERS[tier].name] = tier_accuracy(model, data.tokenizer, problems)
+        name = TIERS[tier].name
+        row["accuracy"][name] = tier_accuracy(model, data.tokenizer, problems)
+        if tier in data.heldout_by_tier:
+            row["heldout_loss_by_tier"][name] = heldout_loss(model, data.heldout_by_tier[tier])
     return row
 
 

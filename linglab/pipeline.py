@@ -57,7 +57,8 @@ def run_pipeline(cfg: Config, out: str | Path, resume: bool = False, overwrite: 
     from rich.console import Console
 
     from linglab.rl.trainer import run_rl
-    from linglab.train import prepare_run_dir, run_training
+    from linglab.run import RunDir
+    from linglab.train import run_training
 
     console = console or Console()
     out = Path(out)
@@ -65,7 +66,7 @@ def run_pipeline(cfg: Config, out: str | Path, resume: bool = False, overwrite: 
         raise LinglabError("pipeline: runs in one process; under torchrun use `linglab train`, then `linglab rl`")
     if rl_seeds is not None and rl_seeds < 1:
         raise LinglabError(f"pipeline: --rl-seeds must be >= 1, got {rl_seeds}")
-    prepare_run_dir(out, resume, overwrite, command="pipeline")
+    RunDir(out, "pipeline").prepare(resume, overwrite)
     previous = (read_json(out / "summary.json") or {}) if resume else {}
     if rl_seeds is None:
         rl_seeds = len(previous.get("rl_runs", [RL]))

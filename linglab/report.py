@@ -34,6 +34,7 @@ from matplotlib.colors import ListedColormap, LogNorm, Normalize, TwoSlopeNorm  
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 from linglab.errors import LinglabError  # noqa: E402
+from linglab.run import read_jsonl  # noqa: E402
 
 FIGSIZE = (6.0, 3.5)  # inches; small enough to read side by side with the text of report.md
 WIDE_FIGSIZE = (10.0, 3.5)  # the two-panel expert-load figure
@@ -62,15 +63,8 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
 
 
 def _metric_rows(path: str | Path):
-    """The parsable dict rows with an integer step of a metrics.jsonl, in file order (torn lines skipped)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and _is_int(row.get("step")):
-                yield row
+    """The rows with an integer step of a metrics.jsonl, in file order (torn lines skipped, `run.read_jsonl`)."""
+    return [row for row in read_jsonl(path) if _is_int(row.get("step"))]
 
 
 def _load_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:

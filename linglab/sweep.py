@@ -29,7 +29,6 @@ import dataclasses
 import functools
 import json
 import math
-import random
 import shutil
 import time
 import tomllib
@@ -412,23 +411,22 @@ def train_run(run: PlannedRun, data, run_dir: Path, log=print) -> dict:
     from it and only evaluated; anything less is discarded and trained from the start: runs are minutes long.
     Checkpoints are deleted once measured; config.toml and metrics.jsonl stay.
     """
-    import torch
 
     from linglab import evals, report
     from linglab.model import build_model
-    from linglab.train import Trainer, checkpoint_dirs, prepare_run_dir
+    from linglab.run import RunDir, seed_everything
+    from linglab.train import STATE_NAME, build_trainer
 
     start = time.perf_counter()
     cfg = run.config()
-    resume = any(d.name == f"step_{run.steps:06d}" for d in checkpoint_dirs(run_dir)) \
+    rd = RunDir(run_dir, "scaling sweep", STATE_NAME)
+    resume = any(d.name == f"step_{run.steps:06d}" for d in rd.checkpoints()) \
         and (run_dir / "config.toml").is_file() and (run_dir / "config.toml").read_text() == to_toml(cfg)
-    prepare_run_dir(run_dir, resume=resume, overwrite=not resume, command="scaling sweep")
-    (run_dir / "config.toml").write_text(to_toml(cfg))
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
+    rd.prepare(resume=resume, overwrite=not resume)
+    rd.write_config(cfg)
+    seed_everything(cfg.train.seed)
     model = build_model(cfg.model, seed=cfg.train.seed)
-    trainer = Trainer(cfg, run_dir, data, model, log=log)
+    trainer = build_trainer(cfg, rd, data, model, log=log)
     if resume:
         trainer.resume()
     trainer.fit()
@@ -449,7 +447,7 @@ def train_run(run: PlannedRun, data, run_dir: Path, log=print) -> dict:
 
 def run_sweep(grid: SweepGrid, out: str | Path, log=print, command: str = "") -> list[dict]:
     """Train every planned run not yet in out/results.jsonl, appending one line per finished run; returns the new rows."""
-    from linglab.train import build_data
+    from linglab.data import build_data
 
     out = Path(out)
     runs, notes = plan_runs(grid)

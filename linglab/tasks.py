@@ -181,6 +181,12 @@ def generate_problems(n: int, tiers: Sequence[int], seed: int, split: str) -> li
     return problems
 
 
+def heldout_problems(n: int, tiers: Sequence[int], seed: int) -> dict[int, list[Problem]]:
+    """The evaluation sets of a corpus generated with `seed`: `n` held-out problems per tier (each distinct tier once),
+    tier t drawn with seed + 1 + t, so pretraining, `linglab eval`, SFT and RL evaluate on the same problems."""
+    return {t: generate_problems(n, tiers=[t], seed=seed + 1 + t, split="heldout") for t in sorted(set(tiers))}
+
+
 def format_document(problem: Problem) -> tuple[str, str]:
     """The (prompt, solution) pair a training document is made of; EOS is added by the data layer."""
     return problem.prompt, problem.solution

@@ -29,20 +29,15 @@ bias moves on the rank whose stage holds it.
 
 from __future__ import annotations
 
-import json
 import math
-import random
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from linglab import checkpoint as ckpt
-from linglab.config import Config, DataConfig, FP8Config, TrainConfig, to_toml
-from linglab.data import DataLoader, PackedDataset, load_text_documents
+from linglab.config import Config, FP8Config, TrainConfig
+from linglab.data import DataLoader, RunData, build_data
 from linglab.errors import LinglabError
 from linglab.flops import flops_per_token, matmul_peak_flops
 from linglab.fp8 import Fp8Monitor, Fp8Recipe, convert_to_fp8
@@ -51,8 +46,8 @@ from linglab.moe import max_violation, update_expert_bias
 from linglab.parallel.parallel_dims import ParallelDims, init_parallel
 from linglab.parallel.pipeline import PipelineRunner
 from linglab.parallel.planner import training_plan
-from linglab.tasks import TIERS, format_document, generate_problems
-from linglab.tokenizer import Tokenizer, load_tokenizer
+from linglab.run import RunDir, build_adamw, resolve_device, rng_state, seed_everything, set_rng_state
+from linglab.tasks import TIERS
 
 STATE_NAME = "train_state.pt"
 
@@ -71,140 +66,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         if decay_steps and step > decay_start:
             return cfg.lr * (cfg.max_steps - step) / decay_steps
     return cfg.lr
-
-
-# ---------------------------------------------------------------- data
-
-
-@dataclass
-class RunData:
-    tokenizer: Tokenizer
-    train: PackedDataset
-    heldout: PackedDataset | None
-    heldout_problems: dict[int, list] = field(default_factory=dict)  # tier -> problems (embedded corpus)
-
-
-def build_data(cfg: DataConfig, run_dir: Path, eval_problems: int, save_tokenizer: bool = True) -> RunData:
-    """Corpus, tokenizer (loaded, reused from the run dir, or trained and saved there) and packed datasets.
-
-    `save_tokenizer=False` leaves the run dir alone (ranks other than 0, which reuse the tokenizer rank 0 saved).
-    """
-    heldout_problems, heldout = {}, None
-    if cfg.path:
-        texts = load_text_documents(cfg.path)
-        pairs = None
-    else:
-        problems = generate_problems(cfg.num_documents, tiers=cfg.tiers, seed=cfg.seed, split="train")
-        pairs = [format_document(p) for p in problems]
-        texts = [prompt + solution for prompt, solution in pairs]
-        for tier in sorted(set(cfg.tiers)):
-            heldout_problems[tier] = generate_problems(eval_problems, tiers=[tier], seed=cfg.seed + 1 + tier,
-                                                       split="heldout")
-
-    saved = run_dir / "tokenizer.json"
-    if cfg.tokenizer:
-        tokenizer = load_tokenizer(cfg.tokenizer)
-    elif saved.is_file():
-        tokenizer = load_tokenizer(saved)
-    else:
-        tokenizer = Tokenizer.train(texts[:20000], vocab_size=cfg.vocab_size)
-    if save_tokenizer:
-        tokenizer.save(saved)
-
-    if pairs is not None:
-        train = PackedDataset.from_pairs(pairs, tokenizer, cfg.seq_len, loss_on_prompt=cfg.loss_on_prompt)
-        held_pairs = [format_document(p) for tier in heldout_problems for p in heldout_problems[tier]]
-        heldout = PackedDataset.from_pairs(held_pairs, tokenizer, cfg.seq_len) if held_pairs else None
-    else:
-        train = PackedDataset.from_texts(texts, tokenizer, cfg.seq_len)
-    return RunData(tokenizer, train, heldout, heldout_problems)
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def resolve_device(name: str) -> torch.device:
-    """`train.device` as a torch.device: "auto" is cuda when one is visible; a missing GPU is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LinglabError(f"train: train.device={name} but torch sees no CUDA device (use train.device=cpu)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise LinglabError(f"train: train.device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible")
-    return device
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temp dirs of an interrupted write are ignored)."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
-                  and (p / STATE_NAME).is_file())
-
-
-def save_checkpoint(run_dir: Path, model, model_state: dict, optimizer_state: dict, loader: DataLoader,
-                    tokenizer: Tokenizer, step: int, counters: dict, keep_last: int) -> Path:
-    """HF checkpoint + training state, written atomically; prunes all but the last `keep_last`.
-
-    `model_state` and `optimizer_state` are full (single-device) states, as `ParallelDims.full_state` gathers
-    them; the AdamW state is keyed by parameter name, so it loads into any layout.
-    """
-    out = run_dir / "checkpoints" / f"step_{step:06d}"
-    state = {"step": step, "optimizer": optimizer_state, "loader": loader.state_dict(),
-             "rng": rng_state(), "counters": dict(counters)}
-
-    def write(tmp: Path) -> None:
-        ckpt.write_model_files(model, tmp, state_dict=model_state)
-        tokenizer.save(tmp / "tokenizer.json")
-        torch.save(state, tmp / STATE_NAME)
-
-    ckpt.write_atomically(out, write)
-    for old in checkpoint_dirs(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
-def load_checkpoint(path: Path, model, optimizer, loader: DataLoader, dims: ParallelDims | None = None,
-                    runner: PipelineRunner | None = None) -> dict:
-    """Restore weights, optimizer, data position and RNG from a checkpoint directory; returns the state.
-
-    Every rank reads the full checkpoint (a filesystem shared by the ranks) and keeps its own shards, or under
-    pipeline parallel (`runner`) its stages.
-    """
-    expected = build_model(model.cfg, device="meta").state_dict()  # single-device names and shapes, whatever the layout
-    model_state = ckpt.checked_state_dict(ckpt.load_hf_tensors(path), model.cfg, expected, str(path))
-    try:
-        state = torch.load(path / STATE_NAME, weights_only=False, map_location="cpu")
-        if runner is not None:
-            if not all(isinstance(key, str) for key in state["optimizer"]["state"]):
-                raise ValueError("AdamW state keyed by position, from before torchrun training: resume it on one "
-                                 "process first")
-            runner.load_full_state(model_state, optimizer, state["optimizer"])
-        else:
-            optimizer_state = optimizer_state_by_name(state["optimizer"], model, optimizer)
-            (dims or ParallelDims()).load_full_state(model, optimizer, model_state, optimizer_state)
-    except (OSError, RuntimeError, KeyError, ValueError, EOFError) as e:
-        raise ckpt.CheckpointError(f"checkpoint {path}: unreadable training state ({e})") from None
-    loader.load_state_dict(state["loader"])
-    set_rng_state(state["rng"])
-    return state
 
 
 def optimizer_state_by_name(saved: dict, model, optimizer) -> dict:
@@ -235,13 +96,9 @@ def apply_fp8(model: LingForCausalLM, cfg: FP8Config) -> Fp8Monitor | None:
 
 
 def make_optimizer(model: LingForCausalLM | PipelineRunner, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (SPEC §2); no weight decay on norms (1-D weights), as is standard. Over a pipeline's
-    `parameters()` (this rank's stages, shared-weight copies included) under pipeline parallel."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+    """AdamW with the pretraining betas and weight decay (SPEC §2), over a pipeline's `parameters()` (this rank's
+    stages, shared-weight copies included) under pipeline parallel."""
+    return build_adamw(model.parameters(), cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
 
 
 def weighted_loss(out: ModelOutput, w_main: float, w_mtp: float, mtp_scale: float) -> torch.Tensor:
@@ -258,67 +115,79 @@ def weighted_loss(out: ModelOutput, w_main: float, w_mtp: float, mtp_scale: floa
 
 
 class Trainer:
-    """Owns the state of one run: model, optimizer, loader, counters, metrics file.
+    """Owns the state of one run: model, optimizer, loader, counters; writes through its `RunDir`.
 
-    `dims` places it among the ranks of a torchrun launch (default: a single process); the model is sharded
-    (or cut into pipeline stages, `runner`) here, before the optimizer is built, and only rank 0 writes metrics
-    and checkpoints.
+    Each config section comes on its own (STYLE.md): `tcfg` the loop, `fp8` the monitor's cadence and thresholds.
+    `model` is already converted (FP8) and parallelised (`dims`), or cut into pipeline stages (`runner`), as
+    `build_trainer` prepares it; the optimizer is built here over what this rank holds. Only rank 0 writes.
     """
 
-    def __init__(self, cfg: Config, run_dir: Path, data: RunData, model: LingForCausalLM, log=print,
-                 dims: ParallelDims | None = None):
-        self.cfg, self.tcfg = cfg, cfg.train
+    def __init__(self, tcfg: TrainConfig, run: RunDir, data: RunData, model: LingForCausalLM, log=print,
+                 dims: ParallelDims | None = None, runner: PipelineRunner | None = None,
+                 micro_batches: int | None = None, fp8: FP8Config | None = None, fp8_monitor: Fp8Monitor | None = None):
+        self.tcfg, self.run, self.data, self.model, self.runner = tcfg, run, data, model, runner
+        self.fp8_cfg, self.fp8_monitor = fp8 or FP8Config(), fp8_monitor
         self.dims = dims or ParallelDims()
-        pipelined = self.dims.pp > 1
-        self.micro_batches = (cfg.parallel.pp_microbatches or self.tcfg.grad_accum) if pipelined else self.tcfg.grad_accum
-        if self.tcfg.batch_size % (self.micro_batches * self.dims.data_world):
-            what = "pipeline micro-batches" if pipelined else "grad_accum"
-            raise LinglabError(f"train: batch_size {self.tcfg.batch_size} does not split evenly into {what} "
+        self.micro_batches = micro_batches or tcfg.grad_accum
+        if tcfg.batch_size % (self.micro_batches * self.dims.data_world):
+            what = "pipeline micro-batches" if runner is not None else "grad_accum"
+            raise LinglabError(f"train: batch_size {tcfg.batch_size} does not split evenly into {what} "
                                f"{self.micro_batches} x {self.dims.data_world} ranks")
-        self.run_dir = run_dir
-        self.data = data
         self.device = next(model.parameters()).device
         self.log = log if self.dims.is_main else _quiet
-        self.fp8_monitor = apply_fp8(model, cfg.fp8)  # converts modules in place: before sharding
-        self.model = self.dims.parallelize(model)
-        self.runner: PipelineRunner | None = None
-        if pipelined:  # every rank keeps the full model; its stages hold (and train) this rank's share of it
-            par = cfg.parallel
-            plan = training_plan(cfg.model, cfg.data.seq_len, par.pp, par.pp_virtual, par.pp_plan)
-            self.runner = PipelineRunner(self.model, plan, None, self.micro_batches)
-            self.log(f"pipeline ({par.pp_plan}, {par.pp} ranks x {par.pp_virtual} virtual): {plan.stages}")
-        # after sharding: it holds this rank's shards, or this rank's stages
-        self.optimizer = make_optimizer(self.runner if pipelined else self.model, self.tcfg)
-        self.loader = DataLoader(data.train, batch_size=self.tcfg.batch_size, seed=self.tcfg.seed)
+        self.optimizer = make_optimizer(runner if runner is not None else model, tcfg)
+        self.loader = DataLoader(data.train, batch_size=tcfg.batch_size, seed=tcfg.seed)
         self.step = 0
         self.counters = {"tokens": 0, "skipped": 0, "bad_in_a_row": 0, "elapsed": 0.0}
-        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.seq_len = data.train.seq_len
+        self.flops_per_token = flops_per_token(model.cfg, self.seq_len)
         self.peak_flops = matmul_peak_flops(repeats=2, device=self.device) * self.dims.world
-        self.metrics_path = run_dir / "metrics.jsonl"
-        self.tb = _tensorboard_writer(run_dir) if self.dims.is_main else None
+        self.tb = _tensorboard_writer(run.path) if self.dims.is_main else None
         self.fp8_warned: set[tuple[str, str]] = set()
         self._eval_model: LingForCausalLM | None = None
 
     # -- state
 
     def resume(self) -> Path | None:
-        ckpts = checkpoint_dirs(self.run_dir)
+        """Restore weights, optimizer, data position, RNGs and counters from the last checkpoint; None if none.
+
+        Every rank reads the full checkpoint (a filesystem shared by the ranks) and keeps its own shards, or under
+        pipeline parallel its stages.
+        """
+        ckpts = self.run.checkpoints()
         if not ckpts:
             return None
-        state = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.loader, self.dims, self.runner)
+        path = ckpts[-1]
+        expected = build_model(self.model.cfg, device="meta").state_dict()  # single-device names and shapes
+        model_state = ckpt.checked_state_dict(ckpt.load_hf_tensors(path), self.model.cfg, expected, str(path))
+        state = self.run.load_state(path)
+        try:
+            if self.runner is not None:
+                if not all(isinstance(key, str) for key in state["optimizer"]["state"]):
+                    raise ValueError("AdamW state keyed by position, from before torchrun training: resume it on one "
+                                     "process first")
+                self.runner.load_full_state(model_state, self.optimizer, state["optimizer"])
+            else:
+                optimizer_state = optimizer_state_by_name(state["optimizer"], self.model, self.optimizer)
+                self.dims.load_full_state(self.model, self.optimizer, model_state, optimizer_state)
+            self.loader.load_state_dict(state["loader"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise ckpt.CheckpointError(f"checkpoint {path}: unreadable training state ({e})") from None
+        set_rng_state(state["rng"])
         self.step = state["step"]
         self.counters.update(state["counters"])
         self.counters["bad_in_a_row"] = 0
         if self.dims.is_main:
-            truncate_metrics(self.metrics_path, self.step)
-        return ckpts[-1]
+            self.run.truncate_metrics(self.step)
+        return path
 
     def save(self) -> Path | None:
         """A checkpoint of the full state (collective); its path on rank 0, None elsewhere."""
         model_state, optimizer_state = self._full_state(with_optimizer=True)
-        return self.dims.on_main(lambda: save_checkpoint(
-            self.run_dir, self.model, model_state, optimizer_state, self.loader, self.data.tokenizer, self.step,
-            self.counters, self.tcfg.keep_last))
+        state = {"step": self.step, "optimizer": optimizer_state, "loader": self.loader.state_dict(),
+                 "rng": rng_state(), "counters": dict(self.counters)}
+        return self.dims.on_main(lambda: self.run.save_checkpoint(
+            self.step, self.model, self.data.tokenizer, state, self.tcfg.keep_last, model_state=model_state))
 
     def full_model(self) -> LingForCausalLM | None:
         """The model with the current weights on one device, for evaluation: the model itself in a single process;
@@ -329,8 +198,8 @@ class Trainer:
         if not self.dims.is_main:
             return None
         if self._eval_model is None:
-            self._eval_model = build_model(self.cfg.model, device=self.device)
-            apply_fp8(self._eval_model, self.cfg.fp8)  # evaluated with the GEMMs it trains with, as in one process
+            self._eval_model = build_model(self.model.cfg, device=self.device)
+            apply_fp8(self._eval_model, self.fp8_cfg)  # evaluated with the GEMMs it trains with, as in one process
         self._eval_model.load_state_dict(model_state)
         return self._eval_model
 
@@ -388,11 +257,11 @@ class Trainer:
         vios = [max_violation(load) for load in loads]
         row = {"kind": "train", "step": self.step, "tokens": self.counters["tokens"], "lr": lr,
                "grad_norm": grad_norm, "maxvio": max(vios, default=0.0), "maxvio_per_layer": vios,
-               "maxvio_mtp": vios[-1] if self.cfg.model.num_nextn_predict_layers else None,
+               "maxvio_mtp": vios[-1] if self.model.cfg.num_nextn_predict_layers else None,
                "skipped": not finite, **totals}
-        if not self.cfg.model.num_nextn_predict_layers:
+        if not self.model.cfg.num_nextn_predict_layers:
             row["mtp_loss"] = None
-        if self.cfg.model.router_z_loss_coef == 0:
+        if self.model.cfg.router_z_loss_coef == 0:
             row["z_loss"] = None
         if self.step % tcfg.load_every == 0 or self.step == 1:
             row["expert_load"] = [(load / load.sum().clamp(min=1)).tolist() for load in loads]
@@ -406,7 +275,7 @@ class Trainer:
         sums = 0.0  # loss terms summed on the device, read once per step (one host sync on a GPU)
         for (mi, ti, ki), (w_main, w_mtp) in zip(micro, weights):
             out = self.model(mi, targets=ti, loss_mask=ki)
-            loss = weighted_loss(out, w_main, w_mtp, self.cfg.model.mtp_loss_scaling_factor)
+            loss = weighted_loss(out, w_main, w_mtp, self.model.cfg.mtp_loss_scaling_factor)
             (loss / n).backward()
             terms = [loss, w_main * out.main_loss, None if out.mtp_loss is None else w_mtp * out.mtp_loss, out.z_loss]
             zero = torch.zeros_like(loss, dtype=torch.float32)
@@ -416,8 +285,7 @@ class Trainer:
     def write_metrics(self, row: dict) -> None:
         if not self.dims.is_main:
             return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.run.append_metrics(row)
         if self.tb is not None:
             for key, value in row.items():
                 if key != "step":
@@ -428,7 +296,7 @@ class Trainer:
         """The safeguard monitor's sample as a metrics row; a warning the first time an op crosses a threshold."""
         self.write_metrics({"kind": "fp8", "step": self.step,
                             "ops": {name: {kind: list(v) for kind, v in ops.items()} for name, ops in monitor.stats.items()}})
-        for key, line in monitor.warnings(self.cfg.fp8.underflow_warn, self.cfg.fp8.distortion_warn).items():
+        for key, line in monitor.warnings(self.fp8_cfg.underflow_warn, self.fp8_cfg.distortion_warn).items():
             if key not in self.fp8_warned:
                 self.fp8_warned.add(key)
                 self.log(f"[yellow]step {self.step}: {line} (thresholds: fp8.underflow_warn, fp8.distortion_warn)")
@@ -444,7 +312,8 @@ class Trainer:
         tcfg = self.tcfg
         while self.step < tcfg.max_steps:
             monitor = self.fp8_monitor
-            sample_fp8 = monitor is not None and self.cfg.fp8.monitor_every and (self.step + 1) % self.cfg.fp8.monitor_every == 0
+            every = self.fp8_cfg.monitor_every
+            sample_fp8 = monitor is not None and every and (self.step + 1) % every == 0
             start = time.perf_counter()
             if sample_fp8:
                 with monitor.sampling():
@@ -453,7 +322,7 @@ class Trainer:
                 row = self.train_step()
             elapsed = time.perf_counter() - start
             self.counters["elapsed"] += elapsed
-            tokens = self.tcfg.batch_size * self.cfg.data.seq_len
+            tokens = self.tcfg.batch_size * self.seq_len
             row.update(time=self.counters["elapsed"], tokens_per_s=tokens / elapsed,
                        mfu=self.flops_per_token * tokens / elapsed / self.peak_flops)
             self.write_metrics(row)
@@ -463,7 +332,7 @@ class Trainer:
                 self.log(f"step {self.step}: non-finite loss or gradient, step skipped "
                          f"({self.counters['bad_in_a_row']} in a row)")
                 if self.counters["bad_in_a_row"] >= tcfg.max_bad_steps:
-                    last = checkpoint_dirs(self.run_dir)
+                    last = self.run.checkpoints()
                     where = f"; last good checkpoint: {last[-1]}" if last else ""
                     raise TrainingDiverged(f"train: {tcfg.max_bad_steps} non-finite steps in a row at step "
                                            f"{self.step}, stopping{where}")
@@ -500,21 +369,6 @@ def _scalars(tag: str, value):
         yield f"{tag}/cosine", value[1]
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past `step` (and a torn last line): a resumed run rewrites them."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step", 0) <= step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
-
-
 def _tensorboard_writer(run_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -526,23 +380,26 @@ def _tensorboard_writer(run_dir: Path):
 # ---------------------------------------------------------------- entry point
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, command: str = "train") -> None:
-    """Refuse to clobber an existing run unless asked; --resume needs an existing run. `command` names the
-    subcommand in the error."""
-    exists = run_dir.exists() and any(run_dir.iterdir())
-    if resume:
-        if not exists:
-            raise LinglabError(f"{command}: --resume given but {run_dir} has no run to resume")
-        return
-    if exists and not overwrite:
-        hint = "use --resume to continue it or --overwrite to start over" if command != "sft" else "use --overwrite"
-        raise LinglabError(f"{command}: {run_dir} already holds a run ({hint})")
-    if exists:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def build_trainer(cfg: Config, run: RunDir, data: RunData, model: LingForCausalLM, log=print,
+                  dims: ParallelDims | None = None) -> Trainer:
+    """The job's wiring: FP8 conversion (before sharding), FSDP2/EP from `dims`, the pipeline plan under
+    `parallel.pp`, then a Trainer given only the sections it reads."""
+    dims = dims or ParallelDims()
+    monitor = apply_fp8(model, cfg.fp8)  # converts modules in place: before sharding
+    model = dims.parallelize(model)
+    runner, micro_batches = None, cfg.train.grad_accum
+    if dims.pp > 1:  # every rank keeps the full model; its stages hold (and train) this rank's share of it
+        par = cfg.parallel
+        micro_batches = par.pp_microbatches or cfg.train.grad_accum
+        plan = training_plan(cfg.model, cfg.data.seq_len, par.pp, par.pp_virtual, par.pp_plan)
+        runner = PipelineRunner(model, plan, None, micro_batches)
+        if dims.is_main:
+            log(f"pipeline ({par.pp_plan}, {par.pp} ranks x {par.pp_virtual} virtual): {plan.stages}")
+    return Trainer(cfg.train, run, data, model, log=log, dims=dims, runner=runner, micro_batches=micro_batches,
+                   fp8=cfg.fp8, fp8_monitor=monitor)
 
 
-def run_training(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False,
+def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
                  command: str = "", console=None) -> dict:
     """The whole job: data, model, training loop, final checkpoint, evaluation, samples, report.
 
@@ -550,90 +407,80 @@ def run_training(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bo
     """
     dims = init_parallel(cfg.parallel, resolve_device(cfg.train.device))
     try:
-        return _run(cfg, Path(run_dir), dims, resume, overwrite, command, console)
+        return _run(cfg, RunDir(run_dir, "train", STATE_NAME), dims, resume, overwrite, command, console)
     finally:
         dims.close()
 
 
-def _run(cfg: Config, run_dir: Path, dims: ParallelDims, resume: bool, overwrite: bool, command: str, console) -> dict:
+def _run(cfg: Config, run: RunDir, dims: ParallelDims, resume: bool, overwrite: bool, command: str, console) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from linglab import evals, report
+    from linglab.config import to_toml
 
     console = console or Console()
     if not dims.is_main:
         console = Console(quiet=True)
 
     def prepare() -> None:
-        prepare_run_dir(run_dir, resume, overwrite)
-        if resume and (run_dir / "config.toml").is_file() and (run_dir / "config.toml").read_text() != to_toml(cfg):
+        run.prepare(resume, overwrite)
+        config_toml = run.path / "config.toml"
+        if resume and config_toml.is_file() and config_toml.read_text() != to_toml(cfg):
             console.print("[yellow]note: the config differs from the run's config.toml; using the one given now")
-        (run_dir / "config.toml").write_text(to_toml(cfg))
+        run.write_config(cfg)
 
     dims.on_main(prepare)
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     # Rank 0 first: it trains and saves the tokenizer, which the other ranks then load from the run dir.
-    data = dims.on_main(lambda: build_data(cfg.data, run_dir, cfg.train.eval_problems))
+    data = dims.on_main(lambda: build_data(cfg.data, run.path, cfg.train.eval_problems))
     if data is None:
-        data = build_data(cfg.data, run_dir, cfg.train.eval_problems, save_tokenizer=False)
+        data = build_data(cfg.data, run.path, cfg.train.eval_problems, save_tokenizer=False)
     if data.tokenizer.vocab_size > cfg.model.vocab_size:
         raise LinglabError(f"train: tokenizer has {data.tokenizer.vocab_size} tokens but model.vocab_size is "
                            f"{cfg.model.vocab_size}")
     model = build_model(cfg.model, device=dims.device, seed=cfg.train.seed)  # the same weights on every rank
     counts = count_parameters(model)
     if dims.is_main:
-        (run_dir / "params.json").write_text(json.dumps(counts.__dict__, indent=2) + "\n")
-    trainer = Trainer(cfg, run_dir, data, model, log=console.print, dims=dims)
+        run.write_json("params.json", counts.__dict__)
+    trainer = build_trainer(cfg, run, data, model, log=console.print, dims=dims)
     if resume:
         resumed_from = trainer.resume()
         console.print(f"resumed from {resumed_from}" if resumed_from else "no checkpoint yet: starting from step 0")
         if resumed_from is None and dims.is_main:
-            truncate_metrics(trainer.metrics_path, 0)
+            run.truncate_metrics(0)
 
     def evaluate(step: int) -> dict | None:
         full = trainer.full_model()
-        return None if full is None else evals.evaluate_run(full, data, step, cfg.data.seq_len)
+        return None if full is None else evals.evaluate_run(full, data, step)
 
     layout = f"pp={dims.pp}" if dims.pp > 1 else f"dp={dims.dp}, ep={dims.ep}"
     ranks = f" on {dims.world} ranks ({layout})" if dims.world > 1 else ""
     console.print(f"training {counts.total / 1e6:.2f}M parameters ({counts.active / 1e6:.2f}M active) on "
-                  f"{len(data.train)} sequences of {cfg.data.seq_len} tokens{ranks} -> {run_dir}")
+                  f"{len(data.train)} sequences of {cfg.data.seq_len} tokens{ranks} -> {run.path}")
     columns = [TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
                TextColumn("{task.fields[tps]:.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("train", total=cfg.train.max_steps, completed=trainer.step, loss=float("nan"), tps=0.0)
         trainer.fit(progress, task, evaluate, plain_log=not console.is_terminal)
 
-    final = run_dir / "final"
     summary = {"steps": trainer.step, "tokens": trainer.counters["tokens"], "wall_time_s": trainer.counters["elapsed"],
-               "skipped_steps": trainer.counters["skipped"], "final_checkpoint": str(final), "command": command}
+               "skipped_steps": trainer.counters["skipped"], "final_checkpoint": str(run.final_path), "command": command}
     model = trainer.full_model()  # the run's last collective
     dims.barrier()  # ... finished on every rank: the others may leave while rank 0 evaluates and reports
     if not dims.is_main:
         return summary
 
-    final_ckpt = checkpoint_dirs(run_dir)[-1]
-    ckpt.write_atomically(final, lambda tmp: _copy_model_files(final_ckpt, tmp))
-
-    final_eval = evals.evaluate_run(model, data, trainer.step, cfg.data.seq_len)
+    run.finalize()
+    final_eval = evals.evaluate_run(model, data, trainer.step)
     trainer.write_metrics(final_eval)
     tiers = {TIERS[t].name: {"accuracy": final_eval["accuracy"][TIERS[t].name], "n": len(data.heldout_problems[t]),
                              "description": TIERS[t].description} for t in data.heldout_problems}
-    (run_dir / "final_eval.json").write_text(json.dumps(
-        {"step": trainer.step, "heldout_loss": final_eval.get("heldout_loss"), "tiers": tiers}, indent=2) + "\n")
-    samples = evals.sample_completions(model, data, cfg.train.num_samples)
-    (run_dir / "samples.json").write_text(json.dumps(samples, indent=2) + "\n")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    report_path = report.write_report(run_dir)  # draws the plots too
+    run.write_json("final_eval.json", {"step": trainer.step, "heldout_loss": final_eval.get("heldout_loss"), "tiers": tiers})
+    run.write_json("samples.json", evals.sample_completions(model, data, cfg.train.num_samples))
+    run.write_json("summary.json", summary)
+    report_path = report.write_report(run.path)  # draws the plots too
     for name, tier in tiers.items():
         console.print(f"held-out {name:7s} exact match {tier['accuracy']:.1%} (n={tier['n']})")
     console.print(f"report: {report_path}")
     return summary
-
-
-def _copy_model_files(src: Path, dst: Path) -> None:
-    for name in (ckpt.CONFIG_NAME, ckpt.WEIGHTS_NAME, "tokenizer.json"):
-        shutil.copy2(src / name, dst / name)

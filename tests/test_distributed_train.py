@@ -26,10 +26,12 @@ from safetensors.torch import load_file
 import linglab.train
 from linglab.cli import main
 from linglab.config import ParallelConfig, load_config
+from linglab.data import build_data
 from linglab.errors import LinglabError
 from linglab.model import build_model
 from linglab.parallel.parallel_dims import init_parallel
-from linglab.train import Trainer, build_data, prepare_run_dir
+from linglab.run import RunDir
+from linglab.train import Trainer, build_trainer
 
 pytestmark = requires_gloo
 
@@ -53,9 +55,10 @@ def _fit(cfg, run_dir, resume: bool = False) -> Trainer:
     """run_training's loop on every rank of the launch, without its final evaluations and report."""
     dims = init_parallel(cfg.parallel, torch.device("cpu"))
     if not resume:
-        dims.on_main(lambda: prepare_run_dir(run_dir, resume=False, overwrite=True))
+        dims.on_main(lambda: RunDir(run_dir).prepare(resume=False, overwrite=True))
     data = build_data(cfg.data, run_dir, cfg.train.eval_problems, save_tokenizer=dims.is_main)
-    trainer = Trainer(cfg, run_dir, data, build_model(cfg.model, seed=cfg.train.seed), log=lambda *a: None, dims=dims)
+    trainer = build_trainer(cfg, RunDir(run_dir), data, build_model(cfg.model, seed=cfg.train.seed), log=lambda *a: None,
+                            dims=dims)
     if resume:
         assert trainer.resume() is not None
     trainer.fit()
@@ -177,9 +180,9 @@ def _non_finite_on_rank_1(rank, world_size, root, tokenizer):
     _skip_peak_measurement()
     cfg = _config(tokenizer, 3)
     dims = init_parallel(cfg.parallel, torch.device("cpu"))
-    dims.on_main(lambda: prepare_run_dir(root / "run", resume=False, overwrite=True))
+    dims.on_main(lambda: RunDir(root / "run").prepare(resume=False, overwrite=True))
     data = build_data(cfg.data, root / "run", cfg.train.eval_problems, save_tokenizer=dims.is_main)
-    trainer = Trainer(cfg, root / "run", data, build_model(cfg.model, seed=0), log=lambda *a: None, dims=dims)
+    trainer = build_trainer(cfg, RunDir(root / "run"), data, build_model(cfg.model, seed=0), log=lambda *a: None, dims=dims)
     real_forward = trainer.model.forward
 
     def forward(*args, **kwargs):
@@ -210,7 +213,8 @@ def _layout_errors(rank, world_size, tokenizer):
             init_parallel(ParallelConfig(dp=dp, ep=ep), torch.device("cpu"))
     cfg = _config(tokenizer, 1, "--train.batch_size=6")  # 6 rows do not split into 2 micro-batches x 2 ranks
     with pytest.raises(LinglabError, match="batch_size 6 does not split evenly into grad_accum 2 x 2 ranks"):
-        Trainer(cfg, tokenizer.parent, None, build_model(cfg.model, seed=0), dims=init_parallel(cfg.parallel, torch.device("cpu")))
+        build_trainer(cfg, RunDir(tokenizer.parent), None, build_model(cfg.model, seed=0),
+                      dims=init_parallel(cfg.parallel, torch.device("cpu")))
 
 
 def test_bad_layouts_are_one_line_errors(tmp_path, capsys):

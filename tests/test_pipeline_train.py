@@ -30,10 +30,12 @@ from test_distributed_train import RTOL, WEIGHT_ATOL, _final_weights, _fit, _ski
 import linglab.train
 from linglab.cli import main
 from linglab.config import ParallelConfig, load_config
+from linglab.data import build_data
 from linglab.errors import LinglabError
 from linglab.model import build_model
 from linglab.parallel.parallel_dims import init_parallel
-from linglab.train import Trainer, build_data, prepare_run_dir
+from linglab.run import RunDir
+from linglab.train import build_trainer
 
 pytestmark = requires_gloo
 
@@ -144,9 +146,9 @@ def _non_finite_on_the_first_stage(rank, world_size, root, tokenizer):
     _skip_peak_measurement()
     cfg = _config(tokenizer, 3, *PP_1F1B)
     dims = init_parallel(cfg.parallel, torch.device("cpu"))
-    dims.on_main(lambda: prepare_run_dir(root / "run", resume=False, overwrite=True))
+    dims.on_main(lambda: RunDir(root / "run").prepare(resume=False, overwrite=True))
     data = build_data(cfg.data, root / "run", cfg.train.eval_problems, save_tokenizer=dims.is_main)
-    trainer = Trainer(cfg, root / "run", data, build_model(cfg.model, seed=0), log=lambda *a: None, dims=dims)
+    trainer = build_trainer(cfg, RunDir(root / "run"), data, build_model(cfg.model, seed=0), log=lambda *a: None, dims=dims)
     trainer.train_step()
     if rank == 0:  # the embedding's stage: rank 1, which holds the loss, gets a non-finite hidden state
         embedding = trainer.runner.modules[0].model.word_embeddings

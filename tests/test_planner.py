@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from linglab.cli import main
 from linglab.config import ModelConfig, load_config
 from linglab.errors import LinglabError
 from linglab.flops import attention_flops, flops_per_token, layer_matmul_params
@@ -15,10 +16,10 @@ from linglab.parallel.planner import (
     Unit,
     analytic_unit_costs,
     balanced_partition,
+    compare_plans,
     describe_stage,
     measure_unit_costs,
     pipeline_units,
-    plan_command,
     plan_to_dict,
     uniform_partition,
 )
@@ -148,8 +149,10 @@ def test_step_time_and_speedup():
     assert plan.predicted_speedup_over(other) == pytest.approx(10.0 / plan.bottleneck)
 
 
-def test_plan_command_and_json():
-    text = plan_command("ling-mini-2.0", 4, 2, 8, False, ["--data.seq_len=4096"])
+def test_plan_command_and_json(capsys):
+    assert main(["plan", "--preset", "ling-mini-2.0", "--stages", "4", "--virtual", "2", "--micro-batches", "8",
+                 "--data.seq_len=4096"]) == 0
+    text = capsys.readouterr().out
     assert "uniform" in text and "planned" in text and "predicted speedup" in text and "proven optimal" in text
     assert "-19" in text and "mtp_loss" in text and "GFLOP" in text
     units = pipeline_units(_mini(), analytic_unit_costs(_mini(), SEQ))
@@ -167,7 +170,7 @@ def test_bad_shapes_are_user_errors():
     with pytest.raises(LinglabError, match="stages"):
         balanced_partition(_units([1.0]), 0, 1)
     with pytest.raises(LinglabError, match="micro-batches"):
-        plan_command("tiny", 2, 1, 0, False, [])
+        compare_plans(load_config("tiny"), 2, 1, 0, False)
 
 
 def test_measured_costs_on_a_tiny_config():

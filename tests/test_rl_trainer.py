@@ -13,7 +13,8 @@ from linglab.config import ConfigError, load_config
 from linglab.errors import LinglabError
 from linglab.generate import GenerationResult
 from linglab.model import build_model
-from linglab.rl.trainer import RLTrainer, rl_checkpoint_dirs, run_rl
+from linglab.rl.trainer import STATE_NAME, RLTrainer, run_rl
+from linglab.run import RunDir
 from linglab.tasks import generate_problems, iter_corpus_texts
 from linglab.tokenizer import Tokenizer, load_tokenizer
 
@@ -50,7 +51,8 @@ def rl_config(**rl):
 def trainer_for(start, run_dir, **rl):
     run_dir.mkdir()
     model, tok = from_pretrained(start), load_tokenizer(start / "tokenizer.json")
-    return RLTrainer(rl_config(**rl).rl, run_dir, model, from_pretrained(start), tok, log=lambda *a: None)
+    return RLTrainer(rl_config(**rl).rl, RunDir(run_dir, "rl", STATE_NAME), model, from_pretrained(start), tok,
+                     log=lambda *a: None)
 
 
 def biases(model):
@@ -79,7 +81,7 @@ def test_three_steps_of_every_loss_and_correction(start, tmp_path, algo, correct
         assert all(r["mean_abs_logdiff"] > 2e-5 for r in rows)
     assert all(torch.equal(b, biases(trainer.model)[n]) for n, b in bias_before.items()), "router bias must stay frozen"
     assert not torch.equal(head_before, trainer.model.lm_head.weight)
-    assert [p.name for p in rl_checkpoint_dirs(tmp_path / "run")] == ["step_000002", "step_000003"]
+    assert [p.name for p in RunDir(tmp_path / "run", "rl", STATE_NAME).checkpoints()] == ["step_000002", "step_000003"]
 
 
 def test_c3po_steps_train_on_whole_groups_with_stale_tokens(start, tmp_path):

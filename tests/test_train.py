@@ -13,9 +13,11 @@ import torch
 
 from linglab.cli import main
 from linglab.config import TrainConfig, load_config
+from linglab.data import build_data
 from linglab.model import build_model
 from linglab.moe import max_violation
-from linglab.train import Trainer, TrainingDiverged, build_data, checkpoint_dirs, lr_at, prepare_run_dir
+from linglab.run import RunDir
+from linglab.train import TrainingDiverged, build_trainer, lr_at
 
 # A fast run: small batch, short sequences, a small corpus and few held-out problems.
 FAST = ["--train.batch_size=8", "--data.seq_len=64", "--data.num_documents=1500", "--train.eval_problems=4",
@@ -43,11 +45,11 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
-    while time.time() < deadline and not any(d.name >= "step_000020" for d in checkpoint_dirs(killed)):
+    while time.time() < deadline and not any(d.name >= "step_000020" for d in RunDir(killed).checkpoints()):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert checkpoint_dirs(killed), "the run was killed before its first checkpoint"
+    assert RunDir(killed).checkpoints(), "the run was killed before its first checkpoint"
     assert not (killed / "final").exists(), "the run finished before it could be killed"
     subprocess.run(_train_cmd(killed, "--resume"), check=True, capture_output=True, env=env)
 
@@ -64,9 +66,11 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
 def _trainer(tmp_path, max_bad_steps=3):
     cfg = load_config("tiny", overrides=FAST + ["--train.max_steps=20", "--train.ckpt_every=2",
                                                 f"--train.max_bad_steps={max_bad_steps}"])
-    prepare_run_dir(tmp_path, resume=False, overwrite=True)
+    RunDir(tmp_path).prepare(resume=False, overwrite=True)
     data = build_data(cfg.data, tmp_path, cfg.train.eval_problems)
-    return Trainer(cfg, tmp_path, data, build_model(cfg.model, seed=0), log=lambda *a: None)
+    trainer = build_trainer(cfg, RunDir(tmp_path), data, build_model(cfg.model, seed=0), log=lambda *a: None)
+    trainer.cfg = cfg  # for the tests that build a second trainer of the same run
+    return trainer
 
 
 def test_mtp_router_bias_moves_toward_balance_and_its_maxvio_is_reported(tmp_path):
@@ -102,7 +106,7 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_with_last_good_checkpoin
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["skipped"]] == [3, 6, 7, 8]
     assert trainer.counters["skipped"] == 4
-    assert checkpoint_dirs(tmp_path)[-1].name == "step_000006"  # no checkpoint of the diverged state
+    assert RunDir(tmp_path).checkpoints()[-1].name == "step_000006"  # no checkpoint of the diverged state
 
 
 def test_skipped_step_does_not_change_weights(tmp_path, monkeypatch):
@@ -128,7 +132,8 @@ def test_a_checkpoint_with_positional_optimizer_state_still_resumes(tmp_path, mo
     assert all(isinstance(key, str) for key in state["optimizer"]["state"])
     state["optimizer"] = trainer.optimizer.state_dict()  # the old format: keys 0, 1, ...
     torch.save(state, path / "train_state.pt")
-    resumed = Trainer(trainer.cfg, tmp_path, trainer.data, build_model(trainer.cfg.model, seed=1), log=lambda *a: None)
+    resumed = build_trainer(trainer.cfg, RunDir(tmp_path), trainer.data, build_model(trainer.cfg.model, seed=1),
+                            log=lambda *a: None)
     assert resumed.resume() == path and resumed.step == 1
     for (i, expected), (j, loaded) in zip(trainer.optimizer.state_dict()["state"].items(),
                                           resumed.optimizer.state_dict()["state"].items()):
@@ -167,7 +172,7 @@ def test_resume_with_another_shape_is_refused(finished_run, capsys):
 
 
 def test_resume_from_corrupted_checkpoint_is_refused(finished_run, capsys):
-    last = checkpoint_dirs(finished_run)[-1] / "model.safetensors"
+    last = RunDir(finished_run).checkpoints()[-1] / "model.safetensors"
     last.write_bytes(last.read_bytes()[:100])
     assert main(["train", "--out", str(finished_run), "--resume", "--train.max_steps=6", *FAST]) == 2
     assert "corrupted" in _error(capsys)
@@ -195,7 +200,7 @@ def test_merge_generate_and_eval_commands_on_a_run(finished_run, tmp_path, capsy
 
     merged = tmp_path / "merged"
     assert main(["merge", str(finished_run), "--out", str(merged)]) == 0  # a run dir: its kept checkpoints
-    ckpts = checkpoint_dirs(finished_run)
+    ckpts = RunDir(finished_run).checkpoints()
     tensors = [load_file(str(c / "model.safetensors")) for c in ckpts]
     out = load_file(str(merged / "model.safetensors"))
     name = "lm_head.weight"

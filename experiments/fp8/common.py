@@ -24,9 +24,11 @@ sys.path.insert(0, str(ROOT.parents[1]))
 
 from linglab.checkpoint import from_pretrained  # noqa: E402
 from linglab.config import load_config  # noqa: E402
+from linglab.data import build_data  # noqa: E402
 from linglab.model import build_model  # noqa: E402
 from linglab.report import read_fp8_samples, read_metrics  # noqa: E402
-from linglab.train import Trainer, apply_fp8, build_data, checkpoint_dirs, prepare_run_dir, resolve_device  # noqa: E402
+from linglab.run import RunDir, resolve_device  # noqa: E402
+from linglab.train import apply_fp8, build_trainer  # noqa: E402
 
 RUNS = ROOT / "runs"
 RESULTS = ROOT / "results"
@@ -58,11 +60,11 @@ def ensure_trained(name: str, overrides: list[str], args) -> tuple[Path, object]
     done = run_dir / "done.json"
     if done.is_file() and json.loads(done.read_text()).get("overrides") == every:  # same run: reuse it
         return run_dir, cfg
-    prepare_run_dir(run_dir, resume=False, overwrite=True)
+    RunDir(run_dir).prepare(resume=False, overwrite=True)
     torch.manual_seed(cfg.train.seed)
     data = build_data(cfg.data, run_dir, eval_problems=8)
     model = build_model(cfg.model, device=resolve_device(cfg.train.device), seed=cfg.train.seed)
-    trainer = Trainer(cfg, run_dir, data, model, log=Console().print)
+    trainer = build_trainer(cfg, RunDir(run_dir), data, model, log=Console().print)
     print(f"[{name}] training {args.steps} steps ({args.preset} on {trainer.device}, "
           f"{' '.join(overrides) or 'fp32'})", flush=True)
     trainer.fit()
@@ -92,7 +94,7 @@ def train_variant(name: str, overrides: list[str], args):
     run_dir, cfg = ensure_trained(name, overrides, args)
     torch.manual_seed(cfg.train.seed)
     data = build_data(cfg.data, run_dir, eval_problems=8)  # reuses the run's tokenizer
-    model = from_pretrained(checkpoint_dirs(run_dir)[-1])
+    model = from_pretrained(RunDir(run_dir).checkpoints()[-1])
     apply_fp8(model, cfg.fp8)
     return (*_rows(run_dir), model, data)
 

@@ -7,7 +7,8 @@ embedding is nearly free while the LM head + loss and MTP's loss part are GEMMs 
     units = pipeline_units(cfg.model, analytic_unit_costs(cfg.model, seq_len=4096))
     plan = balanced_partition(units, stages=4, virtual=2)   # the smallest slowest-rank load, proven optimal
     plan.predicted_speedup_over(uniform_partition(units, 4, 2))
-    print(plan_command("ling-mini-2.0", stages=4, virtual=2, micro_batches=8, measured=False, overrides=[]))
+    uniform, planned, unit = compare_plans(cfg, stages=4, virtual=2, micro_batches=8, measured=False)
+    print(format_comparison(uniform, planned, 8, unit, "ling-mini-2.0"))   # what `linglab plan` prints
 
 Unit order is the model's dataflow: embedding, layers.0 .. layers.{L-1}, head, mtp_transformer, mtp_loss.
 `head` (final norm, lm_head, loss) comes before MTP because MTP reads H_i after the final norm (SPEC §1.5);
@@ -30,7 +31,7 @@ import itertools
 import time
 from dataclasses import asdict, dataclass
 
-from linglab.config import Config, ModelConfig, load_config
+from linglab.config import Config, ModelConfig
 from linglab.errors import LinglabError
 from linglab.flops import attention_flops, layer_matmul_params
 
@@ -457,10 +458,3 @@ def format_comparison(uniform: Plan, planned: Plan, micro_batches: int, unit: st
         f" planned {planned.step_time(micro_batches):.4g}"
         f" (ratio {uniform.step_time(micro_batches) / planned.step_time(micro_batches):.2f}x)",
     ])
-
-
-def plan_command(preset: str, stages: int, virtual: int, micro_batches: int, measured: bool, overrides: list[str]) -> str:
-    """What `linglab plan` prints: uniform vs planned pipeline layout for a preset plus `--section.key=value` overrides."""
-    cfg = load_config(preset=preset, overrides=overrides)
-    uniform, planned, unit = compare_plans(cfg, stages, virtual, micro_batches, measured)
-    return format_comparison(uniform, planned, micro_batches, unit, f"pipeline plan for {preset}")

@@ -30,10 +30,7 @@ pool), `final/`, `rl_eval.json` (greedy accuracy, pass@k and ApexEval per tier, 
 
 from __future__ import annotations
 
-import functools
-import json
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,21 +41,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from linglab import checkpoint
-from linglab.config import Config, RLConfig, to_toml
-from linglab.data import DataLoader, PackedDataset
+from linglab.config import Config, RLConfig
 from linglab.errors import LinglabError
-from linglab.evals import policy_eval
 from linglab.model import LingForCausalLM
 from linglab.rl import losses
 from linglab.rl.rewards import evo_cot_length_reward, format_reward, verify
 from linglab.rl.rollout import Rollout, RolloutEngine, RolloutGroup, RolloutPool
-from linglab.tasks import TIERS, Problem, format_document, generate_problem, generate_problems, is_heldout
-from linglab.tokenizer import Tokenizer, load_tokenizer
-from linglab.train import prepare_run_dir, resolve_device, rng_state, set_rng_state, truncate_metrics
+from linglab.rl.sft import check_start_checkpoint, evaluate_policy, load_start, sft
+from linglab.run import RunDir, build_adamw, resolve_device, rng_state, seed_everything, set_rng_state
+from linglab.tasks import TIERS, Problem, generate_problem, is_heldout
+from linglab.tokenizer import Tokenizer
 
 STATE_NAME = "rl_state.pt"
 START_NAME = "rl_start"
-EVAL_TIERS = (0, 1, 2)  # evaluated before and after, whatever rl.tiers trains on, so regressions show too
 
 
 class ProblemStream:
@@ -187,163 +182,109 @@ def correction_weights(cfg: RLConfig, train_logp_old: Tensor, infer_logp: Tensor
     return None
 
 
-def make_rl_optimizer(model: LingForCausalLM, lr: float, cfg: RLConfig) -> torch.optim.AdamW:
-    """AdamW with SPEC §5's Ring-1T betas and weight decay; none on norms (1-D weights). The expert bias is a
-    buffer, so no optimizer ever moves it."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
-
-
 def _expert_biases(model: LingForCausalLM) -> dict[str, Tensor]:
     return {name: b.detach().clone() for name, b in model.named_buffers() if name.endswith("expert_bias")}
-
-
-def sft(model: LingForCausalLM, tokenizer: Tokenizer, cfg: RLConfig, log_row=None) -> None:
-    """Supervised warm-up: cross-entropy on the worked solutions (answer tokens only) of train-split problems."""
-    # A problem stream apart from the RL prompts (seed) and the held-out sets (seed + 1 + tier).
-    problems = generate_problems(cfg.sft_steps * cfg.sft_batch_size * 4, cfg.tiers, seed=cfg.seed + 10, split="train")
-    data = PackedDataset.from_pairs([format_document(p) for p in problems], tokenizer, cfg.sft_seq_len)
-    loader = DataLoader(data, batch_size=cfg.sft_batch_size, seed=cfg.seed)
-    optimizer = make_rl_optimizer(model, cfg.sft_lr, cfg)
-    model.train()
-    for step in range(1, cfg.sft_steps + 1):
-        inputs, targets, mask = (t.to(model.lm_head.weight.device) for t in loader.next_batch())
-        out = model(inputs, targets=targets, loss_mask=mask)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if log_row is not None:
-            log_row({"kind": "sft", "step": 0, "sft_step": step, "loss": out.main_loss.item()})
 
 
 # ---------------------------------------------------------------- the trainer
 
 
-def append_row(path: Path, row: dict) -> None:
-    """One JSON row appended to a metrics.jsonl."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+@dataclass
+class ScoredRollouts:
+    """A step's rollouts after `RLTrainer.score`: rewards, the groups kept for training, the padded batch, the
+    trainer's log-probs at theta_old and the reference's, and the step's metrics so far."""
 
-
-def check_start_checkpoint(ckpt: str | Path, command: str) -> None:
-    """A one-line error, before anything is written, unless `ckpt` is an HF checkpoint with a tokenizer.json."""
-    checkpoint.load_config_json(ckpt)
-    if not (Path(ckpt) / "tokenizer.json").is_file():
-        raise LinglabError(f"{command}: {ckpt} has no tokenizer.json (RL and SFT decode and verify text)")
-
-
-def load_start(source: Path, device: torch.device, command: str) -> tuple[LingForCausalLM, Tokenizer]:
-    """The policy and its tokenizer from an HF checkpoint directory, on `device`."""
-    model = checkpoint.from_pretrained(source, device=device)
-    tokenizer = load_tokenizer(source / "tokenizer.json")
-    if tokenizer.vocab_size > model.cfg.vocab_size:
-        raise LinglabError(f"{command}: {source} has a tokenizer of {tokenizer.vocab_size} tokens for a model of "
-                           f"vocab_size {model.cfg.vocab_size}")
-    return model, tokenizer
-
-
-def rl_checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete RL checkpoints of a run, oldest first (temp dirs of an interrupted write are ignored)."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / STATE_NAME).is_file())
+    rewards: Tensor
+    keep: Tensor  # bool per rollout: its group trains (DAPO drops groups whose rewards are all equal)
+    batch: RolloutBatch
+    old_logp: Tensor
+    ref_logp: Tensor
+    row: dict
 
 
 class RLTrainer:
-    """The state of one RL run: policy, rollout engine (and C3PO++ pool), reference, optimizer, RNGs, metrics."""
+    """The state of one RL run: policy, rollout engine (and C3PO++ pool), reference, optimizer, RNGs, metrics.
 
-    def __init__(self, cfg: RLConfig, run_dir: Path, model: LingForCausalLM, reference: LingForCausalLM,
+    A step follows the recipe (SPEC §5): `collect` (weight sync + rollouts), `score` (rewards, advantages' groups,
+    old and reference log-probs, mismatch statistics), `update` (the PPO epochs of the selected loss).
+    """
+
+    def __init__(self, cfg: RLConfig, run: RunDir, model: LingForCausalLM, reference: LingForCausalLM,
                  tokenizer: Tokenizer, log=print):
-        self.cfg, self.run_dir, self.model, self.tokenizer, self.log = cfg, Path(run_dir), model, tokenizer, log
+        self.cfg, self.run, self.model, self.tokenizer, self.log = cfg, run, model, tokenizer, log
         self.reference = reference.eval().requires_grad_(False)
         self.device = model.lm_head.weight.device
         self.engine = RolloutEngine(model.cfg, tokenizer.eos_id, cfg.max_new_tokens, cfg.rollout_precision,
                                     cfg.temperature, cfg.top_p, device=self.device)
         self.pool = (RolloutPool(cfg.c3po_capacity, cfg.c3po_budget, cfg.c3po_max_retention, cfg.group_size)
                      if cfg.c3po else None)
-        self.optimizer = make_rl_optimizer(model, cfg.lr, cfg)
+        self.optimizer = build_adamw(model.parameters(), cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
         self.problems = ProblemStream(cfg.tiers, cfg.seed)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)  # samples where the engine runs
         self.step = 0
         self.counters = {"tokens_generated": 0, "elapsed": 0.0}
         self.frozen_bias = _expert_biases(model)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
 
     # -- state
 
     def save(self) -> Path:
         """HF checkpoint + rl_state.pt, written atomically; prunes all but the last `keep_last`."""
-        out = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
                  "generator": self.generator.get_state(), "problems": self.problems.state_dict(),
                  "pool": None if self.pool is None else self.pool.state_dict(), "engine_version": self.engine.version,
                  "counters": dict(self.counters)}
-
-        def write(tmp: Path) -> None:
-            checkpoint.write_model_files(self.model, tmp)
-            self.tokenizer.save(tmp / "tokenizer.json")
-            torch.save(state, tmp / STATE_NAME)
-
-        checkpoint.write_atomically(out, write)
-        for old in rl_checkpoint_dirs(self.run_dir)[:-self.cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        return out
+        return self.run.save_checkpoint(self.step, self.model, self.tokenizer, state, self.cfg.keep_last)
 
     def resume(self) -> Path | None:
         """Restore the last checkpoint (weights, optimizer, RNGs, prompt stream, pool); None if there is none."""
-        ckpts = rl_checkpoint_dirs(self.run_dir)
+        ckpts = self.run.checkpoints()
         if not ckpts:
             return None
         path = ckpts[-1]
         checkpoint.load_state_into(self.model, checkpoint.load_hf_tensors(path), str(path))
+        state = self.run.load_state(path)
         try:
-            state = torch.load(path / STATE_NAME, weights_only=False)
             self.optimizer.load_state_dict(state["optimizer"])
-        except (OSError, RuntimeError, KeyError, ValueError, EOFError) as e:
+            pool = state["pool"]
+        except (RuntimeError, KeyError, ValueError) as e:
             raise checkpoint.CheckpointError(f"checkpoint {path}: unreadable RL state ({e})") from None
-        if (state["pool"] is None) != (self.pool is None):
-            raise LinglabError(f"rl: {path} was written with rl.c3po={state['pool'] is not None}; resume with the same")
+        if (pool is None) != (self.pool is None):
+            raise LinglabError(f"rl: {path} was written with rl.c3po={pool is not None}; resume with the same")
         self.step, self.engine.version = state["step"], state["engine_version"]
         self.generator.set_state(state["generator"])
         self.problems.load_state_dict(state["problems"])
         if self.pool is not None:
-            self.pool.load_state_dict(state["pool"])
+            self.pool.load_state_dict(pool)
         self.counters.update(state["counters"])
         set_rng_state(state["rng"])
-        truncate_metrics(self.metrics_path, self.step)
+        self.run.truncate_metrics(self.step)
         return path
 
-    def write_metrics(self, row: dict) -> None:
-        append_row(self.metrics_path, row)
-
-    # -- one step
+    # -- one step: collect, score, update
 
     def _new_prompts(self, n: int) -> list[tuple[list[int], Problem]]:
         problems = self.problems.next(n)
         return list(zip(self.tokenizer.encode_batch([p.prompt for p in problems]), problems))
 
-    def rollouts(self) -> tuple[list[RolloutGroup], dict]:
-        """This step's groups: C3PO++ from the pool, or `prompts_per_step` groups generated to completion."""
-        if self.pool is not None:
-            return self.pool.collect(self.engine, self._new_prompts, self.generator)
-        prompts, problems = zip(*self._new_prompts(self.cfg.prompts_per_step))
-        groups = self.engine.generate_groups(prompts, self.cfg.group_size, self.generator, problems)
-        return groups, {"tokens_generated": sum(r.cost for g in groups for r in g.rollouts)}
-
-    def train_step(self) -> dict:
-        """One RL step (see the module docstring); returns its metrics row."""
-        cfg, model = self.cfg, self.model
-        start = time.perf_counter()
-        self.engine.sync_weights(model)
+    def collect(self) -> tuple[list[RolloutGroup], dict]:
+        """Sync the engine to the trainer's weights, then this step's groups: C3PO++ from the pool, or
+        `prompts_per_step` groups generated to completion. Returns them with the engine's work counters."""
+        self.engine.sync_weights(self.model)
         work_before = dict(self.engine.work)
-        groups, rollout_stats = self.rollouts()
-        rollout_time = time.perf_counter() - start
-        rollout_stats.update({k: v - work_before[k] for k, v in self.engine.work.items()})
+        if self.pool is not None:
+            groups, stats = self.pool.collect(self.engine, self._new_prompts, self.generator)
+        else:
+            prompts, problems = zip(*self._new_prompts(self.cfg.prompts_per_step))
+            groups = self.engine.generate_groups(prompts, self.cfg.group_size, self.generator, problems)
+            stats = {"tokens_generated": sum(r.cost for g in groups for r in g.rollouts)}
+        stats.update({k: v - work_before[k] for k, v in self.engine.work.items()})
+        return groups, stats
+
+    @torch.no_grad()
+    def score(self, groups: list[RolloutGroup]) -> ScoredRollouts:
+        """Rewards (the verifier plus optional length/format terms), the groups that train, and log pi_train(theta_old)
+        and log pi_ref of every rollout token; the step's reward, accuracy and mismatch metrics."""
+        cfg, model = self.cfg, self.model
         rollouts = [r for g in groups for r in g.rollouts]
         completions = [self.tokenizer.decode(r.tokens) for r in rollouts]
         lengths = torch.tensor([len(r.tokens) for r in rollouts])
@@ -353,15 +294,12 @@ class RLTrainer:
                 else torch.ones(len(rollouts), dtype=torch.bool))
         batch = rollout_batch(rollouts, self.tokenizer.pad_id,
                               self.tokenizer if cfg.algo == "lpo" else None).to(self.device)
-
-        with torch.no_grad():
-            model.eval()
-            old_logp, entropy = policy_logprobs(model, batch, cfg.temperature, with_entropy=True)
-            ref_logp, _ = policy_logprobs(self.reference, batch, cfg.temperature)  # also logged when kl_coef = 0
+        model.eval()
+        old_logp, entropy = policy_logprobs(model, batch, cfg.temperature, with_entropy=True)
+        ref_logp, _ = policy_logprobs(self.reference, batch, cfg.temperature)  # also logged when kl_coef = 0
         mismatch = losses.mismatch_stats(old_logp, batch.infer_logp, batch.mask, cfg.icepop_alpha, cfg.icepop_beta)
         tiers = [TIERS[g.payload.tier].name for g in groups for _ in g.rollouts]
-        row = {"kind": "train", "step": self.step + 1, "lr": cfg.lr, "reward": rewards.mean().item(),
-               "accuracy": correct.float().mean().item(),
+        row = {"reward": rewards.mean().item(), "accuracy": correct.float().mean().item(),
                "accuracy_by_tier": {t: float(np.mean([c for c, tt in zip(correct.tolist(), tiers) if tt == t]))
                                     for t in dict.fromkeys(tiers)},
                "response_length": lengths.float().mean().item(), "response_tokens": int(lengths.sum()),
@@ -370,40 +308,51 @@ class RLTrainer:
                "kl": losses.k3_kl(old_logp, ref_logp, batch.mask).item(),
                "mask_fraction": mismatch["icepop_mask_fraction"], "mean_abs_logdiff": mismatch["mean_abs_logdiff"],
                "max_abs_logdiff": mismatch["max_abs_logdiff"], "groups": len(groups),
-               "groups_trained": int(keep.sum()) // cfg.group_size, **rollout_stats}
+               "groups_trained": int(keep.sum()) // cfg.group_size}
+        return ScoredRollouts(rewards, keep, batch, old_logp, ref_logp, row)
 
-        loss = grad_norm = clip = None
-        if keep.any():
-            index = keep.nonzero().squeeze(-1)
-            scale = "none" if cfg.algo == "drgrpo" else "std"
-            advantages = losses.group_advantages(rewards[index], cfg.group_size, scale=scale).to(self.device)
-            index = index.to(self.device)
-            train_batch, old = batch.rows(index), old_logp[index]
-            weights = correction_weights(cfg, old, train_batch.infer_logp)
-            model.train()
-            for _ in range(cfg.ppo_epochs):
-                logp, _ = policy_logprobs(model, train_batch, cfg.temperature)
-                objective = policy_loss(cfg, logp, old, advantages, train_batch, weights)
-                if cfg.kl_coef > 0:
-                    objective = objective + cfg.kl_coef * losses.k3_kl(logp, ref_logp[index], train_batch.mask)
-                objective.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    ratio = policy_ratio(cfg, logp.detach(), old, train_batch)
-                    clip = losses.clip_fraction(ratio, advantages, train_batch.mask, *algo_eps(cfg))
-            loss = objective.item()
+    def update(self, scored: ScoredRollouts) -> dict:
+        """`rl.ppo_epochs` AdamW steps on the selected loss times the mismatch correction (+ k3 KL) over the kept
+        groups; {loss, grad_norm, clip_fraction}, all None when no group trains."""
+        cfg, model = self.cfg, self.model
+        if not scored.keep.any():
+            return {"loss": None, "grad_norm": None, "clip_fraction": None}
+        index = scored.keep.nonzero().squeeze(-1)
+        scale = "none" if cfg.algo == "drgrpo" else "std"
+        advantages = losses.group_advantages(scored.rewards[index], cfg.group_size, scale=scale).to(self.device)
+        index = index.to(self.device)
+        batch, old, ref = scored.batch.rows(index), scored.old_logp[index], scored.ref_logp[index]
+        weights = correction_weights(cfg, old, batch.infer_logp)
+        model.train()
+        for _ in range(cfg.ppo_epochs):
+            logp, _ = policy_logprobs(model, batch, cfg.temperature)
+            objective = policy_loss(cfg, logp, old, advantages, batch, weights)
+            if cfg.kl_coef > 0:
+                objective = objective + cfg.kl_coef * losses.k3_kl(logp, ref, batch.mask)
+            objective.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                clip = losses.clip_fraction(policy_ratio(cfg, logp.detach(), old, batch), advantages, batch.mask,
+                                            *algo_eps(cfg))
+        return {"loss": objective.item(), "grad_norm": grad_norm, "clip_fraction": clip}
+
+    def train_step(self) -> dict:
+        """One RL step: collect, score, update (see the module docstring); returns its metrics row."""
+        start = time.perf_counter()
+        groups, rollout_stats = self.collect()
+        rollout_time = time.perf_counter() - start
+        scored = self.score(groups)
+        updated = self.update(scored)
         self._check_bias_frozen()
-
         self.step += 1
         elapsed = time.perf_counter() - start
         self.counters["elapsed"] += elapsed
         self.counters["tokens_generated"] += rollout_stats["tokens_generated"]
-        row.update(loss=loss, grad_norm=grad_norm, clip_fraction=clip, skipped=loss is None, step_time=elapsed,
-                   rollout_time=rollout_time,
-                   time=self.counters["elapsed"], total_tokens_generated=self.counters["tokens_generated"])
-        return row
+        return {"kind": "train", "step": self.step, "lr": self.cfg.lr, **scored.row, **rollout_stats, **updated,
+                "skipped": updated["loss"] is None, "step_time": elapsed, "rollout_time": rollout_time,
+                "time": self.counters["elapsed"], "total_tokens_generated": self.counters["tokens_generated"]}
 
     def _check_bias_frozen(self) -> None:
         for name, bias in _expert_biases(self.model).items():
@@ -414,7 +363,7 @@ class RLTrainer:
         """Train to rl.steps, a metrics row per step, checkpoints every rl.ckpt_every steps and at the end."""
         while self.step < self.cfg.steps:
             row = self.train_step()
-            self.write_metrics(row)
+            self.run.append_metrics(row)
             self.log(f"step {self.step}/{self.cfg.steps} reward {row['reward']:.3f} acc {row['accuracy']:.2f} "
                      f"len {row['response_length']:.0f} |dlogp| {row['mean_abs_logdiff']:.0e} "
                      f"mask {row['mask_fraction']:.2%} {row['step_time']:.1f}s" + (" (no update)" if row["skipped"] else ""))
@@ -423,94 +372,6 @@ class RLTrainer:
 
 
 # ---------------------------------------------------------------- entry point
-
-
-def run_sft(cfg: Config, ckpt: str | Path, out: str | Path, overwrite: bool = False, console=None,
-            command: str = "") -> dict:
-    """`linglab sft`: the supervised stage alone (`rl.sft_*` keys), written as an HF checkpoint RL can start from.
-
-    <out> holds config.json, model.safetensors and tokenizer.json (so `linglab rl --ckpt <out>` works), plus
-    config.toml, metrics.jsonl (one `sft` row per step, `eval` rows before and after), sft_eval.json and
-    summary.json. `linglab rl` with `rl.sft_steps > 0` runs the same stage inside an RL run instead.
-    """
-    from rich.console import Console
-
-    rl = cfg.rl
-    console = console or Console()
-    if rl.sft_steps < 1:
-        raise LinglabError("sft: rl.sft_steps is 0; give the number of steps, e.g. --rl.sft_steps=100")
-    check_start_checkpoint(ckpt, "sft")
-    run_dir = Path(out)
-    prepare_run_dir(run_dir, resume=False, overwrite=overwrite, command="sft")
-    (run_dir / "config.toml").write_text(to_toml(cfg))
-    torch.manual_seed(rl.seed)
-    model, tokenizer = load_start(Path(ckpt), resolve_device(cfg.train.device), "sft")
-    metrics = run_dir / "metrics.jsonl"
-    metrics.write_text("")
-    write_row = functools.partial(append_row, metrics)
-
-    stages = {}
-    if rl.eval_problems:
-        stages["before"] = evaluate_policy(model, tokenizer, rl, "before", 0)
-        write_row(stages["before"])
-    console.print(f"SFT: {rl.sft_steps} steps on worked solutions of tiers {rl.tiers} -> {run_dir}")
-    start = time.perf_counter()
-    sft(model, tokenizer, rl, write_row)
-    elapsed = time.perf_counter() - start
-    checkpoint.write_model_files(model, run_dir)
-    tokenizer.save(run_dir / "tokenizer.json")
-    if rl.eval_problems:
-        stages["after"] = evaluate_policy(model, tokenizer, rl, "after", rl.sft_steps)
-        write_row(stages["after"])
-        (run_dir / "sft_eval.json").write_text(json.dumps(
-            {k: {"step": v["step"], "tiers": v["tiers"]} for k, v in stages.items()}, indent=2) + "\n")
-        for tier in stages["after"]["accuracy"]:
-            console.print(f"held-out {tier:6s} greedy {stages['before']['accuracy'][tier]:6.1%} -> "
-                          f"{stages['after']['accuracy'][tier]:6.1%}")
-    summary = {"sft_steps": rl.sft_steps, "start_checkpoint": str(ckpt), "wall_time_s": elapsed, "command": command}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    console.print(f"SFT checkpoint: {run_dir} (linglab rl --ckpt {run_dir} ...)")
-    return summary
-
-
-def add_rl_arguments(parser) -> None:
-    """The `linglab rl` arguments; config overrides (`--rl.algo=lpo`, ...) are parsed by the caller."""
-    parser.add_argument("--ckpt", help="HF checkpoint directory with tokenizer.json to start from "
-                                       "(not needed with --resume)")
-    parser.add_argument("--out", required=True, help="run directory")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start over")
-
-
-def heldout_problems(cfg: RLConfig) -> list[Problem]:
-    """The evaluation set: rl.eval_problems held-out problems of each tier (those of `linglab train` at data.seed = rl.seed)."""
-    return [p for t in EVAL_TIERS for p in generate_problems(cfg.eval_problems, [t], seed=cfg.seed + 1 + t, split="heldout")]
-
-
-def evaluate_policy(model: LingForCausalLM, tokenizer: Tokenizer, cfg: RLConfig, stage: str, step: int) -> dict:
-    """An eval row: greedy accuracy, pass@k and ApexEval per tier (SPEC §6), labelled with its stage."""
-    tiers = policy_eval(model, tokenizer, heldout_problems(cfg), cfg.eval_samples, cfg.eval_ks,
-                        temperature=cfg.temperature, seed=cfg.seed)
-    return {"kind": "eval", "step": step, "stage": stage, "tiers": tiers,
-            "accuracy": {t: v["greedy_accuracy"] for t, v in tiers.items()}}
-
-
-def _read_eval_rows(path: Path) -> dict[str, dict]:
-    """The eval rows of metrics.jsonl by stage (the later one wins)."""
-    rows = {}
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("kind") == "eval" and "stage" in row:
-            rows[row["stage"]] = row
-    return rows
-
-
-def _copy_model_files(src: Path, dst: Path) -> None:
-    for name in (checkpoint.CONFIG_NAME, checkpoint.WEIGHTS_NAME, "tokenizer.json"):
-        shutil.copy2(src / name, dst / name)
 
 
 def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool = False, overwrite: bool = False,
@@ -522,38 +383,34 @@ def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool =
 
     rl = cfg.rl
     console = console or Console()
-    run_dir = Path(out)
-    start_dir = run_dir / START_NAME
+    run = RunDir(out, "rl", STATE_NAME)
+    start_dir = run.path / START_NAME
     if not resume:  # a bad --ckpt is reported before anything is written to --out
         if ckpt is None:
             raise LinglabError("rl: --ckpt is required to start a run")
         check_start_checkpoint(ckpt, "rl")
-    prepare_run_dir(run_dir, resume, overwrite, command="rl")
+    device = resolve_device(cfg.train.device, "rl")
+    run.prepare(resume, overwrite)
     resuming = resume and (start_dir / checkpoint.CONFIG_NAME).is_file()
     if resume and not resuming and ckpt is None:
-        raise LinglabError(f"rl: {run_dir} has no {START_NAME}/ to resume from; give --ckpt to start over")
-    (run_dir / "config.toml").write_text(to_toml(cfg))
-    torch.manual_seed(rl.seed)
-    random.seed(rl.seed)
-    np.random.seed(rl.seed)
+        raise LinglabError(f"rl: {run.path} has no {START_NAME}/ to resume from; give --ckpt to start over")
+    run.write_config(cfg)
+    seed_everything(rl.seed)
 
     source = start_dir if resuming else Path(ckpt)
-    device = resolve_device(cfg.train.device)
     model, tokenizer = load_start(source, device, "rl")
-    tokenizer.save(run_dir / "tokenizer.json")
-    metrics = run_dir / "metrics.jsonl"
-    write_row = functools.partial(append_row, metrics)
+    tokenizer.save(run.path / "tokenizer.json")
 
     if not resuming:
-        metrics.write_text("")
+        run.metrics_path.write_text("")
         if rl.eval_problems:
             console.print(f"evaluating {source} before RL")
-            write_row(evaluate_policy(model, tokenizer, rl, "before", 0))
+            run.append_metrics(evaluate_policy(model, tokenizer, rl, "before", 0))
         if rl.sft_steps:
             console.print(f"SFT: {rl.sft_steps} steps on worked solutions of tiers {rl.tiers}")
-            sft(model, tokenizer, rl, write_row)
+            sft(model, tokenizer, rl, run.append_metrics)
             if rl.eval_problems:
-                write_row(evaluate_policy(model, tokenizer, rl, "sft", 0))
+                run.append_metrics(evaluate_policy(model, tokenizer, rl, "sft", 0))
 
         def write_start(tmp: Path) -> None:
             checkpoint.write_model_files(model, tmp)
@@ -561,27 +418,27 @@ def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool =
 
         checkpoint.write_atomically(start_dir, write_start)
 
-    trainer = RLTrainer(rl, run_dir, model, checkpoint.from_pretrained(start_dir, device=device), tokenizer,
+    trainer = RLTrainer(rl, run, model, checkpoint.from_pretrained(start_dir, device=device), tokenizer,
                         log=console.print)
     if resuming:
         resumed_from = trainer.resume()
         console.print(f"resumed from {resumed_from}" if resumed_from else "no RL checkpoint yet: starting from step 0")
         if resumed_from is None:
-            truncate_metrics(metrics, 0)
+            run.truncate_metrics(0)
     console.print(f"RL: {rl.algo} + {rl.correction}, {rl.rollout_precision} rollouts"
-                  f"{' (C3PO++)' if rl.c3po else ''}, {rl.steps} steps -> {run_dir}")
+                  f"{' (C3PO++)' if rl.c3po else ''}, {rl.steps} steps -> {run.path}")
     trainer.fit()
 
-    last = rl_checkpoint_dirs(run_dir)[-1]
-    checkpoint.write_atomically(run_dir / "final", lambda tmp: _copy_model_files(last, tmp))
+    run.finalize()
     if rl.eval_problems:
-        write_row(evaluate_policy(model, tokenizer, rl, "after", trainer.step))
-        stages = {stage: {"step": row["step"], "tiers": row["tiers"]} for stage, row in _read_eval_rows(metrics).items()}
-        (run_dir / "rl_eval.json").write_text(json.dumps(stages, indent=2) + "\n")
+        run.append_metrics(evaluate_policy(model, tokenizer, rl, "after", trainer.step))
+        stages = {row["stage"]: {"step": row["step"], "tiers": row["tiers"]}
+                  for row in run.read_metrics() if row.get("kind") == "eval" and "stage" in row}  # the later row wins
+        run.write_json("rl_eval.json", stages)
     summary = {"steps": trainer.step, "algo": rl.algo, "correction": rl.correction,
                "rollout_precision": rl.rollout_precision, "c3po": rl.c3po, "start_checkpoint": str(ckpt or source),
                "tokens_generated": trainer.counters["tokens_generated"], "wall_time_s": trainer.counters["elapsed"],
-               "final_checkpoint": str(run_dir / "final"), "command": command}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    console.print(f"report: {write_rl_report(run_dir)}")
+               "final_checkpoint": str(run.final_path), "command": command}
+    run.write_json("summary.json", summary)
+    console.print(f"report: {write_rl_report(run.path)}")
     return summary
