@@ -4,7 +4,7 @@
     linglab init --preset tiny --out ckpt/tiny       # a randomly initialised HF BailingMoeV2 checkpoint
     linglab check --preset tiny                      # build, print the parameter table, forward + backward
     linglab export --ckpt ckpt/tiny --out ckpt/tiny-fp8 --fp8   # the HF FP8 format (SPEC §1.6)
-    linglab scaling sweep --out runs/scaling --dry-run  # scaling-law sweep, fit, suggest (SPEC §4; linglab.sweep)
+    linglab scaling sweep --out runs/scaling --dry-run  # scaling-law sweep, fit, suggest (SPEC §4; linglab.scaling)
     linglab rl --ckpt runs/tiny/pretrain/final --out runs/tiny-rl --rl.algo=lpo   # RL post-training (SPEC §5)
     linglab sft --ckpt runs/tiny/pretrain/final --out runs/tiny-sft --rl.sft_steps=100   # optional SFT before RL
     linglab pipeline --preset tiny --out runs/tiny --overwrite --rl-seeds 3   # make run: pretrain -> RL -> report
@@ -235,24 +235,24 @@ def _positive_flops(text: str, what: str) -> float:
 
 def cmd_scaling_sweep(args, overrides) -> None:
     """A resumable grid of training runs over compute budgets, one architecture axis at a time (SPEC §4)."""
-    from linglab import sweep
+    from linglab import scaling
 
     if overrides:
         raise LinglabError(f"scaling sweep: unexpected arguments {' '.join(overrides)}")
     budgets = [_positive_flops(b, "--budgets") for b in args.budgets] if args.budgets else None
-    axes = [sweep.check_axis(a) for a in args.axis] if args.axis else None
-    grid = sweep.load_grid(args.grid, budgets=budgets, axes=axes)
+    axes = [scaling.check_axis(a) for a in args.axis] if args.axis else None
+    grid = scaling.load_grid(args.grid, budgets=budgets, axes=axes)
     if args.dry_run:
-        runs, notes = sweep.plan_runs(grid)
-        print("\n".join(sweep.describe_plan(runs, notes, grid)))
+        runs, notes = scaling.plan_runs(grid)
+        print("\n".join(scaling.describe_plan(runs, notes, grid)))
         return
-    sweep.run_sweep(grid, Path(args.out), command=args.command_line)
+    scaling.run_sweep(grid, Path(args.out), command=args.command_line)
     print(f"results: {Path(args.out) / 'results.jsonl'}; next: linglab scaling fit --dir {args.out}")
 
 
 def cmd_scaling_fit(args, overrides) -> None:
     """Fit the sweep's results: loss vs compute, the held-out budget, L(N, D), optima, efficiency leverage (SPEC §4)."""
-    from linglab import sweep
+    from linglab import scaling
 
     if overrides:
         raise LinglabError(f"scaling fit: unexpected arguments {' '.join(overrides)}")
@@ -260,10 +260,10 @@ def cmd_scaling_fit(args, overrides) -> None:
         raise LinglabError("scaling fit: give --dir DIR, or --results FILE and --out DIR")
     results = Path(args.results) if args.results else Path(args.dir) / "results.jsonl"
     out = Path(args.out or args.dir)
-    rows = sweep.read_results(results)
+    rows = scaling.read_results(results)
     record = results.parent / "sweep.json"
     commands = json.loads(record.read_text()).get("commands", []) if record.is_file() else []
-    fit = sweep.write_fit(rows, out, n_boot=args.bootstrap, commands=[*commands, args.command_line])
+    fit = scaling.write_fit(rows, out, n_boot=args.bootstrap, commands=[*commands, args.command_line])
     for note in fit["notes"]:
         print(f"note: {note}")
     if "holdout" in fit:
@@ -275,14 +275,14 @@ def cmd_scaling_fit(args, overrides) -> None:
 
 def cmd_scaling_suggest(args, overrides) -> None:
     """A training config for a compute budget from the fitted laws (--fit) or the published ones (SPEC §4)."""
-    from linglab import sweep
+    from linglab import scaling
 
     if overrides:
         raise LinglabError(f"scaling suggest: unexpected arguments {' '.join(overrides)}")
     compute = _positive_flops(args.compute, "--compute")
-    fit = sweep.read_fit(args.fit) if args.fit else None
-    cfg, info = sweep.suggest_config(compute, fit, seq_len=args.seq_len)
-    text = sweep.suggestion_toml(cfg, info)
+    fit = scaling.read_fit(args.fit) if args.fit else None
+    cfg, info = scaling.suggest_config(compute, fit, seq_len=args.seq_len)
+    text = scaling.suggestion_toml(cfg, info)
     print(text, end="")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     scaling_sub = p.add_subparsers(dest="scaling_command", required=True)
     s = scaling_sub.add_parser("sweep", help="train a resumable grid of runs over compute budgets, one axis at a time")
     s.add_argument("--out", required=True, help="sweep directory: results.jsonl, runs/<name>/, tokenizer.json")
-    s.add_argument("--grid", help="TOML file of grid fields (top-level keys of linglab.sweep.SweepGrid) over the default")
+    s.add_argument("--grid", help="TOML file of grid fields (top-level keys of linglab.scaling.ladder.SweepGrid) over the default")
     s.add_argument("--budgets", nargs="+", help="compute budgets of the shape axis in FLOPs, e.g. 3e11 1e12 3e12")
     s.add_argument("--axis", action="append", help="shape, activation or granularity (repeatable; default: the grid's axes)")
     s.add_argument("--dry-run", action="store_true", help="print the planned runs and their estimated time, train nothing")

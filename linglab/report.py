@@ -24,21 +24,15 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.colors import ListedColormap, LogNorm, Normalize, TwoSlopeNorm
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # files only: training machines have no display and tests must not open windows
+from linglab.errors import LinglabError
+from linglab.plots import FIGSIZE, figure, log_y_if_wide, plt, save, si
+from linglab.run import read_jsonl
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import ListedColormap, LogNorm, Normalize, TwoSlopeNorm  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
-
-from linglab.errors import LinglabError  # noqa: E402
-from linglab.run import read_jsonl  # noqa: E402
-
-FIGSIZE = (6.0, 3.5)  # inches; small enough to read side by side with the text of report.md
 WIDE_FIGSIZE = (10.0, 3.5)  # the two-panel expert-load figure
-DPI = 110
 MAX_SAMPLES = 8
 FINAL_LOSS_WINDOW = 10  # "final loss" = mean over this many last non-skipped steps, to smooth batch noise
 OPTIONAL_FILES = ("config.toml", "summary.json", "params.json", "final_eval.json", "samples.json")
@@ -122,29 +116,6 @@ def _final_loss(train: list[dict]) -> float | None:
 # ---------------------------------------------------------------------------------------------- plots
 
 
-def _axes(title: str, ylabel: str):
-    fig, ax = plt.subplots(figsize=FIGSIZE, layout="constrained")
-    ax.set(title=title, xlabel="step", ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    return fig, ax
-
-
-def _save(fig, path: Path) -> None:
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)  # pyplot keeps every open figure alive otherwise
-
-
-def _log_y_if_wide(ax, values: np.ndarray) -> None:
-    """Log y when the data spans a decade or more (grad-norm spikes), where linear y hides the rest."""
-    if len(values) and values.min() > 0 and values.max() >= 10 * values.min():
-        ax.set_yscale("log")
-        # Plain-number labels (0.2, 5) read faster than the default 2x10^-1; at 1-2-5 while that is not
-        # crowded (two decades or less), else at powers of ten.
-        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if values.max() <= 100 * values.min() else (1.0,)))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
-
-
 def _mark_skipped(ax, train: list[dict]) -> int:
     """Thin red lines at skipped steps; returns how many there are."""
     steps = [r["step"] for r in train if r.get("skipped")]
@@ -162,7 +133,7 @@ def _plot_loss(train: list[dict], evals: list[dict], path: Path) -> str | None:
     steps, loss = _series(train, "loss", include_skipped=False)
     if not len(steps):
         return None
-    fig, ax = _axes("training loss", "loss")
+    fig, ax = figure("training loss", "step", "loss")
     ax.plot(steps, loss, lw=1, label="loss (total)")
     finals = []
     for key, label in (("main_loss", "main loss"), ("mtp_loss", "MTP loss")):
@@ -174,9 +145,9 @@ def _plot_loss(train: list[dict], evals: list[dict], path: Path) -> str | None:
     if len(held_steps):
         ax.plot(held_steps, held, "o", color="black", ms=4, label="held-out loss")
     _mark_skipped(ax, train)
-    _log_y_if_wide(ax, loss)
+    log_y_if_wide(ax, loss)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save(fig, path)
     caption = (f"Training loss {_trend(loss[0], loss[-1])} from {loss[0]:.4g} at step {steps[0]} "
                f"to {loss[-1]:.4g} at step {steps[-1]}")
     if finals:
@@ -190,10 +161,10 @@ def _plot_lr(train: list[dict], evals: list[dict], path: Path) -> str | None:
     steps, lr = _series(train, "lr")
     if not len(steps):
         return None
-    fig, ax = _axes("learning rate", "lr")
+    fig, ax = figure("learning rate", "step", "lr")
     ax.plot(steps, lr, lw=1.2)
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    _save(fig, path)
+    save(fig, path)
     if lr.min() == lr.max():
         return f"Learning rate was constant at {lr[0]:.2e} from step {steps[0]} to step {steps[-1]}."
     peak = int(lr.argmax())
@@ -205,13 +176,13 @@ def _plot_grad_norm(train: list[dict], evals: list[dict], path: Path) -> str | N
     steps, norm = _series(train, "grad_norm")
     if not len(steps):
         return None
-    fig, ax = _axes("gradient norm", "grad norm")
+    fig, ax = figure("gradient norm", "step", "grad norm")
     ax.plot(steps, norm, lw=1)
     skipped = _mark_skipped(ax, train)
-    _log_y_if_wide(ax, norm)
+    log_y_if_wide(ax, norm)
     if skipped:
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save(fig, path)
     peak = int(norm.argmax())
     skips = "1 step was skipped (red line)" if skipped == 1 else f"{skipped} steps were skipped"
     return (f"Gradient norm had median {np.median(norm):.3g}, peaked at {norm[peak]:.3g} at step "
@@ -228,7 +199,7 @@ def _plot_maxvio(train: list[dict], evals: list[dict], path: Path) -> str | None
     n_layers = len(rows[-1]["maxvio_per_layer"]) if rows else 0
     rows = [r for r in rows if len(r["maxvio_per_layer"]) == n_layers]
     layer_vio = _matrix([r["maxvio_per_layer"] for r in rows]) if rows else None
-    fig, ax = _axes("MaxVio (max load / mean load - 1)", "MaxVio")
+    fig, ax = figure("MaxVio (max load / mean load - 1)", "step", "MaxVio")
     if layer_vio is not None:
         layer_steps = [r["step"] for r in rows]
         colors = ListedColormap(plt.get_cmap("viridis")(np.linspace(0, 0.85, 256)))  # viridis minus pale yellow
@@ -240,9 +211,9 @@ def _plot_maxvio(train: list[dict], evals: list[dict], path: Path) -> str | None
             colorbar = fig.colorbar(scale, ax=ax, label="MoE layer")
             colorbar.locator = MaxNLocator(integer=True)
     ax.plot(steps, vio, lw=1.5, ls="--", color="black", label="max over layers")  # dashed: a layer may lie under it
-    _log_y_if_wide(ax, vio if layer_vio is None else np.concatenate([vio, layer_vio[np.isfinite(layer_vio)]]))
+    log_y_if_wide(ax, vio if layer_vio is None else np.concatenate([vio, layer_vio[np.isfinite(layer_vio)]]))
     ax.legend(fontsize=7, ncols=2)
-    _save(fig, path)
+    save(fig, path)
     caption = (f"MaxVio (the most imbalanced of {n_layers or 'the'} MoE layers) {_trend(vio[0], vio[-1])} "
                f"from {vio[0]:.3g} at step {steps[0]} to {vio[-1]:.3g} at step {steps[-1]}")
     if layer_vio is not None and np.isfinite(layer_vio[-1]).any():
@@ -302,7 +273,7 @@ def _plot_expert_load(train: list[dict], evals: list[dict], path: Path) -> str |
         a.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.colorbar(image, ax=axes.ravel().tolist(), label=f"share of tokens (white = 1/{n_experts})")
-    _save(fig, path)
+    save(fig, path)
     hi = np.unravel_index(np.nanargmax(load), load.shape)
     lo = np.unravel_index(np.nanargmin(load), load.shape)
     return (f"At step {step} the busiest expert (MoE layer {hi[0]}, expert {hi[1]}) took {_pct(load[hi])} of "
@@ -325,12 +296,12 @@ def _plot_accuracy(train: list[dict], evals: list[dict], path: Path) -> str | No
             curves[tier] = np.array(points, dtype=float)
     if not curves:
         return None
-    fig, ax = _axes("held-out accuracy by tier", "accuracy (%)")
+    fig, ax = figure("held-out accuracy by tier", "step", "accuracy (%)")
     for tier, points in curves.items():
         ax.plot(points[:, 0], 100 * points[:, 1], "o-", ms=3, lw=1, label=tier)
     ax.set_ylim(-3, 103)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save(fig, path)
     all_steps = np.concatenate([p[:, 0] for p in curves.values()])
     first, last = int(all_steps.min()), int(all_steps.max())
     if first == last:
@@ -404,7 +375,7 @@ def _plot_fp8_monitor(samples: list[dict], path: Path) -> str | None:
         ax.set_xticks(range(len(FP8_KINDS)), FP8_KINDS)
         ax.set_yticks(range(len(names)), [_short_op(n) for n in names], fontsize=6)
         fig.colorbar(image, ax=ax)
-    _save(fig, path)
+    save(fig, path)
     worst_u = np.unravel_index(np.nanargmax(under), under.shape)
     worst_d = np.unravel_index(np.nanargmax(dist), dist.shape)
     return (f"FP8 safeguard monitor at step {step} ({len(samples)} samples): the worst underflow is "
@@ -436,14 +407,6 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------- report
-
-
-def _si(n: float) -> str:
-    """1.74M, 16.26B, 512."""
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:g}"
 
 
 def _duration(seconds: float) -> str:
@@ -500,7 +463,7 @@ def _summary_section(train: list[dict], summary, params) -> list[str]:
     if steps is not None:
         rows.append(("steps", f"{steps:,}"))
     if tokens is not None:
-        rows.append(("tokens", f"{tokens:,} ({_si(tokens)})"))
+        rows.append(("tokens", f"{tokens:,} ({si(tokens, '.2f')})"))
     if wall is not None:
         rows.append(("wall time", f"{_duration(wall)} ({wall:,.1f} s)"))
     if tokens_per_s is not None:
@@ -515,7 +478,7 @@ def _summary_section(train: list[dict], summary, params) -> list[str]:
     counts = [(label, _num(params, key)) for key, label in
               (("total", "total"), ("active", "active"), ("active_non_embedding", "active non-embedding"),
                ("mtp", "MTP layer"))]
-    counts = [f"{_si(n)} {label}" for label, n in counts if n is not None]
+    counts = [f"{si(n, '.2f')} {label}" for label, n in counts if n is not None]
     if counts:
         rows.append(("parameters", " / ".join(counts)))
     if isinstance(summary, dict) and summary.get("final_checkpoint"):

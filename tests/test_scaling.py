@@ -5,21 +5,23 @@ import pytest
 
 from linglab.config import ModelConfig, load_config
 from linglab.flops import attention_flops
-from linglab.scaling import (
+from linglab.scaling.fit import (
     ChinchillaFit,
     LossCurve,
-    activation_ratio,
     bootstrap_chinchilla,
     bootstrap_loss_vs_compute,
     bootstrap_power_law,
     chinchilla_optimal,
-    compute_optimal,
-    efficiency_leverage,
     fit_chinchilla,
     fit_loss_vs_compute,
     fit_power_law,
-    granularity,
     holdout_prediction,
+)
+from linglab.scaling.laws import (
+    activation_ratio,
+    compute_optimal,
+    efficiency_leverage,
+    granularity,
     model_kind,
     non_embedding_flops_per_token,
     optimal_batch_tokens,

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from linglab import sweep
 from linglab.cli import main
 from linglab.config import load_config
-from linglab.scaling import LossCurve
+from linglab.scaling import ladder, sweep
+from linglab.scaling.fit import LossCurve
 
 # Two budgets of one small MoE, and an MoE / dense pair: a handful of steps on 32-token sequences each.
 MICRO_GRID = """
@@ -37,9 +37,9 @@ def _no_matmul_probe(monkeypatch):
 
 
 def test_default_grid_spans_the_budgets_and_each_run_spends_its_budget(tmp_path, capsys):
-    grid = sweep.load_grid()
+    grid = ladder.load_grid()
     assert len(grid.budgets) >= 5 and max(grid.budgets) / min(grid.budgets) >= 30
-    runs, notes = sweep.plan_runs(grid)
+    runs, notes = ladder.plan_runs(grid)
     assert len({r.name for r in runs}) == len(runs) and not notes
     for run in runs:
         # C = M * D up to the rounding of D to whole optimizer steps.
@@ -61,7 +61,7 @@ def test_micro_sweep_runs_writes_results_and_resumes(tmp_path, capsys, monkeypat
     argv = ["scaling", "sweep", "--out", str(out), "--grid", str(grid_file)]
     assert main(argv) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    planned, _ = sweep.plan_runs(sweep.load_grid(grid_file))
+    planned, _ = ladder.plan_runs(ladder.load_grid(grid_file))
     assert [r["name"] for r in rows] == [r.name for r in planned] and len(rows) == 4
     for row in rows:
         assert np.isfinite(row["heldout_loss"]) and np.isfinite(row["train_loss"]) and row["wall_time_s"] > 0
@@ -166,7 +166,7 @@ def test_suggest_from_the_published_laws_writes_a_valid_config(compute, tmp_path
     assert "published laws" in capsys.readouterr().out
     cfg = load_config("tiny", path=path)
     c = float(compute)
-    m = sweep.shape_flops({k: getattr(cfg.model, k) for k in sweep.SHAPE_KEYS}, cfg.data.seq_len)
+    m = ladder.shape_flops({k: getattr(cfg.model, k) for k in ladder.SHAPE_KEYS}, cfg.data.seq_len)
     tokens = cfg.train.max_steps * cfg.train.batch_size * cfg.data.seq_len
     assert abs(m * tokens / c - 1) <= 0.5 / cfg.train.max_steps + 1e-9
     assert cfg.model.num_nextn_predict_layers == 0

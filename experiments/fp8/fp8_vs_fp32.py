@@ -13,11 +13,9 @@ fp32 runs of different seeds. The verdict compares the mean paired gap with Ling
 
 import statistics
 
-import matplotlib
+from common import RESULTS, losses, parser, smooth, train_rows, train_seconds, write_result
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from common import RESULTS, losses, parser, smooth, train_rows, train_seconds, write_result  # noqa: E402
+from linglab.plots import plt, save
 
 
 def variants(seeds: int, fp8_seeds: int) -> dict[str, list[str]]:
@@ -101,7 +99,7 @@ def main() -> None:
     b.legend(fontsize=7)
     RESULTS.mkdir(parents=True, exist_ok=True)
     png = RESULTS / f"fp8_vs_fp32_{args.preset}.png"
-    fig.savefig(png, dpi=110)
+    save(fig, png)
 
     result = {"preset": args.preset, "steps": args.steps, "batch_size": args.batch_size,
               "seeds": args.seeds, "fp8_seeds": args.fp8_seeds,

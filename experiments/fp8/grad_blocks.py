@@ -5,14 +5,11 @@ DeepSeek-V3 saw a 16B MoE diverge with 128x128 blocks for activation gradients (
     .venv/bin/python experiments/fp8/grad_blocks.py [--preset tiny] [--steps 300]
 """
 
-import matplotlib
+import numpy as np
+from common import RESULTS, losses, parser, smooth, train_variant, write_result
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from common import RESULTS, losses, parser, smooth, train_variant, write_result  # noqa: E402
-
-from linglab.report import FP8_KINDS, fp8_matrices  # noqa: E402
+from linglab.plots import plt, save
+from linglab.report import FP8_KINDS, fp8_matrices
 
 
 def main() -> None:
@@ -37,7 +34,7 @@ def main() -> None:
     a.legend()
     b.legend()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / "grad_blocks.png", dpi=110)
+    save(fig, RESULTS / "grad_blocks.png")
     print(write_result("grad_blocks", result))
     for label, v in result["variants"].items():
         print(label, "final loss", round(v["final_loss"], 4), "grad 1-cos (last)", v["grad_one_minus_cosine"][-1],

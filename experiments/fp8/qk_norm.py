@@ -7,14 +7,11 @@ on one fixed batch after training; underflow and distortion are the safeguard mo
     .venv/bin/python experiments/fp8/qk_norm.py [--preset tiny] [--steps 300]
 """
 
-import matplotlib
+import numpy as np
+from common import RESULTS, losses, parser, qkv_outliers, train_variant, write_result
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from common import RESULTS, losses, parser, qkv_outliers, train_variant, write_result  # noqa: E402
-
-from linglab.report import FP8_KINDS, fp8_matrices  # noqa: E402
+from linglab.plots import plt, save
+from linglab.report import FP8_KINDS, fp8_matrices
 
 
 def main() -> None:
@@ -50,7 +47,7 @@ def main() -> None:
     for ax in axes:
         ax.legend(fontsize=8)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / "qk_norm.png", dpi=110)
+    save(fig, RESULTS / "qk_norm.png")
     print(write_result("qk_norm", result))
     for label, v in result["variants"].items():
         print(label, "final loss", round(v["final_loss"], 4), "outliers", {k: [round(x, 1) for x in xs]

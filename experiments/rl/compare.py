@@ -34,16 +34,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parents[1]))
 
 from linglab.config import load_config, to_toml  # noqa: E402
+from linglab.plots import plt, save  # noqa: E402
 from linglab.rl.report import smooth  # noqa: E402
 from linglab.train import run_training  # noqa: E402
 
@@ -212,8 +209,7 @@ def plot(exp: Experiment, arms: dict[str, list[dict]], path: Path) -> None:
     ax.legend(fontsize=7)
     steps = len(next(iter(arms.values()))[0]["train"])
     fig.suptitle(f"{exp.title}, {steps} steps")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main() -> None:

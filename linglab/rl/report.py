@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from linglab.report import DPI, FIGSIZE, read_json, read_metrics
+from linglab.plots import figure, save
+from linglab.report import read_json, read_metrics
 
 
 def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -32,16 +32,9 @@ def smooth(values: np.ndarray, window: int = 5) -> np.ndarray:
 
 
 def _figure(title: str, ylabel: str):
-    fig, ax = plt.subplots(figsize=FIGSIZE, layout="constrained")
-    ax.set(title=title, xlabel="RL step", ylabel=ylabel)
+    fig, ax = figure(title, "RL step", ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
     return fig, ax
-
-
-def _save(fig, path: Path) -> None:
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
 
 
 def _first_last(steps: np.ndarray, values: np.ndarray, fmt: str) -> str:
@@ -59,7 +52,7 @@ def _plot_curve(train: list[dict], key: str, title: str, ylabel: str, fmt: str, 
     ax.plot(steps, values, lw=0.8, alpha=0.5, label="per step")
     ax.plot(steps, smooth(values), lw=1.5, label="5-step mean")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save(fig, path)
     return f"{title.capitalize()} went from {_first_last(steps, values, fmt)}."
 
 
@@ -76,7 +69,7 @@ def _plot_accuracy(train: list[dict], path: Path) -> str | None:
         ax.plot(s, smooth(v), lw=1, label=f"{tier} (5-step mean)")
     ax.set_ylim(-0.03, 1.03)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save(fig, path)
     return f"Accuracy of the rollouts (fraction `rewards.verify` accepts) went from {_first_last(steps, values, '.1%')}."
 
 
@@ -91,7 +84,7 @@ def _plot_mismatch(train: list[dict], path: Path) -> str | None:
     if mean.min() > 0:
         ax.set_yscale("log")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save(fig, path)
     return (f"Mean |log pi_train - log pi_infer| had median {np.median(mean):.3g} and the max per step median "
             f"{np.median(peak):.3g} (largest {peak.max():.3g} at step {steps[peak.argmax()]}).")
 
@@ -102,7 +95,7 @@ def _plot_mask(train: list[dict], path: Path) -> str | None:
         return None
     fig, ax = _figure("IcePop mask fraction (k_t outside [alpha, beta])", "per mille of response tokens")
     ax.plot(steps, 1000 * frac, lw=1)
-    _save(fig, path)
+    save(fig, path)
     return (f"IcePop would mask (or masked, with rl.correction=icepop) a median {1000 * np.median(frac):.3g} per "
             f"mille of response tokens, at most {1000 * frac.max():.3g} (step {steps[frac.argmax()]}).")
 

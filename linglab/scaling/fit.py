@@ -1,11 +1,11 @@
-"""The math of the Ling scaling laws (SPEC §4): compute accounting, the published laws, and the fitters.
+"""The fitters of SPEC §4 and the analysis of a sweep's results: power laws, Chinchilla's L(N, D), the saturating
+loss-vs-compute curve, their bootstrap intervals, the held-out budget prediction, and `fit_results`.
 
-Pure functions on floats and arrays; the sweep runner and the CLI sit on top of this module.
+Pure functions on floats, arrays and result rows (`linglab.scaling.sweep` writes the rows).
 
-    M = non_embedding_flops_per_token(cfg.model, seq_len=128); C = M * tokens
-    lr, batch = optimal_lr(C), optimal_batch_tokens(C)          # published laws
     fit = fit_chinchilla(N, D, loss); N_opt, D_opt = chinchilla_optimal(1e21, fit)
     holdout_prediction(C, loss).abs_error                        # the wind-tunnel check
+    fit_results(rows)                                            # every fit the rows support, as one dict
 
 Every fit minimises a SUM of Huber losses of log-space residuals, r = log(model) - log(loss), where the
 model is a sum of exponentials, E + A/X^alpha = exp(LSE(e, a - alpha log X)). The minimiser is one
@@ -17,108 +17,15 @@ few seconds on two cores instead of 4500 calls to a scalar optimiser.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from linglab.config import ModelConfig
-from linglab.flops import flops_per_token
+from linglab.scaling.laws import PowerLaw, efficiency_leverage
 
-# ---------------------------------------------------------------- compute accounting (SPEC §4)
-
-
-def non_embedding_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """M of SPEC §4: training FLOPs per token (3x forward) of the main model, non-embedding, active experts only.
-
-    Attention (QK^T, AV over a causal sequence) is included, as SPEC §4 says. The MTP layer is excluded
-    (open): the laws are about the size of the main model, and MTP's one extra layer is a share of it
-    (~1/num_hidden_layers) that changes with depth across a sweep. A run trained with MTP spends about
-    (1 + 1/num_hidden_layers) x C; `linglab.flops.flops_per_token` counts it for MFU.
-    """
-    return flops_per_token(cfg, seq_len, include_mtp=False, non_embedding=True)
-
-
-def training_compute(cfg: ModelConfig, seq_len: int, tokens: float) -> float:
-    """C = M * D (SPEC §4)."""
-    return non_embedding_flops_per_token(cfg, seq_len) * tokens
-
-
-def model_kind(cfg: ModelConfig) -> str:
-    """"dense" when every layer has the dense FFN (first_k_dense_replace >= num_hidden_layers), else "moe"."""
-    return "dense" if cfg.first_k_dense_replace >= cfg.num_hidden_layers else "moe"
-
-
-def activation_ratio(cfg: ModelConfig) -> float:
-    """A = (E_a + E_s) / (E + E_s) of the MoE layers (SPEC §4); 1 for a dense model."""
-    if model_kind(cfg) == "dense":
-        return 1.0
-    return (cfg.num_experts_per_tok + cfg.num_shared_experts) / (cfg.num_experts + cfg.num_shared_experts)
-
-
-def granularity(cfg: ModelConfig) -> float:
-    """G = 2 * d_model / d_expert (SPEC §4); a dense model counts its FFN as its single expert."""
-    d_expert = cfg.intermediate_size if model_kind(cfg) == "dense" else cfg.moe_intermediate_size
-    return 2 * cfg.hidden_size / d_expert
-
-
-# ---------------------------------------------------------------- power laws and the published ones
-
-
-@dataclass(frozen=True)
-class PowerLaw:
-    """y = coef * x^exponent."""
-
-    coef: float
-    exponent: float
-
-    def predict(self, x):
-        return self.coef * np.asarray(x, dtype=float) ** self.exponent
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-OPTIMAL_LR = PowerLaw(1.1576, -0.1529)
-OPTIMAL_BATCH_TOKENS = PowerLaw(0.0694, 0.3644)
-COMPUTE_OPTIMAL = {  # kind -> (M_opt in FLOPs/token, D_opt in tokens)
-    "dense": (PowerLaw(0.0655, 0.5422), PowerLaw(15.2582, 0.4578)),
-    "moe": (PowerLaw(0.1915, 0.5095), PowerLaw(5.2232, 0.4905)),
-}
-# EL law constants (SPEC §4).
-EL_A, EL_D, EL_GAMMA, EL_BETA = 1.23, -7.61e-2, 1.67e-2, -1.17e-1
-EL_A_START, EL_A_MAX = 1.63e-2, 5.28e16
-
-
-def optimal_lr(compute):
-    """eta_opt = 1.1576 C^-0.1529 (SPEC §4)."""
-    return OPTIMAL_LR.predict(compute)
-
-
-def optimal_batch_tokens(compute):
-    """B_opt = 0.0694 C^0.3644 tokens (SPEC §4)."""
-    return OPTIMAL_BATCH_TOKENS.predict(compute)
-
-
-def compute_optimal(compute, kind: str = "moe"):
-    """(M_opt, D_opt) of SPEC §4 for kind "dense" or "moe"; M_opt * D_opt ~= C."""
-    if kind not in COMPUTE_OPTIMAL:
-        raise ValueError(f"scaling: kind must be 'dense' or 'moe', got {kind!r}")
-    m_law, d_law = COMPUTE_OPTIMAL[kind]
-    return m_law.predict(compute), d_law.predict(compute)
-
-
-def efficiency_leverage(activation, g, compute):
-    """Efficiency leverage of activation ratio A and granularity G at compute C (SPEC §4):
-    EL = Ahat^(alpha + gamma (log2 G)^2 + beta log2 G), alpha = a + d log10 C.
-
-    Ahat ~= A + A_start < 1 and the exponent is negative for C above ~1e16 (~1e13.5 at G ~ 11), so there
-    EL > 1, falls with A, grows with C, and peaks in G at log2 G = -beta / (2 gamma), G ~= 11.
-    """
-    a_hat = 1 / (1 / (activation + 1 / (1 / EL_A_START - 1 / EL_A_MAX)) + 1 / EL_A_MAX)
-    log_g = np.log2(g)
-    exponent = EL_A + EL_D * np.log10(compute) + EL_GAMMA * log_g**2 + EL_BETA * log_g
-    return a_hat**exponent
+# ---------------------------------------------------------------- power laws
 
 
 def _columns(name: str, *columns):
@@ -463,3 +370,132 @@ def holdout_prediction(compute, loss, delta: float = 1e-3) -> HoldoutPrediction:
     keep = np.arange(len(c)) != last
     fit = fit_loss_vs_compute(c[keep], lo[keep], delta)
     return HoldoutPrediction(fit=fit, compute=float(c[last]), predicted=float(fit.predict(c[last])), actual=float(lo[last]))
+
+
+# ---------------------------------------------------------------- the analysis of sweep results (SPEC §4)
+
+
+def _loss(row: dict) -> float:
+    return row["heldout_loss"]
+
+
+def frontier(rows: list[dict]) -> list[dict]:
+    """The best (lowest held-out loss) run at each budget, by budget."""
+    best: dict[float, dict] = {}
+    for row in rows:
+        if row["budget"] not in best or _loss(row) < _loss(best[row["budget"]]):
+            best[row["budget"]] = row
+    return [best[c] for c in sorted(best)]
+
+
+def _invert(curve: dict, loss: float) -> float:
+    """The compute at which a fitted loss curve reaches `loss`: inf when it is at or below the curve's floor."""
+    if "alpha" in curve:  # saturating L = E + A C^-alpha
+        return math.inf if loss <= curve["E"] else ((loss - curve["E"]) / curve["A"]) ** (-1 / curve["alpha"])
+    return (loss / curve["coef"]) ** (1 / curve["exponent"])
+
+
+def runs_on_rule(rows: list[dict]) -> list[dict]:
+    """The runs at the sweep's own LR and batch rule (multipliers 1)."""
+    return [r for r in rows if r["lr_multiplier"] == 1 and r["batch_multiplier"] == 1]
+
+
+def _hyper_optimum(rows: list[dict], key: str, other: str) -> list[tuple[float, float]]:
+    """(budget, value of `key` of the best run) at budgets where runs of the best shape and `other` vary `key`."""
+    points = []
+    for best in frontier(rows):
+        peers = [r for r in rows if r["budget"] == best["budget"] and r["model"] == best["model"] and r[other] == best[other]]
+        if len({r[key] for r in peers}) > 1:
+            points.append((best["budget"], best[key]))
+    return points
+
+
+def fit_results(rows: list[dict], n_boot: int = 200) -> dict:
+    """Every fit of SPEC §4 the results support; a note for each one they do not.
+
+    Losses are held-out losses. Shape-axis runs give the frontier L(C) (best loss per budget, fit_loss_vs_compute),
+    the wind-tunnel check (the largest budget predicted from the others), M_opt(C) (M of the best run per budget),
+    L(N, D) with bootstrap intervals (>= 5 distinct (N, D)), and eta_opt / B_opt when the grid varied them. Dense runs
+    give L_dense(C); each MoE run of the other axes then has EL = C_dense(L_MoE) / C_MoE beside the published EL.
+    """
+    notes, fit = [], {"runs": len(rows), "laws": {}}
+    shape_rows = [r for r in rows if r["axis"] == "shape"]
+    front = frontier(shape_rows)
+    fit["frontier"] = [{"budget": r["budget"], "name": r["name"], "loss": _loss(r), "M": r["M"], "N": r["N"], "D": r["D"]}
+                       for r in front]
+    if len(front) >= 3:
+        curve = fit_loss_vs_compute([r["compute"] for r in front], [_loss(r) for r in front])
+        fit["laws"]["loss_vs_compute"] = curve.as_dict()
+        fit["laws"]["m_opt"] = fit_power_law([r["budget"] for r in front], [r["M"] for r in front]).as_dict()
+        if n_boot:  # 90% bootstrap intervals over the frontier points
+            fit["intervals"] = {
+                "loss_vs_compute": bootstrap_loss_vs_compute([r["compute"] for r in front],
+                                                                     [_loss(r) for r in front], n_boot=n_boot, fit=curve),
+                "m_opt": bootstrap_power_law([r["budget"] for r in front], [r["M"] for r in front])}
+        edges = [f"{r['budget']:.3g}" for r in front
+                 if len(ms := {p["M"] for p in shape_rows if p["budget"] == r["budget"]}) > 1 and r["M"] in (min(ms), max(ms))]
+        if edges:
+            notes.append(f"M_opt: at C = {', '.join(edges)} the best run is the smallest or largest of its profile, so the "
+                         "optimum may lie outside it there (widen sizes_per_budget or move centre_scale)")
+    else:
+        notes.append(f"loss vs compute: {len(front)} shape-axis budgets, need >= 3")
+    if len(front) >= 4:
+        fit["holdout"] = holdout_prediction([r["compute"] for r in front], [_loss(r) for r in front]).as_dict()
+    else:
+        notes.append(f"held-out prediction: {len(front)} shape-axis budgets, need >= 4")
+
+    # L(N, D) from the runs at the sweep's own LR and batch: an off-optimum LR would read as a worse (N, D).
+    on_rule = runs_on_rule(shape_rows)
+    pairs = {(r["N"], r["D"]) for r in on_rule}
+    if len(pairs) >= 5:
+        n, d, loss = ([r[k] for r in on_rule] for k in ("N", "D", "heldout_loss"))
+        chin = fit_chinchilla(n, d, loss)
+        # Undertrained small runs can prefer a smaller N at every D: alpha <= 0 (or a term at 0) has no optimum.
+        sane = all(math.isfinite(v) and v > 0 for v in chin.as_dict().values())
+        fit["chinchilla"] = {"fit": chin.as_dict(), "n_opt_exponent": chin.n_opt_exponent, "degenerate": not sane,
+                             "d_opt_exponent": chin.d_opt_exponent, "points": len(pairs),
+                             "intervals": bootstrap_chinchilla(n, d, loss, n_boot=n_boot, fit=chin)
+                             if n_boot and sane else None}
+        if not sane:
+            notes.append(f"L(N, D): the fit is degenerate ({', '.join(f'{k} = {v:.3g}' for k, v in chin.as_dict().items())}): "
+                         "no intervals and no compute-optimal N, D")
+    else:
+        notes.append(f"L(N, D): {len(pairs)} distinct (N, D) shape-axis pairs, need >= 5")
+
+    for key, other, law in (("lr", "batch_tokens", "lr"), ("batch_tokens", "lr", "batch_tokens")):
+        points = _hyper_optimum(shape_rows, key, other)
+        if len(points) >= 2:
+            fit["laws"][law] = fit_power_law(*zip(*points)).as_dict()
+            fit[f"{law}_optima"] = points
+        else:
+            notes.append(f"optimal {key} vs compute: the sweep did not vary {key} at >= 2 budgets")
+    # The rules the sweep itself used, for `suggest` where no optimum was fitted (exact for fixed and published rules).
+    plain = runs_on_rule(rows) or rows
+    fit["sweep_rules"] = {key: fit_power_law([r["budget"] for r in plain], [r[key] for r in plain]).as_dict()
+                          for key in ("lr", "batch_tokens")}
+
+    dense = frontier([r for r in rows if r["kind"] == "dense"])
+    moe_axis = [r for r in rows if r["axis"] != "shape" and r["kind"] == "moe"]
+    c_dense, l_dense = [r["compute"] for r in dense], [_loss(r) for r in dense]
+    curve = None
+    if len(dense) >= 2 and moe_axis:
+        curve = (fit_loss_vs_compute(c_dense, l_dense).as_dict() if len(dense) >= 3
+                 else fit_power_law(c_dense, l_dense).as_dict())
+    if curve is not None and curve.get("exponent", -1) < 0 and curve.get("alpha", 1) > 0:
+        fit["dense_curve"] = curve
+        fit["leverage"] = []
+        for r in sorted(moe_axis, key=lambda r: (r["axis"], r["budget"], r["activation_ratio"], r["granularity"])):
+            c_eq = _invert(curve, _loss(r))
+            fit["leverage"].append({
+                "name": r["name"], "axis": r["axis"], "budget": r["budget"], "A": r["activation_ratio"], "G": r["granularity"],
+                "loss": _loss(r), "C_dense": c_eq, "EL": c_eq / r["compute"],
+                "extrapolated": not (min(c_dense) <= c_eq <= max(c_dense)),
+                "EL_published": float(efficiency_leverage(r["activation_ratio"], r["granularity"], r["compute"]))})
+    elif curve is not None:
+        notes.append(f"efficiency leverage: the dense loss does not fall with compute ({l_dense} at C = {c_dense}); "
+                     "no curve to invert")
+    else:
+        notes.append(f"efficiency leverage: needs dense runs at >= 2 budgets and MoE runs of the activation or "
+                     f"granularity axis (have {len(dense)} dense budgets, {len(moe_axis)} MoE runs)")
+    fit["notes"] = notes
+    return fit
