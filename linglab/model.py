@@ -9,7 +9,10 @@ and unstacked by `linglab.checkpoint`.
     out = model(input_ids, targets=targets)            # ModelOutput with loss = main + 0.1 * MTP (+ z-loss)
     logits = model(input_ids, cache=cache, pad=pad)    # decoding left-padded prompts of several lengths
 
-Parallelism (FSDP2, expert/pipeline parallel) wraps this model from outside (`linglab/parallel/`).
+The forward is a chain of named steps, one per pipeline unit: `embed`, `decoder_layer` (each returns its
+router z-loss, summed in model order), `head_loss`, `mtp_transformer`, `mtp_loss`, then `total_loss`.
+Parallelism (FSDP2, expert/pipeline parallel) wraps this model from outside (`linglab/parallel/`); a pipeline
+stage is this model pruned to its units, running these same steps.
 """
 
 from __future__ import annotations
@@ -135,7 +138,10 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + Attention(norm(x)), then x + FFN(norm(x)); FFN dense below first_k_dense_replace."""
+    """Pre-norm block: x + Attention(norm(x)), then x + FFN(norm(x)); FFN dense below first_k_dense_replace.
+
+    Returns (x, z_loss): the MoE FFN's router z-loss (SPEC §1.4), None for a dense FFN or when none is computed.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, moe: bool):
         super().__init__()
@@ -145,16 +151,20 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg) if moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.attention(self.input_layernorm(x), cos, sin, cache, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if isinstance(self.mlp, MoE):
+            y, z_loss = self.mlp(self.post_attention_layernorm(x))
+        else:
+            y, z_loss = self.mlp(self.post_attention_layernorm(x)), None
+        return x + y, z_loss
 
 
 class MTPLayer(DecoderLayer):
     """Multi-token prediction, depth 1 (SPEC §1.5): predicts t_{i+2} from H_i and Emb(t_{i+1}).
 
     h = eh_proj([enorm(Emb(t_{i+1})), hnorm(H_i)]), then a full MoE decoder layer and its own final norm;
-    the caller applies the shared lm_head. Stored at HF layer index num_hidden_layers.
+    the caller applies the shared lm_head. Stored at HF layer index num_hidden_layers. Returns (h, z_loss).
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -164,9 +174,11 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, next_emb: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, next_emb: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.eh_proj(torch.cat([self.enorm(next_emb), self.hnorm(hidden)], dim=-1))
-        return self.final_layernorm(super().forward(h, cos, sin))
+        h, z_loss = super().forward(h, cos, sin)
+        return self.final_layernorm(h), z_loss
 
 
 class LingModel(nn.Module):
@@ -198,6 +210,13 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torc
         return ce.mean()
     mask = mask.flatten().to(ce.dtype)
     return (ce * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def add_z_loss(total: torch.Tensor | None, z_loss: torch.Tensor | None) -> torch.Tensor | None:
+    """The running router z-loss over layers in model order (SPEC §1.4); None until a layer returns one."""
+    if z_loss is None:
+        return total
+    return z_loss if total is None else total + z_loss
 
 
 class LingForCausalLM(nn.Module):
@@ -236,7 +255,57 @@ class LingForCausalLM(nn.Module):
     def moe_layers(self) -> list[MoE]:
         """Every MoE block with a router, in model order: the main stack, then the MTP layer's (SPEC §1.4: each
         router that has an expert bias gets the aux-loss-free update, and its load counts in MaxVio)."""
-        return [layer.mlp for layer in [*self.model.layers, *self.model.mtp_layers] if isinstance(layer.mlp, MoE)]
+        return [layer.mlp for layer in [*self.model.layers, *self.model.mtp_layers]
+                if layer is not None and isinstance(layer.mlp, MoE)]  # None: a layer a pipeline stage does not hold
+
+    # The forward's steps, one per pipeline unit of `linglab.parallel.planner.unit_layout` (embedding, layers.i,
+    # head, mtp_transformer, mtp_loss): a pipeline stage (`StageModule`) runs them on the modules it holds.
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of `positions` for every layer's partial RoPE (SPEC §1.3 step 3)."""
+        return rope_cos_sin(self.cfg.rope_dim, self.cfg.rope_theta, positions)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, unscaled (SPEC §1.2); MTP looks up Emb(t_{i+1}) here too (SPEC §1.5)."""
+        return self.model.word_embeddings(input_ids)
+
+    def decoder_layer(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, z_loss: torch.Tensor | None,
+                      cache: KVCache | None = None,
+                      mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decoder layer i (SPEC §1.2-1.4) -> (x, z_loss): its router z-loss added to the running `z_loss`."""
+        x, z = self.model.layers[i](x, cos, sin, cache, mask)
+        return x, add_z_loss(z_loss, z)
+
+    def head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final norm, then the untied lm_head (SPEC §1.2) -> (H, logits); H after the norm is what MTP reads."""
+        hidden = self.model.norm(x)
+        return hidden, self.lm_head(hidden)
+
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor,
+                  loss_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`head`, then the main loss: masked cross-entropy against t_{i+1} -> (H, logits, main loss)."""
+        hidden, logits = self.head(x)
+        return hidden, logits, masked_cross_entropy(logits, targets, loss_mask)
+
+    def mtp_transformer(self, hidden: torch.Tensor, targets: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        z_loss: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """MTP's transformer part (SPEC §1.5) -> (h, z_loss): at position i, Emb(t_{i+1}) = Emb(targets[:, i]) and
+        H_i; the last position has no t_{i+2} and is left out. Its router z-loss joins the running `z_loss`."""
+        h, z = self.model.mtp_layers[0](self.embed(targets[:, :-1]), hidden[:, :-1], cos[:-1], sin[:-1])
+        return h, add_z_loss(z_loss, z)
+
+    def mtp_loss(self, h: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+        """MTP's loss part (SPEC §1.5): the shared lm_head on h, masked cross-entropy against t_{i+2}."""
+        return masked_cross_entropy(self.lm_head(h), targets[:, 1:], None if loss_mask is None else loss_mask[:, 1:])
+
+    def total_loss(self, main: torch.Tensor, mtp: torch.Tensor | None, z_loss: torch.Tensor | None) -> torch.Tensor:
+        """What the optimizer minimises: main + mtp_scale * mtp (SPEC §1.5) + router z-loss (SPEC §1.4), if present."""
+        loss = main
+        if mtp is not None:
+            loss = loss + self.cfg.mtp_loss_scaling_factor * mtp
+        if z_loss is not None:
+            loss = loss + z_loss
+        return loss
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None, cache: KVCache | None = None, pad: torch.Tensor | None = None):
@@ -257,31 +326,23 @@ class LingForCausalLM(nn.Module):
                 raise ValueError("pad is for inference; training batches are packed, not padded")
             positions = (positions[None, :] - pad[:, None]).clamp(min=0)  # [B, T]; pad slots sit at 0, masked
             mask = padding_mask(pad, start, t)
-        cos, sin = rope_cos_sin(self.cfg.rope_dim, self.cfg.rope_theta, positions)
-        x = self.model.word_embeddings(input_ids)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, mask)
+        cos, sin = self.rope(positions)
+        x, z_loss = self.embed(input_ids), None
+        for i in range(len(self.model.layers)):
+            x, z_loss = self.decoder_layer(i, x, cos, sin, z_loss, cache, mask)
         if cache is not None:
             cache.pos += t
-        hidden = self.model.norm(x)
-        logits = self.lm_head(hidden)
         if targets is None:
+            _, logits = self.head(x)
             return logits
 
-        main = masked_cross_entropy(logits, targets, loss_mask)
-        loss, mtp_loss = main, None
+        hidden, logits, main = self.head_loss(x, targets, loss_mask)
+        mtp_loss = None
         if len(self.model.mtp_layers) > 0 and t > 1:
-            mtp = self.model.mtp_layers[0]
-            h = mtp(self.model.word_embeddings(targets[:, :-1]), hidden[:, :-1], cos[:-1], sin[:-1])
-            mtp_loss = masked_cross_entropy(self.lm_head(h), targets[:, 1:],
-                                            None if loss_mask is None else loss_mask[:, 1:])
-            loss = loss + self.cfg.mtp_loss_scaling_factor * mtp_loss
-        z_loss = None
-        if self.cfg.router_z_loss_coef > 0 and self.training:
-            z_loss = sum(m.mlp.router_z_loss for m in [*self.model.layers, *self.model.mtp_layers]
-                         if isinstance(m.mlp, MoE))
-            loss = loss + z_loss
-        return ModelOutput(loss=loss, main_loss=main, mtp_loss=mtp_loss, z_loss=z_loss, logits=logits)
+            h, z_loss = self.mtp_transformer(hidden, targets, cos, sin, z_loss)
+            mtp_loss = self.mtp_loss(h, targets, loss_mask)
+        return ModelOutput(loss=self.total_loss(main, mtp_loss, z_loss), main_loss=main, mtp_loss=mtp_loss,
+                           z_loss=z_loss, logits=logits)
 
 
 @dataclass

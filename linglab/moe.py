@@ -163,9 +163,10 @@ class MoE(nn.Module):
         self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
                                if cfg.num_shared_experts > 0 else None)
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
-        self.router_z_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """y, and the router z-loss while training with router_z_loss_coef > 0 (else None), returned for the
+        model to sum over layers."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, idx, logits = self.gate(x)
@@ -183,11 +184,18 @@ class MoE(nn.Module):
 
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
+        z_loss = None
         if self.training:
             self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
             if self.cfg.router_z_loss_coef > 0:
-                self.router_z_loss = self.cfg.router_z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()
-        return y.view(shape)
+                z_loss = router_z_loss(logits, self.cfg.router_z_loss_coef)
+        return y.view(shape), z_loss
+
+
+def router_z_loss(logits: torch.Tensor, coef: float) -> torch.Tensor:
+    """coef * mean over tokens of logsumexp(router logits)^2, the optional router z-loss (SPEC §1.4): it keeps
+    the fp32 router logits from growing."""
+    return coef * torch.logsumexp(logits, dim=-1).square().mean()
 
 
 @torch.no_grad()

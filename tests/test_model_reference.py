@@ -65,12 +65,18 @@ def test_mtp_loss_present_and_weighted():
     assert out.mtp_loss is None and torch.equal(out.loss, out.main_loss)
 
 
-def test_router_z_loss_is_added_when_enabled():
+def test_router_z_loss_is_summed_over_every_router_when_enabled():
     model = build_model(tiny_config(router_z_loss_coef=1e-2).model, seed=0).train()
     ids = torch.randint(0, model.cfg.vocab_size, (2, 9))
+    logits = []  # each router's fp32 logits, the MTP layer's included
+    for m in model.moe_layers():
+        m.gate.register_forward_hook(lambda module, args, out: logits.append(out[2]))
     out = model(ids[:, :-1], targets=ids[:, 1:])
-    assert out.z_loss is not None and out.z_loss > 0
+    assert len(logits) == len(model.moe_layers()) == 4  # 3 MoE layers of the main stack and MTP's
+    by_hand = sum(1e-2 * (torch.log(x.exp().sum(-1)) ** 2).mean() for x in logits)
+    assert out.z_loss > 0 and torch.allclose(out.z_loss, by_hand)
     assert torch.allclose(out.loss, out.main_loss + 0.1 * out.mtp_loss + out.z_loss)
+    assert model.eval()(ids[:, :-1], targets=ids[:, 1:]).z_loss is None  # a training loss only
 
 
 def test_partial_rope_rotates_only_rope_dim_and_is_relative():

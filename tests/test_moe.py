@@ -5,7 +5,7 @@ from conftest import tiny_config
 from moe_loop import moe_loop_forward
 from reference_bailing import router_ref
 
-from linglab.moe import MoE, group_limited_topk, max_violation, route, update_expert_bias
+from linglab.moe import MoE, group_limited_topk, max_violation, route, router_z_loss, update_expert_bias
 
 
 def _moe(**overrides):
@@ -60,7 +60,7 @@ def test_grouped_moe_equals_per_expert_loop_forward_and_grads():
     x = torch.randn(2, 37, moe.cfg.hidden_size, requires_grad=True)
     g = torch.randn_like(x)
 
-    y = moe(x)
+    y, _ = moe(x)
     (y * g).sum().backward()
     grads = [p.grad.clone() for p in moe.parameters()] + [x.grad.clone()]
     moe.zero_grad()
@@ -109,3 +109,16 @@ def test_bias_update_formula_and_maxvio():
     assert torch.allclose(bias, 0.1 * (sign - sign.mean()))
     assert max_violation(torch.tensor([10.0, 0.0, 5.0, 5.0])) == 1.0
     assert max_violation(torch.tensor([3.0, 3.0])) == 0.0
+
+
+def test_router_z_loss_is_returned_in_training_only():
+    logits = torch.tensor([[0.0, 1.0, 2.0], [3.0, -1.0, 0.5]])
+    by_hand = sum(torch.log(row.exp().sum()) ** 2 for row in logits) / 2  # mean over tokens of logsumexp^2
+    assert torch.allclose(router_z_loss(logits, 0.5), 0.5 * by_hand)
+
+    moe = _moe(router_z_loss_coef=1e-2).train()
+    x = torch.randn(30, moe.cfg.hidden_size)
+    y, z = moe(x)
+    assert torch.equal(z, router_z_loss(moe.gate(x)[2], 1e-2)) and z.requires_grad
+    assert moe.eval()(x)[1] is None
+    assert _moe().train()(x)[1] is None  # router_z_loss_coef 0: no z-loss

@@ -3,7 +3,7 @@
 Each rank runs the pipeline on its stages and also the reference itself: the same model (same seed), the
 same micro-batches, `(loss / n_microbatches).backward()` for each, as `Trainer.train_step` accumulates.
 The runner's `gather` assembles every parameter's gradient on every rank, so each rank checks all of them.
-Tolerances are fp32-tight (rtol 1e-5, atol 1e-6): the stages run the very ops of the single-process model on
+Tolerances are fp32-tight (rtol 1e-5, atol 1e-6): the stages run the single-process model's own steps on
 the same micro-batches, so only the shared weights' gradients, summed over copies in another order, differ
 (by ~1e-8); everything else matches to the bit.
 """
@@ -16,8 +16,8 @@ from conftest import tiny_config
 from dist_utils import requires_gloo, run_on_ranks
 
 from linglab.model import build_model
-from linglab.parallel.pipeline import PipelineRunner, carried_names
-from linglab.parallel.planner import Plan, analytic_unit_costs, balanced_partition, pipeline_units, uniform_partition
+from linglab.parallel.pipeline import PipelineRunner, StageModule, carried_names
+from linglab.parallel.planner import Plan, analytic_unit_costs, balanced_partition, pipeline_units, uniform_partition, unit_layout
 
 pytestmark = requires_gloo
 
@@ -60,17 +60,23 @@ def _batch(cfg, batch_size=8, seq_len=8, masked=False):
     return tokens[:, :-1], tokens[:, 1:], mask
 
 
+def _terms(out):
+    """(loss, main, mtp, z) of a ModelOutput as the stages record them: zero where a term does not exist."""
+    return torch.stack([torch.zeros(()) if t is None else t.detach() for t in
+                        (out.loss, out.main_loss, out.mtp_loss, out.z_loss)])
+
+
 def _reference(cfg, inputs, targets, mask):
-    """Single process: per micro-batch (loss / M).backward(); returns (mean loss, model)."""
+    """Single process: per micro-batch (loss / M).backward(); returns (mean loss, mean loss terms, model)."""
     model = build_model(cfg.model, seed=0).train()
-    total = 0.0
+    terms = torch.zeros(4)
     chunks = zip(inputs.chunk(MICRO_BATCHES), targets.chunk(MICRO_BATCHES),
                  mask.chunk(MICRO_BATCHES) if mask is not None else [None] * MICRO_BATCHES)
     for i, t, m in chunks:
-        loss = model(i, targets=t, loss_mask=m).loss
-        (loss / MICRO_BATCHES).backward()
-        total = total + loss.detach()
-    return total / MICRO_BATCHES, model
+        out = model(i, targets=t, loss_mask=m)
+        (out.loss / MICRO_BATCHES).backward()
+        terms = terms + _terms(out)
+    return terms[0] / MICRO_BATCHES, terms / MICRO_BATCHES, model
 
 
 def _assert_close(actual, expected, what):
@@ -83,13 +89,16 @@ def _check_layout(rank, world_size, layout, masked=False, z_loss=0.0, steps=1, m
     stages = LAYOUTS[layout](pipeline_units(cfg.model, analytic_unit_costs(cfg.model, seq_len=8)))
     runner = PipelineRunner(model, _plan(stages, world_size), None, MICRO_BATCHES)
     inputs, targets, mask = _batch(cfg, masked=masked)
-    ref_loss, ref = _reference(cfg, inputs, targets, mask)
+    ref_loss, ref_terms, ref = _reference(cfg, inputs, targets, mask)
     for _ in range(steps):  # a later step reuses the schedule and must start from zero gradients
         loss = runner.step(inputs, targets, mask)
 
     assert (loss is not None) == (rank == (len(stages) - 1) % world_size)
     if loss is not None:
         _assert_close(loss, ref_loss, f"{layout}: loss")
+    terms = runner.loss_terms()  # on every rank: loss, main, MTP and router z-loss terms
+    _assert_close(terms, ref_terms, f"{layout}: loss terms")
+    assert (terms[3] > 0) == (z_loss > 0), f"{layout}: z-loss term {terms[3]}"
     grads, ref_grads = runner.gather(grads=True), {n: p.grad for n, p in ref.named_parameters()}
     assert grads.keys() == ref_grads.keys(), f"{layout}: gathered {sorted(grads.keys() ^ ref_grads.keys())} differ"
     for name, grad in grads.items():
@@ -103,6 +112,44 @@ def _check_layout(rank, world_size, layout, masked=False, z_loss=0.0, steps=1, m
         for name, m in module.named_modules():
             if hasattr(m, "tokens_per_expert"):
                 assert torch.equal(m.tokens_per_expert, steps * ref_modules[name].tokens_per_expert), f"{layout}: {name}"
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_stage_holding_every_unit_is_the_model_to_the_bit(masked):
+    """A stage is the model pruned to its units, running the model's steps: with all units, the very same
+    loss, loss terms (router z-loss included), gradients and expert loads as `model(...)`, bit for bit."""
+    cfg = tiny_config(initializer_range=0.02, router_z_loss_coef=0.01)
+    inputs, targets, mask = _batch(cfg, masked=masked)
+    model = build_model(cfg.model, seed=0).train()
+    out = model(inputs, targets=targets, loss_mask=mask)
+    out.loss.backward()
+
+    held = build_model(cfg.model, seed=0)
+    units = [name for name, _ in unit_layout(cfg.model)]
+    stage = StageModule(held, units, {"model.word_embeddings": held.model.word_embeddings, "lm_head": held.lm_head})
+    stage.in_names, stage.out_names = carried_names([], units, masked, has_z=True), ("loss",)
+    (loss,) = stage.train()(inputs, targets, *([mask] if masked else []))
+    loss.backward()
+
+    assert out.z_loss > 0 and torch.equal(loss, out.loss)
+    assert torch.equal(stage.loss_terms[-1], _terms(out))
+    params, ref_params = dict(stage.named_parameters()), dict(model.named_parameters())
+    assert params.keys() == ref_params.keys()
+    for name, p in params.items():
+        assert torch.equal(p.grad, ref_params[name].grad), name
+    for m, ref_m in zip(stage.moe_layers(), model.moe_layers(), strict=True):
+        assert torch.equal(m.tokens_per_expert, ref_m.tokens_per_expert)
+
+
+def test_a_stage_holds_only_its_units_under_the_model_names():
+    model = build_model(tiny_config().model, seed=0)
+    stage = StageModule(model, LAYERS[1:3] + HEAD, {"lm_head": model.lm_head})
+    held = ("model.layers.1.", "model.layers.2.", "model.norm.", "lm_head.")
+    expected = {name: p for name, p in model.named_parameters() if name.startswith(held)}
+    params = dict(stage.named_parameters())
+    assert params.keys() == expected.keys() and all(params[name] is p for name, p in expected.items())
+    assert stage.model.word_embeddings is None and stage.model.layers[0] is None and stage.model.mtp_layers[0] is None
+    assert [id(m) for m in stage.moe_layers()] == [id(layer.mlp) for layer in model.model.layers[1:3]]
 
 
 def _check_layouts(rank, world_size, layouts, **kwargs):

@@ -11,15 +11,18 @@ model's norm, each shared weight once), `loss_terms` (the step's loss, main, MTP
 `full_optimizer_state` / `load_full_state` (the single-process AdamW state keyed by parameter name).
 
 Every rank builds the same full model (same seed or checkpoint) and keeps the units of its virtual stages
-(stage j runs on rank j % S): one `StageModule` each, empty ones included, wrapped in a `PipelineStage`.
+(stage j runs on rank j % S): one `StageModule` each, empty ones included, wrapped in a `PipelineStage`. A
+`StageModule` is the model pruned to its units (the modules of other units are None), and it runs each unit
+with the model's own step (`LingForCausalLM.embed`, `decoder_layer`, `head_loss`, `mtp_transformer`,
+`mtp_loss`, `total_loss`), so a stage computes what `LingForCausalLM.forward` computes by construction.
 V = 1 runs `Schedule1F1B`, V > 1 `ScheduleInterleaved1F1B`; the library does every send and receive.
 
 Between stages flows what the units still ahead need (SPEC §1.5), a tuple named by `carried_names`:
 the hidden state (x before `head`; the post-norm H_i after it, which MTP reads; MTP's output before
 `mtp_loss`), the token targets (MTP looks up Emb(t_{i+1}) = Emb(targets) and both losses need them), the
-loss mask if one is given, the main loss once `head` has run, and a running router z-loss if
-router_z_loss_coef > 0. The stage with the last unit ends with the micro-batch loss exactly as
-`LingForCausalLM.forward` sums it: main + mtp_scale * mtp (+ z); any empty stages after it pass it on.
+loss mask if one is given, the main loss once `head` has run, and a running router z-loss (the sum of what
+each MoE layer returns) if router_z_loss_coef > 0. The stage with the last unit ends with the micro-batch loss,
+`total_loss`: main + mtp_scale * mtp (+ z); any empty stages after it pass it on.
 
 Gradients: the schedule's loss is that micro-batch loss, and with `scale_grads=True` each stage divides its
 accumulated gradients by the number of micro-batches once all backwards are done, which is the gradient of
@@ -45,8 +48,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
-from linglab.model import LingForCausalLM, masked_cross_entropy, rope_cos_sin
-from linglab.moe import MoE
+from linglab.model import LingForCausalLM
 from linglab.parallel.planner import Plan, unit_layout
 
 # Weights a unit reads that another unit owns (SPEC §1.5): MTP's embedding lookup and its lm_head GEMM.
@@ -74,80 +76,59 @@ def carried_names(units_done: list[str], all_units: list[str], has_mask: bool, h
             *(("z_loss",) if has_z and "embedding" in done else ()))
 
 
-class StageModule(nn.Module):
-    """One virtual stage (SPEC §7): the model's modules for its units, under the model's own parameter names.
+class StageModule(LingForCausalLM):
+    """One virtual stage (SPEC §7): the model pruned to its units, running the model's own step for each.
 
-    `forward(*carried_in) -> carried_out`, tuples named by `in_names` / `out_names` (set by the runner once
-    it knows whether a loss mask flows). An empty stage passes its input through. `model.word_embeddings` /
-    `lm_head` may be a copy of a shared weight (see the module docstring).
+    It holds the model's modules for its units under the model's own names; the others are None (a layer it
+    does not hold is a None entry of `model.layers`, so names and indices stay the model's). `model.word_embeddings`
+    / `lm_head` may be a copy of a shared weight (see the module docstring). `forward(*carried_in) -> carried_out`,
+    tuples named by `in_names` / `out_names` (set by the runner once it knows whether a loss mask flows), only
+    moves the carried tensors between the steps. An empty stage passes its input through.
     """
 
     def __init__(self, model: LingForCausalLM, units: list[str], shared: dict[str, nn.Module]):
-        super().__init__()
+        nn.Module.__init__(self)  # not LingForCausalLM.__init__: the stage builds no weights, it holds the model's
         self.cfg, self.units = model.cfg, units
         self.in_names: tuple[str, ...] = ()
         self.out_names: tuple[str, ...] = ()
         self.loss_terms: list[torch.Tensor] = []  # (loss, main, mtp, z) per micro-batch, where the loss is summed
         self.model = nn.Module()
-        if "model.word_embeddings" in shared:
-            self.model.word_embeddings = shared["model.word_embeddings"]
-        layers = [int(u.removeprefix("layers.")) for u in units if u.startswith("layers.")]
-        if layers:
-            self.model.layers = nn.ModuleDict({str(i): model.model.layers[i] for i in layers})
-        if "head" in units:
-            self.model.norm = model.model.norm
-        if "mtp_transformer" in units:
-            self.model.mtp_layers = nn.ModuleDict({"0": model.model.mtp_layers[0]})
-        if "lm_head" in shared:
-            self.lm_head = shared["lm_head"]
+        self.model.word_embeddings = shared.get("model.word_embeddings")
+        self.model.layers = nn.ModuleList(layer if f"layers.{i}" in units else None
+                                          for i, layer in enumerate(model.model.layers))
+        self.model.norm = model.model.norm if "head" in units else None
+        self.model.mtp_layers = nn.ModuleList(layer if "mtp_transformer" in units else None
+                                              for layer in model.model.mtp_layers)
+        self.lm_head = shared.get("lm_head")
 
     def forward(self, *carried: torch.Tensor) -> tuple[torch.Tensor, ...]:
         state = dict(zip(self.in_names, carried, strict=True))
         if any(u.startswith("layers.") or u == "mtp_transformer" for u in self.units):
-            cos, sin = rope_cos_sin(self.cfg.rope_dim, self.cfg.rope_theta,
-                                    torch.arange(state["targets"].shape[1], device=state["targets"].device))
+            targets = state["targets"]
+            cos, sin = self.rope(torch.arange(targets.shape[1], device=targets.device))
         for unit in self.units:
             if unit == "embedding":
-                state["hidden"] = self.model.word_embeddings(state.pop("input_ids"))
-                if self.cfg.router_z_loss_coef > 0:
+                state["hidden"] = self.embed(state.pop("input_ids"))
+                if self.cfg.router_z_loss_coef > 0:  # the running sum travels from here on, one shape for all
                     state["z_loss"] = torch.zeros((), device=state["hidden"].device)
             elif unit.startswith("layers."):
-                layer = self.model.layers[unit.removeprefix("layers.")]
-                state["hidden"] = layer(state["hidden"], cos, sin)
-                self._add_z_loss(state, layer)
+                state["hidden"], state["z_loss"] = self.decoder_layer(
+                    int(unit.removeprefix("layers.")), state["hidden"], cos, sin, state.get("z_loss"))
             elif unit == "head":
-                state["final_hidden"] = self.model.norm(state.pop("hidden"))
-                state["main_loss"] = masked_cross_entropy(self.lm_head(state["final_hidden"]), state["targets"],
-                                                          state.get("loss_mask"))
+                state["final_hidden"], _, state["main_loss"] = self.head_loss(
+                    state.pop("hidden"), state["targets"], state.get("loss_mask"))
             elif unit == "mtp_transformer":
-                targets, mtp = state["targets"], self.model.mtp_layers["0"]
-                state["mtp_hidden"] = mtp(self.model.word_embeddings(targets[:, :-1]),
-                                          state.pop("final_hidden")[:, :-1], cos[:-1], sin[:-1])
-                self._add_z_loss(state, mtp)
+                state["mtp_hidden"], state["z_loss"] = self.mtp_transformer(
+                    state.pop("final_hidden"), state["targets"], cos, sin, state.get("z_loss"))
             elif unit == "mtp_loss":
-                mask = state.get("loss_mask")
-                state["mtp_loss"] = masked_cross_entropy(self.lm_head(state.pop("mtp_hidden")), state["targets"][:, 1:],
-                                                         None if mask is None else mask[:, 1:])
+                state["mtp_loss"] = self.mtp_loss(state.pop("mtp_hidden"), state["targets"], state.get("loss_mask"))
         if self.out_names == ("loss",) and "loss" not in state:
-            state["loss"] = self._total_loss(state)
+            terms = (state["main_loss"], state.get("mtp_loss"), state.get("z_loss"))
+            state["loss"] = self.total_loss(*terms)
+            zero = torch.zeros((), device=state["loss"].device)
+            self.loss_terms.append(torch.stack([zero if t is None else t.detach().float()
+                                                for t in (state["loss"], *terms)]))
         return tuple(state[name].contiguous() for name in self.out_names)  # the sends need contiguous tensors
-
-    def _add_z_loss(self, state: dict, layer: nn.Module) -> None:
-        """The router z-loss summed over MoE layers in model order, as `LingForCausalLM.forward` sums it."""
-        if self.cfg.router_z_loss_coef > 0 and self.training and isinstance(layer.mlp, MoE):
-            state["z_loss"] = state["z_loss"] + layer.mlp.router_z_loss
-
-    def _total_loss(self, state: dict) -> torch.Tensor:
-        """main + mtp_scale * mtp (+ z), in `LingForCausalLM.forward`'s order (so in fp32 to the bit)."""
-        loss = state["main_loss"]
-        if "mtp_loss" in state:
-            loss = loss + self.cfg.mtp_loss_scaling_factor * state["mtp_loss"]
-        if self.cfg.router_z_loss_coef > 0 and self.training:
-            loss = loss + state["z_loss"]
-        zero = torch.zeros((), device=loss.device)
-        self.loss_terms.append(torch.stack([t.detach().float() for t in (
-            loss, state["main_loss"], state.get("mtp_loss", zero), state.get("z_loss", zero))]))
-        return loss
 
 
 def _last_output(output: tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
@@ -361,7 +342,7 @@ class PipelineRunner:
 
     def moe_blocks(self) -> set[int]:
         """ids of the MoE blocks this rank's stages hold: the ones whose expert bias this rank updates."""
-        return {id(m) for module in self.modules for m in module.modules() if isinstance(m, MoE)}
+        return {id(m) for module in self.modules for m in module.moe_layers()}
 
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """Collective: `optimizer`'s state as the single-process optimizer's full state dict keyed by model

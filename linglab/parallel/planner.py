@@ -156,10 +156,10 @@ def measure_unit_costs(cfg: ModelConfig, batch: int, seq_len: int, repeats: int 
 
     runs = {
         "embedding": (lambda: emb(ids), [emb.weight]),
-        "dense": (lambda: dense(x, cos, sin), [x, *dense.parameters()]),
-        "moe": (lambda: moe(x, cos, sin), [x, *moe.parameters()]),
+        "dense": (lambda: dense(x, cos, sin)[0], [x, *dense.parameters()]),
+        "moe": (lambda: moe(x, cos, sin)[0], [x, *moe.parameters()]),
         "head": (lambda: masked_cross_entropy(lm_head(norm(x)), targets, None), [x, norm.weight, lm_head.weight]),
-        "mtp_transformer": (lambda: mtp(emb(ids), x, cos, sin), [x, emb.weight, *mtp.parameters()]),
+        "mtp_transformer": (lambda: mtp(emb(ids), x, cos, sin)[0], [x, emb.weight, *mtp.parameters()]),
         "mtp_loss": (lambda: masked_cross_entropy(lm_head(x), targets, None), [x, lm_head.weight]),
     }
     return {kind: _time_forward_backward(forward, wrt, repeats) for kind, (forward, wrt) in runs.items() if kind in kinds}
