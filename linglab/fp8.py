@@ -18,6 +18,8 @@ in the numbers: its 128x128 blocks, and the 1x128 tiles of its slice of dy, rest
 stacked GEMM computes what separate gate and up linears sharing one Q(x) would, and its blocks are those an FP8
 export of gate_proj and up_proj writes. Emulated it is still one GEMM; scaled_mm runs one per stacked weight,
 as each needs scales of its own (x is then quantised for each, to the same values).
+
+Which layers of the model run in FP8 is `linglab.fp8_convert`'s business: this module knows no model.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -325,7 +326,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe = Fp8Rec
                op: Fp8Op | None = None, parts: tuple[int, ...] | None = None) -> torch.Tensor:
     """x [..., K] @ weight[N, K]^T -> [..., N] in x's dtype, forward and backward in FP8 (SPEC §3).
 
-    `op` (from `convert_to_fp8`) carries an already resolved backend and the monitor; otherwise one is made.
+    `op` (from `linglab.fp8_convert`) carries an already resolved backend and the monitor; otherwise one is made.
     `parts`: the sizes of the weights stacked along N in `weight`, each quantised as its own (module docstring).
     """
     return _Fp8Linear.apply(x, weight, op or Fp8Op(recipe, resolve_backend(backend, x.device, recipe)), parts)
@@ -495,46 +496,6 @@ def fp8_swiglu_down(gate_up: torch.Tensor, weight: torch.Tensor, op: Fp8Op, row_
     shape = gate_up.shape
     out = _Fp8SwiGLUDown.apply(gate_up.reshape(-1, shape[-1]), weight, row_weights, offs, op)
     return out.view(*shape[:-1], out.shape[-1])
-
-
-# ---------------------------------------------------------------- applying FP8 to a model
-
-
-class Fp8Linear(nn.Linear):
-    """nn.Linear whose three GEMMs run in FP8; same parameters and state dict as the layer it replaces."""
-
-    fp8: Fp8Op
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, op=self.fp8)
-
-
-def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe, backend: str = "auto", monitor: Fp8Monitor | None = None,
-                   device: torch.device | str = "cpu") -> list[str]:
-    """Put the GEMMs SPEC §3 names into FP8, in place; returns the converted op names.
-
-    FP8: attention query_key_value and dense, every SwiGLU (dense FFN, shared expert) and the routed experts,
-    including those of the MTP layer's decoder block. Kept in high precision: embedding, lm_head, router gate,
-    norms and MTP eh_proj — they are simply never visited. Weights stay in their dtype; checkpoints are unchanged.
-    """
-    from linglab.moe import GroupedExperts, SwiGLU  # fp8 is below the model in the dependency order
-
-    backend = resolve_backend(backend, device, recipe)
-    converted = []
-    for name, module in model.named_modules():
-        if name.endswith(".attention"):
-            for child in ("query_key_value", "dense"):
-                linear = getattr(module, child)
-                linear.__class__ = Fp8Linear  # the same object and Parameter: optimizer state and checkpoints stay valid
-                linear.fp8 = Fp8Op(recipe, backend, f"{name}.{child}", monitor)
-                converted.append(f"{name}.{child}")
-        elif isinstance(module, (SwiGLU, GroupedExperts)):
-            # Routed experts run in the grouped GEMM, which exists in emulation only.
-            module_backend = "emulate" if isinstance(module, GroupedExperts) else backend
-            ops = tuple(Fp8Op(recipe, module_backend, f"{name}.{part}", monitor) for part in ("gate_up_proj", "down_proj"))
-            module.fp8 = ops
-            converted += [op.name for op in ops]
-    return converted
 
 
 class Fp8Monitor:
