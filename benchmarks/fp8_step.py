@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import report, time_it  # noqa: E402
 
 from linglab.config import load_config  # noqa: E402
-from linglab.fp8 import Fp8Recipe, convert_to_fp8, resolve_backend  # noqa: E402
+from linglab.fp8 import Fp8Recipe, resolve_backend  # noqa: E402
+from linglab.fp8_convert import convert_to_fp8  # noqa: E402
 from linglab.model import build_model  # noqa: E402
 
 SHAPES = {"tiny": (32, 128), "small": (4, 512)}

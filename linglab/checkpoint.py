@@ -7,8 +7,9 @@ names and nn.Linear layouts, MTP at layer index num_hidden_layers). linglab stac
     save_pretrained(model, "ckpt/")          # atomic: written to a temp dir, fsynced, renamed
     model = from_pretrained("ckpt/")          # also reads sharded `model.safetensors.index.json`
 
-FP8 exports (`save_pretrained(model, dir, fp8=True)`, `export_checkpoint`) store the FP8 GEMM weights of SPEC §3 as
-E4M3 in 128x128 blocks with a `<name>_scale_inv` fp32 tensor each; loading dequantises them to fp32.
+FP8 exports (`save_pretrained(model, dir, fp8=True)`, `export_checkpoint`) store the FP8 GEMM weights of SPEC §3
+(`linglab.fp8_convert.fp8_weight_names`, the layers FP8 training converts) as E4M3 in 128x128 blocks with a
+`<name>_scale_inv` fp32 tensor each; loading dequantises them to fp32.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from linglab.config import ConfigError, ModelConfig
 from linglab.errors import LinglabError
 from linglab.fp8 import E4M3, TILE, dequantize_blockwise, quantize_blockwise
+from linglab.fp8_convert import fp8_weight_names
 from linglab.model import LingForCausalLM, build_model
 from linglab.tokenizer import FILE_NAME as TOKENIZER_NAME
 
@@ -52,26 +54,12 @@ _FIXED_KEYS = {
 FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                            "weight_block_size": [TILE, TILE]}
 SCALE_SUFFIX = "_scale_inv"
-# The FP8 GEMM weights of SPEC §3, in every decoder layer including the MTP one (index num_hidden_layers).
-# Everything else stays high precision: word_embeddings, lm_head, norms, router gate and expert_bias, MTP eh_proj.
-_FP8_WEIGHT = re.compile(
-    r"model\.layers\.\d+\.("
-    r"attention\.(query_key_value|dense)"
-    r"|mlp\.(gate_proj|up_proj|down_proj)"  # dense FFN layers
-    r"|mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)"
-    r"|mlp\.shared_experts\.(gate_proj|up_proj|down_proj)"
-    r")\.weight")
 _EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 _HF_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 class CheckpointError(LinglabError):
     """A missing, corrupted or mismatched checkpoint."""
-
-
-def is_fp8_weight(hf_name: str) -> bool:
-    """Whether an FP8 export stores this HF tensor in E4M3: exactly the FP8 GEMM weights of SPEC §3."""
-    return _FP8_WEIGHT.fullmatch(hf_name) is not None
 
 
 def hf_config_dict(cfg: ModelConfig) -> dict:
@@ -103,28 +91,41 @@ def config_from_hf(d: dict, source: str = CONFIG_NAME) -> ModelConfig:
     return cfg
 
 
-def to_hf_state_dict(model: LingForCausalLM, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(model: LingForCausalLM, state_dict: dict[str, torch.Tensor] | None = None,
+                     fp8: bool = False) -> dict[str, torch.Tensor]:
     """The model's tensors under their HF names, experts unstacked, all contiguous.
 
     `state_dict` replaces `model.state_dict()` where the model holds only shards (FSDP2, expert parallel):
-    the full single-device state gathered from the ranks (`linglab.parallel.parallel_dims`).
+    the full single-device state gathered from the ranks (`linglab.parallel.parallel_dims`). `fp8`: the FP8
+    export's tensors (SPEC §1.6): each FP8 GEMM weight in E4M3 with its 128x128-block `_scale_inv` (q * scale_inv
+    is the weight), per expert and with gate and up apart, as FP8 training quantises them.
     """
     n_layers = model.cfg.num_hidden_layers
+    quantized = set(fp8_weight_names(model)) if fp8 else set()
     out = {}
     for name, t in (model.state_dict() if state_dict is None else state_dict).items():
-        name = re.sub(r"^model\.mtp_layers\.(\d+)\.", lambda m: f"model.layers.{n_layers + int(m.group(1))}.", name)
-        m = _EXPERT_KEY.match(name)
-        if m and m.group(2) == "gate_up_proj":
-            gate, up = t.chunk(2, dim=1)
-            for e in range(t.shape[0]):
-                out[f"{m.group(1)}.{e}.gate_proj.weight"] = gate[e].contiguous()
-                out[f"{m.group(1)}.{e}.up_proj.weight"] = up[e].contiguous()
-        elif m:
-            for e in range(t.shape[0]):
-                out[f"{m.group(1)}.{e}.{m.group(2)}.weight"] = t[e].contiguous()
-        else:
-            out[name] = t.contiguous()
+        for hf_name, hf_t in _hf_tensors(name, t, n_layers):
+            if name in quantized:
+                out[hf_name], out[hf_name + SCALE_SUFFIX] = quantize_blockwise(hf_t, TILE)
+            else:
+                out[hf_name] = hf_t.contiguous()
     return out
+
+
+def _hf_tensors(name: str, t: torch.Tensor, n_layers: int):
+    """(HF name, tensor) of one internal tensor: the MTP layer at index n_layers, stacked experts one by one."""
+    name = re.sub(r"^model\.mtp_layers\.(\d+)\.", lambda m: f"model.layers.{n_layers + int(m.group(1))}.", name)
+    m = _EXPERT_KEY.match(name)
+    if m and m.group(2) == "gate_up_proj":
+        gate, up = t.chunk(2, dim=1)
+        for e in range(t.shape[0]):
+            yield f"{m.group(1)}.{e}.gate_proj.weight", gate[e]
+            yield f"{m.group(1)}.{e}.up_proj.weight", up[e]
+    elif m:
+        for e in range(t.shape[0]):
+            yield f"{m.group(1)}.{e}.{m.group(2)}.weight", t[e]
+    else:
+        yield name, t
 
 
 def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -192,20 +193,8 @@ def write_atomically(out: Path, write) -> None:
         raise
 
 
-def quantize_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF tensors as an FP8 export stores them (SPEC §1.6): each `is_fp8_weight` tensor in E4M3 plus its scale_inv."""
-    out = {}
-    for name, t in sd.items():
-        if is_fp8_weight(name):
-            # quantize_blockwise's scale is amax / 448 per block, i.e. q * scale is the weight: HF's scale_inv.
-            out[name], out[name + SCALE_SUFFIX] = quantize_blockwise(t, TILE)
-        else:
-            out[name] = t
-    return out
-
-
 def dequantize_hf_state_dict(sd: dict[str, torch.Tensor], block: int, source: str) -> dict[str, torch.Tensor]:
-    """Inverse of `quantize_hf_state_dict`: fp32 q * scale_inv for every tensor with a scale, scales dropped."""
+    """Inverse of `to_hf_state_dict(..., fp8=True)`: fp32 q * scale_inv for every tensor with a scale, scales dropped."""
     out = {}
     for name, t in sd.items():
         if name.endswith(SCALE_SUFFIX):
@@ -236,10 +225,9 @@ def write_model_files(model: LingForCausalLM, directory: Path, fp8: bool = False
     `state_dict`: the full state to write when `model` holds only shards (see `to_hf_state_dict`).
     """
     directory = Path(directory)
-    config, sd = hf_config_dict(model.cfg), to_hf_state_dict(model, state_dict)
+    config, sd = hf_config_dict(model.cfg), to_hf_state_dict(model, state_dict, fp8)
     if fp8:
         config["quantization_config"] = FP8_QUANTIZATION_CONFIG
-        sd = quantize_hf_state_dict(sd)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     save_file(sd, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
 

@@ -12,6 +12,14 @@ the FP8 operands and scales to `torch._scaled_mm` (CPU: per-tensor scales only; 
 
 The autograd Functions save the high-precision x, not Q(x): wgrad needs x^T quantised along the token dim,
 which cannot be derived from Q(x) without quantising twice. A fused kernel would save Q(x) and Q(x^T).
+
+`parts`: one GEMM may run on several weights stacked along N (a SwiGLU's [gate; up]). Each stays its own weight
+in the numbers: its 128x128 blocks, and the 1x128 tiles of its slice of dy, restart at its boundary, so the
+stacked GEMM computes what separate gate and up linears sharing one Q(x) would, and its blocks are those an FP8
+export of gate_proj and up_proj writes. Emulated it is still one GEMM; scaled_mm runs one per stacked weight,
+as each needs scales of its own (x is then quantised for each, to the same values).
+
+Which layers of the model run in FP8 is `linglab.fp8_convert`'s business: this module knows no model.
 """
 
 from __future__ import annotations
@@ -23,7 +31,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -118,8 +125,14 @@ def _qdq_groups(groups: torch.Tensor, amax_dims, pow2_scales: bool) -> torch.Ten
     return (groups / scale).to(E4M3).float() * scale
 
 
-def quantize_dequantize(x: torch.Tensor, granularity: Granularity, pow2_scales: bool = False) -> torch.Tensor:
-    """The fp32 reconstruction of x through E4M3 at `granularity` (tile: 1x128, block: 128x128, tensor)."""
+def quantize_dequantize(x: torch.Tensor, granularity: Granularity, pow2_scales: bool = False,
+                        parts: tuple[int, ...] | None = None, dim: int = -1) -> torch.Tensor:
+    """The fp32 reconstruction of x through E4M3 at `granularity` (tile: 1x128, block: 128x128, tensor).
+
+    `parts`: the sizes along `dim` of the tensors stacked in x, each quantised on its own (module docstring).
+    """
+    if parts is not None:
+        return torch.cat([quantize_dequantize(t, granularity, pow2_scales) for t in x.split(parts, dim)], dim)
     # The emulated GEMMs' hot paths, for whole tiles and blocks: the same arithmetic as quantize + dequantize
     # without the padding and the per-element scale tensor (bit-identical; tested).
     if granularity == "tile" and x.shape[-1] % TILE == 0:
@@ -242,24 +255,39 @@ class Fp8Op:
     def watching(self) -> bool:
         return self.monitor is not None and self.monitor.active
 
-    def observe(self, kind: str, x: torch.Tensor, granularity: Granularity) -> None:
+    def observe(self, kind: str, x: torch.Tensor, granularity: Granularity, parts: tuple[int, ...] | None = None,
+                dim: int = -1) -> None:
         if self.watching:
-            self.monitor.record(self.name, kind, x, granularity, self.recipe.pow2_scales)
+            x = x.detach()
+            self.monitor.record(self.name, kind, x, quantize_dequantize(x, granularity, self.recipe.pow2_scales, parts, dim))
+
+
+def _split(t: torch.Tensor, parts: tuple[int, ...] | None, dim: int) -> tuple[torch.Tensor, ...]:
+    """The stacked tensors of t along `dim` (t alone without parts)."""
+    return (t,) if parts is None else t.split(parts, dim)
 
 
 def _linear_grads(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, op: Fp8Op, need_dx: bool, need_dw: bool,
-                  w_deq: torch.Tensor | None = None):
+                  w_deq: torch.Tensor | None, parts: tuple[int, ...] | None = None):
     """dgrad Q(dy) Q(W) (dy tiles along N, W^T blocks) and wgrad Q(dy^T) Q(x^T)^T (tiles along tokens), 2-D x, dy.
 
-    `w_deq`: the forward's dequantised Q(W), reused by dgrad (the 128x128 blocks of W^T are W's blocks transposed,
-    and a per-tensor scale is the same), so each weight is quantised once per step instead of twice.
+    Emulated, dgrad reuses `w_deq`, the forward's dequantised Q(W) (the 128x128 blocks of W^T are W's blocks
+    transposed, and a per-tensor scale is the same), so each weight is quantised once per step instead of twice.
+    scaled_mm runs one GEMM per stacked weight of `parts`: each needs scales of its own.
     """
     r, p = op.recipe, op.recipe.pow2_scales
-    if need_dx and w_deq is not None:
-        dx = quantize_dequantize(dy, r.grad, p) @ w_deq
-    else:
-        dx = _fp8_gemm(dy, r.grad, weight.float().t(), r.weight, p, op.backend) if need_dx else None
-    dw = _fp8_gemm(dy.t(), r.grad, x.t(), r.act, p, op.backend) if need_dw else None
+    dx = dw = None
+    if op.backend == "emulate":
+        if need_dx:
+            dx = quantize_dequantize(dy, r.grad, p, parts, -1) @ w_deq
+        if need_dw:
+            dw = quantize_dequantize(dy.t(), r.grad, p, parts, 0) @ quantize_dequantize(x.t(), r.act, p).t()
+        return dx, dw
+    dys = _split(dy, parts, 1)
+    if need_dx:
+        dx = sum(_fp8_gemm(d, r.grad, w.float().t(), r.weight, p, op.backend) for d, w in zip(dys, _split(weight, parts, 0)))
+    if need_dw:
+        dw = torch.cat([_fp8_gemm(d.t(), r.grad, x.t(), r.act, p, op.backend) for d in dys])
     return dx, dw
 
 
@@ -267,17 +295,18 @@ class _Fp8Linear(torch.autograd.Function):
     """y = x W^T with all three GEMMs in FP8 (SPEC §3); saves x and W in their own precision."""
 
     @staticmethod
-    def forward(ctx, x, weight, op):
-        ctx.op = op
+    def forward(ctx, x, weight, op, parts):
+        ctx.op, ctx.parts = op, parts
         r, p = op.recipe, op.recipe.pow2_scales
         x2 = x.reshape(-1, x.shape[-1]).float()
         op.observe("act", x2, r.act)
-        op.observe("weight", weight, r.weight)
+        op.observe("weight", weight, r.weight, parts, 0)
         if op.backend == "emulate":
-            w_deq = quantize_dequantize(weight.float(), r.weight, p)  # kept for dgrad
+            w_deq = quantize_dequantize(weight.float(), r.weight, p, parts, 0)  # kept for dgrad
             y = quantize_dequantize(x2, r.act, p) @ w_deq.t()
         else:
-            w_deq, y = None, _fp8_gemm(x2, r.act, weight.float(), r.weight, p, op.backend)
+            w_deq = None
+            y = torch.cat([_fp8_gemm(x2, r.act, w.float(), r.weight, p, op.backend) for w in _split(weight, parts, 0)], 1)
         ctx.save_for_backward(x, weight, w_deq)
         return y.to(x.dtype).view(*x.shape[:-1], -1)
 
@@ -286,19 +315,21 @@ class _Fp8Linear(torch.autograd.Function):
         x, weight, w_deq = ctx.saved_tensors
         op = ctx.op
         dy2 = dy.reshape(-1, dy.shape[-1]).float()
-        op.observe("grad", dy2, op.recipe.grad)
+        op.observe("grad", dy2, op.recipe.grad, ctx.parts)
         dx, dw = _linear_grads(dy2, x.reshape(-1, x.shape[-1]).float(), weight, op, *ctx.needs_input_grad[:2],
-                               w_deq=w_deq)
-        return (None if dx is None else dx.to(x.dtype).view(x.shape)), (None if dw is None else dw.to(weight.dtype)), None
+                               w_deq=w_deq, parts=ctx.parts)
+        return ((None if dx is None else dx.to(x.dtype).view(x.shape)), (None if dw is None else dw.to(weight.dtype)),
+                None, None)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe = Fp8Recipe(), backend: str = "emulate",
-               op: Fp8Op | None = None) -> torch.Tensor:
+               op: Fp8Op | None = None, parts: tuple[int, ...] | None = None) -> torch.Tensor:
     """x [..., K] @ weight[N, K]^T -> [..., N] in x's dtype, forward and backward in FP8 (SPEC §3).
 
-    `op` (from `convert_to_fp8`) carries an already resolved backend and the monitor; otherwise one is made.
+    `op` (from `linglab.fp8_convert`) carries an already resolved backend and the monitor; otherwise one is made.
+    `parts`: the sizes of the weights stacked along N in `weight`, each quantised as its own (module docstring).
     """
-    return _Fp8Linear.apply(x, weight, op or Fp8Op(recipe, resolve_backend(backend, x.device, recipe)))
+    return _Fp8Linear.apply(x, weight, op or Fp8Op(recipe, resolve_backend(backend, x.device, recipe)), parts)
 
 
 def _padded_segments(offs: torch.Tensor, rows: int, mult: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -320,25 +351,27 @@ def _scatter_rows(x: torch.Tensor, new_row: torch.Tensor, total: int) -> torch.T
 
 
 def _grouped_grads(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, recipe: Fp8Recipe,
-                   need_dx: bool, need_dw: bool, w_deq: torch.Tensor | None = None):
+                   need_dx: bool, need_dw: bool, w_deq: torch.Tensor | None = None,
+                   parts: tuple[int, ...] | None = None):
     """dgrad and wgrad of the grouped GEMM x[seg_e] @ w[e], all operands quantised as in `_linear_grads`.
 
-    `w_deq`: the forward's dequantised Q(w), reused by dgrad instead of quantising w again.
+    `w_deq`: the forward's dequantised Q(w), reused by dgrad instead of quantising w again. `parts`: the weights
+    stacked along N, whose slices of dy are quantised apart.
     """
     r, p = recipe, recipe.pow2_scales
     dy = dy.float().contiguous()
     new_row, padded_offs, total = _padded_segments(offs, x.shape[0], TILE)
     dy_pad = _scatter_rows(dy, new_row, total)
     if r.grad == "block":  # 128x128 blocks along tokens must not cross experts either; dgrad and wgrad share them
-        dy_wgrad = quantize_dequantize(dy_pad, "block", p)
+        dy_wgrad = quantize_dequantize(dy_pad, "block", p, parts, -1)
         dy_dgrad = dy_wgrad.index_select(0, new_row)
     else:
-        dy_wgrad = quantize_dequantize(dy_pad.t(), r.grad, p).t().contiguous()
-        dy_dgrad = quantize_dequantize(dy, r.grad, p)
+        dy_wgrad = quantize_dequantize(dy_pad.t(), r.grad, p, parts, 0).t().contiguous()
+        dy_dgrad = quantize_dequantize(dy, r.grad, p, parts, -1)
     dx = dw = None
     if need_dx:
-        w_t = (quantize_dequantize(w.float(), r.weight, p) if w_deq is None else w_deq).transpose(1, 2).contiguous()
-        dx = torch._grouped_mm(dy_dgrad, w_t, offs=offs)
+        w_q = quantize_dequantize(w.float(), r.weight, p, parts, -1) if w_deq is None else w_deq
+        dx = torch._grouped_mm(dy_dgrad, w_q.transpose(1, 2).contiguous(), offs=offs)
     if need_dw:
         # wgrad contracts over each expert's own tokens: x^T tiles along the padded token dim; zero rows add nothing.
         x_t = quantize_dequantize(_scatter_rows(x.float(), new_row, total).t(), r.act, p)
@@ -350,13 +383,13 @@ class _Fp8GroupedMM(torch.autograd.Function):
     """Segment-wise x[seg_e] @ w[e] (w [E, K, N]) with all three GEMMs in FP8, emulated, grouped via _grouped_mm."""
 
     @staticmethod
-    def forward(ctx, x, w, offs, op):
-        ctx.op = op
+    def forward(ctx, x, w, offs, op, parts):
+        ctx.op, ctx.parts = op, parts
         r, p = op.recipe, op.recipe.pow2_scales
         op.observe("act", x, r.act)
-        op.observe("weight", w, r.weight)
+        op.observe("weight", w, r.weight, parts, -1)
         # Blocks of w[e] [K, N] are the transposed blocks of the stored [N, K] expert weight: the same numbers.
-        w_deq = quantize_dequantize(w.float(), r.weight, p)
+        w_deq = quantize_dequantize(w.float(), r.weight, p, parts, -1)
         ctx.save_for_backward(x, w, offs, w_deq)  # w_deq is reused by dgrad: one weight quantisation per step
         y = torch._grouped_mm(quantize_dequantize(x.float(), r.act, p), w_deq, offs=offs)
         return y.to(x.dtype)
@@ -364,21 +397,22 @@ class _Fp8GroupedMM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w, offs, w_deq = ctx.saved_tensors
-        ctx.op.observe("grad", dy, ctx.op.recipe.grad)
-        dx, dw = _grouped_grads(dy, x, w, offs, ctx.op.recipe, *ctx.needs_input_grad[:2], w_deq=w_deq)
-        return (None if dx is None else dx.to(x.dtype)), (None if dw is None else dw.to(w.dtype)), None, None
+        ctx.op.observe("grad", dy, ctx.op.recipe.grad, ctx.parts)
+        dx, dw = _grouped_grads(dy, x, w, offs, ctx.op.recipe, *ctx.needs_input_grad[:2], w_deq=w_deq, parts=ctx.parts)
+        return (None if dx is None else dx.to(x.dtype)), (None if dw is None else dw.to(w.dtype)), None, None, None
 
 
 def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, recipe: Fp8Recipe = Fp8Recipe(),
-                   backend: str = "emulate", op: Fp8Op | None = None) -> torch.Tensor:
+                   backend: str = "emulate", op: Fp8Op | None = None, parts: tuple[int, ...] | None = None) -> torch.Tensor:
     """FP8 `torch._grouped_mm(x, w, offs=offs)`: x [T, K] sorted by expert, w [E, K, N], offs int32 ends, offs[-1] == T.
 
     Only the emulate backend exists ("auto" picks it). K and N must be multiples of 4 (_grouped_mm's 16-byte strides).
+    `parts`: the sizes of the weights stacked along N in every w[e], each quantised as its own (module docstring).
     """
     backend = op.backend if op is not None else backend
     if backend not in ("auto", "emulate"):
         raise ValueError(f"fp8_grouped_mm has only the 'emulate' backend, got {backend!r}")
-    return _Fp8GroupedMM.apply(x, w, offs, op or Fp8Op(recipe, "emulate"))
+    return _Fp8GroupedMM.apply(x, w, offs, op or Fp8Op(recipe, "emulate"), parts)
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor, row_weights: torch.Tensor | None) -> torch.Tensor:
@@ -464,46 +498,6 @@ def fp8_swiglu_down(gate_up: torch.Tensor, weight: torch.Tensor, op: Fp8Op, row_
     return out.view(*shape[:-1], out.shape[-1])
 
 
-# ---------------------------------------------------------------- applying FP8 to a model
-
-
-class Fp8Linear(nn.Linear):
-    """nn.Linear whose three GEMMs run in FP8; same parameters and state dict as the layer it replaces."""
-
-    fp8: Fp8Op
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, op=self.fp8)
-
-
-def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe, backend: str = "auto", monitor: Fp8Monitor | None = None,
-                   device: torch.device | str = "cpu") -> list[str]:
-    """Put the GEMMs SPEC §3 names into FP8, in place; returns the converted op names.
-
-    FP8: attention query_key_value and dense, every SwiGLU (dense FFN, shared expert) and the routed experts,
-    including those of the MTP layer's decoder block. Kept in high precision: embedding, lm_head, router gate,
-    norms and MTP eh_proj — they are simply never visited. Weights stay in their dtype; checkpoints are unchanged.
-    """
-    from linglab.moe import GroupedExperts, SwiGLU  # fp8 is below the model in the dependency order
-
-    backend = resolve_backend(backend, device, recipe)
-    converted = []
-    for name, module in model.named_modules():
-        if name.endswith(".attention"):
-            for child in ("query_key_value", "dense"):
-                linear = getattr(module, child)
-                linear.__class__ = Fp8Linear  # the same object and Parameter: optimizer state and checkpoints stay valid
-                linear.fp8 = Fp8Op(recipe, backend, f"{name}.{child}", monitor)
-                converted.append(f"{name}.{child}")
-        elif isinstance(module, (SwiGLU, GroupedExperts)):
-            # Routed experts run in the grouped GEMM, which exists in emulation only.
-            module_backend = "emulate" if isinstance(module, GroupedExperts) else backend
-            ops = tuple(Fp8Op(recipe, module_backend, f"{name}.{part}", monitor) for part in ("gate_up_proj", "down_proj"))
-            module.fp8 = ops
-            converted += [op.name for op in ops]
-    return converted
-
-
 class Fp8Monitor:
     """The safeguard monitor (SPEC §3): underflow and distortion of every FP8 operand, per op and layer.
 
@@ -524,8 +518,8 @@ class Fp8Monitor:
             self.active = False
 
     @torch.no_grad()
-    def record(self, name: str, kind: str, x: torch.Tensor, granularity: Granularity, pow2_scales: bool) -> None:
-        x_deq = quantize_dequantize(x.detach(), granularity, pow2_scales)
+    def record(self, name: str, kind: str, x: torch.Tensor, x_deq: torch.Tensor) -> None:
+        """One tensor of op `name` and its quantise -> dequantise reconstruction."""
         stats = (float(underflow_fraction(x, x_deq)), float(distortion(x, x_deq)))
         ops = self.stats.setdefault(name, {})
         if kind in ops:  # an op called twice in a step (gradient accumulation): keep the worse numbers

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from linglab.config import ModelConfig
-from linglab.fp8 import Fp8Op, fp8_grouped_mm, fp8_linear, fp8_swiglu_down
 
 
 def group_limited_topk(scores_for_choice: torch.Tensor, n_group: int, topk_group: int, top_k: int) -> torch.Tensor:
@@ -71,14 +70,8 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.fp8: tuple[Fp8Op, Fp8Op] | None = None  # (gate_up, down) ops, set by fp8.convert_to_fp8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp8 is not None:  # SPEC §3: all GEMMs in FP8, SwiGLU fused into the down projection's quantisation
-            gate_up_op, down_op = self.fp8
-            # One GEMM on [gate; up], as the routed experts' fused gate_up_proj: x is quantised once, not twice.
-            weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-            return fp8_swiglu_down(fp8_linear(x, weight, op=gate_up_op), self.down_proj.weight, down_op)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -94,14 +87,9 @@ class GroupedExperts(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        self.fp8: tuple[Fp8Op, Fp8Op] | None = None  # (gate_up, down) ops, set by fp8.convert_to_fp8
 
     def forward(self, x_sorted: torch.Tensor, weights_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offs = counts.cumsum(0).to(torch.int32)
-        if self.fp8 is not None:
-            gate_up_op, down_op = self.fp8
-            gate_up = fp8_grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs, op=gate_up_op)
-            return fp8_swiglu_down(gate_up, self.down_proj.transpose(1, 2), down_op, row_weights=weights_sorted, offs=offs)
         gate, up = grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
         # Scaling the I-wide hidden by the routing weight equals scaling the H-wide output, at less traffic.
         h = F.silu(gate) * up * weights_sorted.unsqueeze(-1).to(gate.dtype)

@@ -40,7 +40,8 @@ from linglab.config import Config, FP8Config, TrainConfig
 from linglab.data import DataLoader, RunData, build_data
 from linglab.errors import LinglabError
 from linglab.flops import flops_per_token, matmul_peak_flops
-from linglab.fp8 import Fp8Monitor, Fp8Recipe, convert_to_fp8
+from linglab.fp8 import Fp8Monitor, Fp8Recipe
+from linglab.fp8_convert import convert_to_fp8
 from linglab.model import LingForCausalLM, ModelOutput, build_model, count_parameters
 from linglab.moe import max_violation, update_expert_bias
 from linglab.parallel.parallel_dims import ParallelDims, init_parallel

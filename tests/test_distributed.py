@@ -12,6 +12,8 @@ from conftest import tiny_config
 from dist_utils import requires_gloo, run_on_ranks
 from torch.distributed.device_mesh import init_device_mesh
 
+from linglab.fp8 import Fp8Recipe
+from linglab.fp8_convert import Fp8GroupedExperts, convert_to_fp8
 from linglab.model import build_model
 from linglab.moe import MoE, update_expert_bias
 from linglab.parallel.expert_parallel import (
@@ -108,7 +110,7 @@ EP_CASES = [
 ]
 
 
-def _ep_case(rank, world_size, name, bias, group):
+def _ep_case(rank, world_size, name, bias, group, fp8=False):
     cfg = tiny_config().model
     torch.manual_seed(0)
     moe = MoE(cfg).train()
@@ -117,6 +119,8 @@ def _ep_case(rank, world_size, name, bias, group):
             p.normal_(0, 0.1)  # spread router logits, O(1) outputs and gradients
         for e, b in bias.items():
             moe.gate.expert_bias[e] = b
+    if fp8:  # converted before sharding, as the trainer does: each rank runs the FP8 GEMMs on its experts
+        convert_to_fp8(moe, Fp8Recipe(), "emulate")
     sizes = [13, 7]  # uneven token counts per rank
     x_full = torch.randn(sum(sizes), cfg.hidden_size)
     g_full = torch.randn(sum(sizes), cfg.hidden_size)  # upstream gradient: loss = sum(y * g) over ALL ranks' tokens
@@ -129,7 +133,7 @@ def _ep_case(rank, world_size, name, bias, group):
     (y_ref * g_full).sum().backward()
 
     ep = apply_expert_parallel(copy.deepcopy(moe), group)
-    assert isinstance(ep.experts, ExpertParallelExperts)
+    assert isinstance(ep.experts, ExpertParallelExperts) and isinstance(ep.experts, Fp8GroupedExperts) == fp8
     x = x_full[mine].clone().requires_grad_()
     y, _ = ep(x)
     (y * g_full[mine]).sum().backward()
@@ -143,8 +147,9 @@ def _ep_case(rank, world_size, name, bias, group):
         grad = getattr(ep.experts, pname).grad
         _assert_close(grad, getattr(ref.experts, pname).grad[experts], f"{name}: expert {pname} gradient")
     # The replicated router and shared expert saw only this rank's tokens: their gradients sum to the reference.
+    # Not the FP8 shared expert's: its wgrad quantises x^T and dy^T in 1x128 tiles along this rank's tokens only.
     for (pname, p), ref_p in zip(ep.named_parameters(), ref.parameters()):
-        if not pname.startswith("experts."):
+        if not pname.startswith("experts.") and not (fp8 and pname.startswith("shared_experts.")):
             summed = p.grad.clone()
             dist.all_reduce(summed, group=group)
             _assert_close(summed, ref_p.grad, f"{name}: summed {pname} gradient")
@@ -159,9 +164,10 @@ def _expert_parallel_matches_single_device(rank, world_size):
     group = dist.new_group(list(range(world_size)))
     for name, bias in EP_CASES:
         _ep_case(rank, world_size, name, bias, group)
+    _ep_case(rank, world_size, "fp8", {}, group, fp8=True)
 
 
-def test_expert_parallel_moe_equals_single_device_including_starved_experts_and_ranks(tmp_path):
+def test_expert_parallel_moe_equals_single_device_including_starved_experts_ranks_and_fp8(tmp_path):
     run_on_ranks(_expert_parallel_matches_single_device, tmp_path)
 
 

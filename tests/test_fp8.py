@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from linglab.fp8 import (
     E4M3,
+    Fp8Op,
     Fp8Recipe,
     dequantize_blockwise,
     dequantize_per_tensor,
@@ -258,6 +259,60 @@ def test_fp8_grouped_mm_equals_per_expert_loop(recipe):
     assert torch.allclose(xg.grad, dx_ref, rtol=1e-5, atol=1e-4)
     assert torch.allclose(stored.grad.transpose(1, 2), dw_ref, rtol=1e-5, atol=1e-4)
     assert not stored.grad[1].any()
+
+
+STACKED_RECIPES = [Fp8Recipe(), TENSORWISE, Fp8Recipe(grad_blocks=True)]
+
+
+def _leaf(*shape, scale=1.0) -> torch.Tensor:
+    return (torch.randn(*shape) * scale).requires_grad_()
+
+
+@pytest.mark.parametrize("recipe", STACKED_RECIPES, ids=["tilewise", "tensorwise", "grad_blocks"])
+def test_stacked_gate_up_gemm_equals_two_separate_fp8_linears(recipe):
+    """[gate; up] in one GEMM with parts: each weight in its own blocks, and its slice of dy in its own tiles."""
+    op = Fp8Op(recipe, "emulate")
+    x, gate, up = _leaf(3, 40, 160), _leaf(72, 160, scale=0.1), _leaf(72, 160, scale=0.1)
+    gate_up = torch.cat([gate, up])
+    stacked = fp8_linear(x, gate_up, op=op, parts=(72, 72))
+    separate = torch.cat([fp8_linear(x, gate, op=op), fp8_linear(x, up, op=op)], dim=-1)
+    torch.testing.assert_close(stacked, separate, rtol=1e-6, atol=1e-7)
+    # One 128x128 block across the boundary would round differently: the test would see it.
+    assert not torch.allclose(fp8_linear(x, gate_up, op=op), separate, rtol=1e-6, atol=1e-7)
+    dy = torch.randn_like(stacked)
+    grads_stacked = torch.autograd.grad(stacked, (x, gate, up), dy)
+    grads_separate = torch.autograd.grad(separate, (x, gate, up), dy)
+    for a, b in zip(grads_stacked, grads_separate):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("recipe", STACKED_RECIPES, ids=["tilewise", "tensorwise", "grad_blocks"])
+def test_stacked_grouped_gate_up_equals_separate_grouped_gemms(recipe):
+    op = Fp8Op(recipe, "emulate")
+    offs = torch.tensor([70, 70, 210, 240]).to(torch.int32)
+    x, gate, up = _leaf(240, 96), _leaf(4, 96, 36, scale=0.1), _leaf(4, 96, 36, scale=0.1)
+    stacked = fp8_grouped_mm(x, torch.cat([gate, up], dim=-1), offs, op=op, parts=(36, 36))
+    separate = torch.cat([fp8_grouped_mm(x, gate, offs, op=op), fp8_grouped_mm(x, up, offs, op=op)], dim=-1)
+    torch.testing.assert_close(stacked, separate, rtol=1e-6, atol=1e-7)
+    dy = torch.randn_like(stacked)
+    for a, b in zip(torch.autograd.grad(stacked, (x, gate, up), dy), torch.autograd.grad(separate, (x, gate, up), dy)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_stacked_gemm_on_scaled_mm_equals_emulate_for_tensorwise_on_cpu():
+    """scaled_mm runs one GEMM per stacked weight, each with its own per-tensor scale; emulation one GEMM."""
+    if resolve_backend("auto", "cpu", TENSORWISE) != "scaled_mm":
+        pytest.skip("torch._scaled_mm does not run per-tensor FP8 on this CPU build")
+    # gate and up of different magnitudes: one scale for both would be the larger one's
+    x, w, dy = torch.randn(3, 50, 200), torch.cat([torch.randn(72, 200), 9 * torch.randn(72, 200)]), torch.randn(3, 50, 144)
+    results = {}
+    for backend in ("scaled_mm", "emulate"):
+        xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp8_linear(xb, wb, op=Fp8Op(TENSORWISE, backend), parts=(72, 72))
+        y.backward(dy)
+        results[backend] = (y, xb.grad, wb.grad)
+    for got, want in zip(results["scaled_mm"], results["emulate"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.detach().abs().max()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,4 +1,5 @@
-"""FP8 exports (SPEC §1.6, §3): which tensors are E4M3, their 128x128 scale_inv, the round trip, the CLI."""
+"""FP8 exports (SPEC §1.6, §3): which tensors are E4M3, their 128x128 scale_inv (the blocks training and FP8
+rollouts use), the round trip, the CLI."""
 
 import json
 
@@ -11,14 +12,15 @@ from linglab.checkpoint import (
     CheckpointError,
     from_pretrained,
     hf_config_dict,
-    is_fp8_weight,
     load_config_json,
     save_pretrained,
     to_hf_state_dict,
 )
 from linglab.cli import main
-from linglab.fp8 import dequantize_blockwise, quantize_blockwise
+from linglab.fp8 import Fp8Recipe, dequantize_blockwise, quantize_blockwise
+from linglab.fp8_convert import convert_to_fp8, fp8_weight_names
 from linglab.model import build_model
+from linglab.rl.rollout import RolloutEngine
 
 # Markers of the tensors SPEC §3 keeps in high precision, written apart from the predicate under test.
 HIGH_PRECISION = ("word_embeddings", "lm_head", "norm.weight", "mlp.gate.weight", "mlp.gate.expert_bias", "eh_proj")
@@ -39,19 +41,10 @@ def exported(request, tmp_path_factory):
     return model.eval(), path
 
 
-def test_is_fp8_weight_names_exactly_the_fp8_gemm_weights():
-    fp8 = ["model.layers.0.attention.query_key_value.weight", "model.layers.0.attention.dense.weight",
-           "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight",
-           "model.layers.7.mlp.experts.15.gate_proj.weight", "model.layers.7.mlp.experts.0.down_proj.weight",
-           "model.layers.7.mlp.shared_experts.up_proj.weight"]
-    kept = ["model.word_embeddings.weight", "lm_head.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight",
-            "model.layers.0.post_attention_layernorm.weight", "model.layers.0.attention.query_layernorm.weight",
-            "model.layers.0.attention.key_layernorm.weight", "model.layers.1.mlp.gate.weight",
-            "model.layers.1.mlp.gate.expert_bias", "model.layers.2.eh_proj.weight", "model.layers.2.enorm.weight",
-            "model.layers.2.hnorm.weight", "model.layers.2.final_layernorm.weight",
-            "model.layers.0.attention.dense.weight_scale_inv"]
-    assert all(is_fp8_weight(n) for n in fp8)
-    assert not any(is_fp8_weight(n) for n in kept)
+def _fp8_hf_names(model) -> set[str]:
+    """The HF names of `fp8_weight_names`, experts unstacked."""
+    sd = model.state_dict()
+    return set(to_hf_state_dict(model, {n: sd[n] for n in fp8_weight_names(model)}))
 
 
 def test_file_holds_e4m3_for_exactly_the_fp8_weights_with_fp32_scale_inv(exported):
@@ -62,7 +55,7 @@ def test_file_holds_e4m3_for_exactly_the_fp8_weights_with_fp32_scale_inv(exporte
     expected_fp8 = {n for n in original if not any(m in n for m in HIGH_PRECISION)}
     # attention (2) in 2 layers + MTP, one dense SwiGLU (3), experts and shared expert (3 each) in layer 1 + MTP
     assert len(expected_fp8) == 2 * 3 + 3 + 2 * 3 * (c.num_experts + 1)
-    assert {n for n in original if is_fp8_weight(n)} == expected_fp8
+    assert _fp8_hf_names(model) == expected_fp8
     assert {n for n, t in stored.items() if t.dtype == torch.float8_e4m3fn} == expected_fp8
     assert set(stored) == set(original) | {f"{n}_scale_inv" for n in expected_fp8}
     for name in expected_fp8:
@@ -74,6 +67,45 @@ def test_file_holds_e4m3_for_exactly_the_fp8_weights_with_fp32_scale_inv(exporte
         assert torch.equal(stored[f"{name}_scale_inv"], scale), name
     for name in set(original) - expected_fp8:
         assert stored[name].dtype == torch.float32 and torch.equal(stored[name], original[name]), name
+
+
+def test_training_export_and_fp8_rollouts_use_the_same_gate_and_up_blocks(tmp_path):
+    """FFN widths that are not multiples of 128 (200 dense, 72 experts and shared expert): blocks over [gate; up]
+    would straddle the boundary. Training's dequantised gate/up weights, the export's E4M3 * scale_inv and the FP8
+    rollout engine's weights are the same tensors, bit for bit."""
+    cfg = tiny_config(num_hidden_layers=2, **SHAPES["partial blocks"]).model
+    model = build_model(cfg, seed=3)
+    save_pretrained(model, tmp_path / "fp8", fp8=True)
+    stored = load_file(str(tmp_path / "fp8" / "model.safetensors"))
+    exported = {n: dequantize_blockwise(q, stored[f"{n}_scale_inv"]) for n, q in stored.items()
+                if f"{n}_scale_inv" in stored}
+    engine = RolloutEngine(cfg, eos_id=0, max_new_tokens=1, precision="fp8")
+    engine.sync_weights(model)
+    rollout = to_hf_state_dict(engine.model)
+    assert all(torch.equal(rollout[n], w) for n, w in exported.items())
+
+    convert_to_fp8(model, Fp8Recipe(), "emulate")
+    saved = []  # every tensor the FP8 GEMMs keep for backward, the dequantised weights among them
+    ids = torch.randint(0, cfg.vocab_size, (2, 17))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(ids[:, :-1], targets=ids[:, 1:])
+
+    def trained_with(w: torch.Tensor) -> bool:
+        return any(t.shape == w.shape and torch.equal(t, w) for t in saved)
+
+    def gate_up(prefix: str) -> torch.Tensor:
+        return torch.cat([exported[f"{prefix}.gate_proj.weight"], exported[f"{prefix}.up_proj.weight"]])
+
+    for layer in (1, 2):  # the MoE layer and the MTP layer (HF index num_hidden_layers)
+        prefix = f"model.layers.{layer}.mlp"
+        experts = torch.stack([gate_up(f"{prefix}.experts.{e}") for e in range(cfg.num_experts)])
+        assert trained_with(experts.transpose(1, 2)), f"{prefix}.experts"  # the grouped GEMM's [E, in, out]
+        assert trained_with(gate_up(f"{prefix}.shared_experts")), f"{prefix}.shared_experts"
+    assert trained_with(gate_up("model.layers.0.mlp")), "dense FFN"
+    # The check has teeth: one block grid over [gate; up] gives other weights.
+    shared = model.model.layers[1].mlp.shared_experts
+    fused = dequantize_blockwise(*quantize_blockwise(torch.cat([shared.gate_proj.weight, shared.up_proj.weight])))
+    assert not torch.equal(fused, gate_up("model.layers.1.mlp.shared_experts"))
 
 
 def test_config_json_gains_quantization_config_only(exported):
@@ -88,10 +120,10 @@ def test_config_json_gains_quantization_config_only(exported):
 def test_reload_is_the_quantised_model(exported):
     model, path = exported
     loaded = from_pretrained(path).eval()
-    original, reloaded = to_hf_state_dict(model), to_hf_state_dict(loaded)
+    original, reloaded, fp8 = to_hf_state_dict(model), to_hf_state_dict(loaded), _fp8_hf_names(model)
     assert original.keys() == reloaded.keys()
     for name, w in original.items():
-        want = dequantize_blockwise(*quantize_blockwise(w)) if is_fp8_weight(name) else w
+        want = dequantize_blockwise(*quantize_blockwise(w)) if name in fp8 else w
         assert reloaded[name].dtype == torch.float32 and torch.equal(reloaded[name], want), name
     ids = torch.randint(0, model.cfg.vocab_size, (2, 16))
     ref, got = model(ids), loaded(ids)

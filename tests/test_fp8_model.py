@@ -1,6 +1,10 @@
-"""FP8 applied to the model (SPEC §3): the fused SwiGLU-down path, which modules convert, the monitor, training."""
+"""FP8 applied to the model from outside (SPEC §3): the fused SwiGLU-down path, which modules convert (by type),
+the monitor, training, and which modules know of which."""
 
+import ast
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +13,8 @@ from conftest import tiny_config
 from test_train import FAST
 
 from linglab.cli import main
-from linglab.fp8 import Fp8Linear, Fp8Monitor, Fp8Op, Fp8Recipe, convert_to_fp8, fp8_grouped_mm, fp8_linear, fp8_swiglu_down
+from linglab.fp8 import Fp8Monitor, Fp8Op, Fp8Recipe, fp8_grouped_mm, fp8_linear, fp8_swiglu_down
+from linglab.fp8_convert import Fp8GroupedExperts, Fp8Linear, Fp8SwiGLU, convert_to_fp8, fp8_weight_names
 from linglab.model import build_model
 from linglab.moe import GroupedExperts, SwiGLU
 
@@ -53,22 +58,70 @@ def test_fused_grouped_swiglu_down_with_routing_weights(recipe):
 def test_convert_touches_exactly_the_fp8_gemms_of_spec3():
     cfg = tiny_config().model
     model = build_model(cfg, seed=0)
-    keys = set(model.state_dict())
+    keys, weights = set(model.state_dict()), fp8_weight_names(model)
     names = convert_to_fp8(model, Fp8Recipe(), "emulate")
     assert set(model.state_dict()) == keys  # checkpoints are unchanged
+    assert fp8_weight_names(model) == weights  # the same decision before and after conversion
     layers = [f"model.layers.{i}" for i in range(cfg.num_hidden_layers)] + ["model.mtp_layers.0"]
     expected = {f"{layer}.attention.{p}" for layer in layers for p in ("query_key_value", "dense")}
     expected |= {f"{layers[0]}.mlp.{p}" for p in ("gate_up_proj", "down_proj")}
     expected |= {f"{layer}.mlp.{m}.{p}" for layer in layers[1:] for m in ("experts", "shared_experts")
                  for p in ("gate_up_proj", "down_proj")}
     assert set(names) == expected
+    expected_weights = {f"{layer}.attention.{p}.weight" for layer in layers for p in ("query_key_value", "dense")}
+    expected_weights |= {f"{layers[0]}.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
+    expected_weights |= {f"{layer}.mlp.shared_experts.{p}.weight" for layer in layers[1:]
+                         for p in ("gate_proj", "up_proj", "down_proj")}
+    expected_weights |= {f"{layer}.mlp.experts.{p}" for layer in layers[1:] for p in ("gate_up_proj", "down_proj")}
+    assert set(weights) == expected_weights
     # High precision (SPEC §3): embedding, lm_head, router, norms, MTP eh_proj.
     assert type(model.lm_head) is torch.nn.Linear and type(model.model.mtp_layers[0].eh_proj) is torch.nn.Linear
     assert type(model.model.word_embeddings) is torch.nn.Embedding
     for module in model.modules():
-        if isinstance(module, (SwiGLU, GroupedExperts)):
-            assert module.fp8 is not None
-    assert all(type(m) is not Fp8Linear for n, m in model.named_modules() if "gate" in n.split(".")[-1:])
+        if isinstance(module, SwiGLU):
+            assert type(module) is Fp8SwiGLU and module.gate_up_op.backend == "emulate"
+        elif isinstance(module, GroupedExperts):
+            assert type(module) is Fp8GroupedExperts
+    assert {n for n, m in model.named_modules() if type(m) is Fp8Linear} == {
+        f"{layer}.attention.{p}" for layer in layers for p in ("query_key_value", "dense")}
+
+
+def test_convert_refuses_a_layer_another_wrapper_already_specialised():
+    class Sharded(GroupedExperts):  # stands in for expert parallel's subclass, whose all-to-all would be lost
+        pass
+
+    model = build_model(tiny_config(num_hidden_layers=2).model, seed=0)
+    model.model.layers[1].mlp.experts.__class__ = Sharded
+    with pytest.raises(ValueError, match="Sharded is not a plain GroupedExperts; convert the model to FP8 before"):
+        convert_to_fp8(model, Fp8Recipe(), "emulate")
+
+
+def _linglab_imports(module: str) -> set[str]:
+    """The linglab modules `module`'s source imports, anywhere in it (lazy imports included)."""
+    tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return {m for m in found if m.split(".")[0] == "linglab"}
+
+
+def _closure(module: str) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        for m in _linglab_imports(todo.pop()) - seen:
+            seen.add(m)
+            todo.append(m)
+    return seen
+
+
+def test_fp8_numerics_import_nothing_of_ours_and_the_model_nothing_of_fp8():
+    assert _linglab_imports("linglab.fp8") == set()
+    for module in ("linglab.model", "linglab.moe"):
+        assert not _closure(module) & {"linglab.fp8", "linglab.fp8_convert"}, module
+    assert {"linglab.fp8", "linglab.model", "linglab.moe"} <= _closure("linglab.fp8_convert")
 
 
 def test_fp8_model_tracks_fp32_and_the_monitor_sees_every_op():

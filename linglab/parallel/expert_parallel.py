@@ -9,11 +9,11 @@
 Rank r of an EP group of size P holds experts [r*E/P, (r+1)*E/P). The MoE block itself is untouched: its
 router, dispatch gather, combine and shared expert run on each rank's own tokens exactly as on one device,
 and hand `experts` the k copies of the tokens sorted by global expert, with per-expert counts. Sorted by
-expert is also sorted by the rank that owns the expert, so the swapped-in module only has to:
+expert is also sorted by the rank that owns the expert, so the expert-parallel module only has to:
   1. all-to-all the per-expert counts, so each rank learns how many rows it receives for each local expert;
   2. all-to-all the rows and their routing weights with those variable split sizes (dropless: all are sent);
-  3. reorder the received rows from (source rank, expert) to (expert, source rank) and run the same grouped
-     GEMMs as GroupedExperts (FP8 included) on the local experts;
+  3. reorder the received rows from (source rank, expert) to (expert, source rank) and run the module's own
+     grouped GEMMs on the local experts (FP8 ones if `linglab.fp8_convert` converted it first);
   4. undo the reorder and all-to-all the outputs back to the ranks the tokens came from.
 
 Autograd: the adjoint of an all-to-all is the all-to-all with the split sizes swapped; `_AllToAll` does
@@ -24,6 +24,8 @@ gradients still need the data-parallel reduction (FSDP or an all-reduce) over th
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -72,28 +74,14 @@ class ExpertParallelExperts(GroupedExperts):
     """GroupedExperts holding this rank's E/P experts, with the interface of all E (SPEC §7).
 
     Parameters keep their names and layout (`gate_up_proj` [E/P, 2I, H], `down_proj` [E/P, H, I]), rows
-    [r*E/P, (r+1)*E/P) of the single-device stacks, so FP8 conversion and state-dict slicing still apply.
+    [r*E/P, (r+1)*E/P) of the single-device stacks, so state-dict slicing still applies. `forward` runs the
+    all-to-alls around `super().forward`: the local GEMMs of the class the module had before
+    (`to_expert_parallel`).
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, group: dist.ProcessGroup | None):
-        ep = dist.get_world_size(group)
-        if num_experts % ep:
-            raise ValueError(f"expert parallel: num_experts {num_experts} is not divisible by the EP size {ep}")
-        super().__init__(num_experts // ep, hidden_size, intermediate_size)
-        self.group, self.ep, self.num_experts = group, ep, num_experts
-
-    @classmethod
-    def from_full(cls, full: GroupedExperts, group: dist.ProcessGroup | None) -> ExpertParallelExperts:
-        """This rank's slice of a single-device GroupedExperts (weights copied, FP8 ops kept)."""
-        num_experts, two_i, hidden = full.gate_up_proj.shape
-        with torch.device(full.gate_up_proj.device):
-            local = cls(num_experts, hidden, two_i // 2, group)
-        first = dist.get_rank(group) * local.gate_up_proj.shape[0]
-        with torch.no_grad():
-            for name in ("gate_up_proj", "down_proj"):
-                getattr(local, name).copy_(getattr(full, name)[first:first + getattr(local, name).shape[0]])
-        local.fp8 = full.fp8
-        return local
+    group: dist.ProcessGroup | None
+    ep: int
+    num_experts: int
 
     def forward(self, x_sorted: torch.Tensor, weights_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Rows sorted by global expert [N*k, H], their weights and the [E] counts -> their outputs, same order."""
@@ -116,6 +104,35 @@ class ExpertParallelExperts(GroupedExperts):
         return out_sorted
 
 
+@functools.cache
+def _expert_parallel_class(experts_class: type[GroupedExperts]) -> type[ExpertParallelExperts]:
+    """ExpertParallelExperts whose `super().forward` is `experts_class`'s forward."""
+    if experts_class is GroupedExperts:
+        return ExpertParallelExperts
+    return type(f"ExpertParallel{experts_class.__name__}", (ExpertParallelExperts, experts_class), {})
+
+
+def to_expert_parallel(experts: GroupedExperts, group: dist.ProcessGroup | None) -> ExpertParallelExperts:
+    """Cut a single-device GroupedExperts down to this rank's experts, in place.
+
+    The module keeps what was set on it and its own grouped GEMMs: a converted subclass (FP8) becomes an
+    expert-parallel subclass of itself, made once per class as FSDP2's fully_shard does.
+    """
+    ep = dist.get_world_size(group)
+    num_experts = experts.gate_up_proj.shape[0]
+    if num_experts % ep:
+        raise ValueError(f"expert parallel: num_experts {num_experts} is not divisible by the EP size {ep}")
+    local = num_experts // ep
+    first = dist.get_rank(group) * local
+    with torch.no_grad():
+        for name in ("gate_up_proj", "down_proj"):
+            full = getattr(experts, name)
+            setattr(experts, name, nn.Parameter(full[first:first + local].clone(), full.requires_grad))
+    experts.__class__ = _expert_parallel_class(type(experts))
+    experts.group, experts.ep, experts.num_experts = group, ep, num_experts
+    return experts
+
+
 def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup | None = None) -> nn.Module:
     """Shard the routed experts of every MoE block in `model` (main stack and MTP) over `ep_group`, in place.
 
@@ -124,7 +141,7 @@ def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup | None =
     """
     for module in model.modules():
         if isinstance(module, MoE) and not isinstance(module.experts, ExpertParallelExperts):
-            module.experts = ExpertParallelExperts.from_full(module.experts, ep_group)
+            to_expert_parallel(module.experts, ep_group)
     return model
 
 

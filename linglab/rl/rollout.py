@@ -3,8 +3,9 @@
 The engine samples with `linglab.generate` and keeps each token's log-prob as it was sampled: that is
 log pi_infer, which the trainer compares with its own log pi_train for IcePop/TIS. Its weights are a copy
 of the trainer's, refreshed by `sync_weights`; with `precision="fp8"` the FP8 GEMM weights of SPEC §3 are
-replaced by their 128x128-block E4M3 quantise -> dequantise (exactly what loading an FP8 export gives), so
-pi_infer really differs from pi_train, as it does between a real inference engine and its trainer.
+replaced by their 128x128-block E4M3 quantise -> dequantise (the FP8 export's tensors, loaded: the weights and
+blocks FP8 training uses, `linglab.fp8_convert`), so pi_infer really differs from pi_train, as it does between
+a real inference engine and its trainer.
 
     engine = RolloutEngine(model.cfg, eos_id=tok.eos_id, max_new_tokens=64, precision="fp8")
     engine.sync_weights(model)
@@ -83,9 +84,10 @@ class RolloutEngine:
     @torch.no_grad()
     def sync_weights(self, train_model: LingForCausalLM) -> None:
         """Copy the trainer's weights in; with fp8, through the HF FP8 export's quantise -> dequantise (SPEC §1.6, §3)."""
-        tensors = ckpt.to_hf_state_dict(train_model)
-        if self.precision == "fp8":
-            tensors = ckpt.dequantize_hf_state_dict(ckpt.quantize_hf_state_dict(tensors), TILE, "rollout sync")
+        fp8 = self.precision == "fp8"
+        tensors = ckpt.to_hf_state_dict(train_model, fp8=fp8)
+        if fp8:
+            tensors = ckpt.dequantize_hf_state_dict(tensors, TILE, "rollout sync")
         ckpt.load_state_into(self.model, tensors, "rollout sync")
         self.version += 1
 

@@ -1,0 +1,114 @@
+"""FP8 training applied to a built model from outside (SPEC §3), as torchtitan's float8 converter does.
+
+`convert_to_fp8` picks the layers SPEC §3 runs in FP8 by their type and turns each, in place, into an FP8
+subclass of that type: attention's query_key_value and dense (`Fp8Linear`), every SwiGLU, i.e. the dense FFN
+and the shared expert (`Fp8SwiGLU`), and the routed experts (`Fp8GroupedExperts`), the MTP layer's included.
+What is none of these stays in high precision: embedding, lm_head, router gate, norms, MTP eh_proj. A converted
+layer is the same object with the same Parameters, so optimizer state and checkpoints are unchanged; the
+model code (`linglab.model`, `linglab.moe`) knows nothing of FP8 and the numerics (`linglab.fp8`) nothing of
+the model.
+
+`fp8_weight_names` is the same choice as parameter names: the FP8 export (`linglab.checkpoint`) stores exactly
+these in E4M3 and FP8 rollouts quantise exactly these. Gate and up are separate weights everywhere, each in its
+own 128x128 blocks (per expert for the routed experts), also where training runs them as one GEMM on
+[gate; up]: the blocks of an export's `_scale_inv` are the blocks training used.
+
+    model = build_model(cfg.model)
+    convert_to_fp8(model, Fp8Recipe(), backend="auto", monitor=Fp8Monitor())   # before parallelising the model
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from linglab.fp8 import Fp8Monitor, Fp8Op, Fp8Recipe, fp8_grouped_mm, fp8_linear, fp8_swiglu_down, resolve_backend
+from linglab.model import Attention
+from linglab.moe import GroupedExperts, SwiGLU
+
+
+class Fp8Linear(nn.Linear):
+    """nn.Linear whose three GEMMs run in FP8."""
+
+    op: Fp8Op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, op=self.op)
+
+
+class Fp8SwiGLU(SwiGLU):
+    """SwiGLU with all GEMMs in FP8 and the SwiGLU fused into the down projection's input quantisation."""
+
+    gate_up_op: Fp8Op
+    down_op: Fp8Op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One GEMM on [gate; up], so x is quantised once; gate and up keep their own blocks (parts).
+        gate, up = self.gate_proj.weight, self.up_proj.weight
+        gate_up = fp8_linear(x, torch.cat([gate, up]), op=self.gate_up_op, parts=(gate.shape[0], up.shape[0]))
+        return fp8_swiglu_down(gate_up, self.down_proj.weight, self.down_op)
+
+
+class Fp8GroupedExperts(GroupedExperts):
+    """The routed experts with all grouped GEMMs in FP8 (emulated: torch has no blockwise FP8 grouped GEMM)."""
+
+    gate_up_op: Fp8Op
+    down_op: Fp8Op
+
+    def forward(self, x_sorted: torch.Tensor, weights_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offs = counts.cumsum(0).to(torch.int32)
+        intermediate = self.gate_up_proj.shape[1] // 2
+        gate_up = fp8_grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs, op=self.gate_up_op,
+                                 parts=(intermediate, intermediate))
+        return fp8_swiglu_down(gate_up, self.down_proj.transpose(1, 2), self.down_op, row_weights=weights_sorted,
+                               offs=offs)
+
+
+def fp8_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, layer) of every layer whose GEMMs SPEC §3 runs in FP8, converted or not, chosen by type."""
+    for name, module in model.named_modules():
+        if isinstance(module, Attention):
+            yield f"{name}.query_key_value", module.query_key_value
+            yield f"{name}.dense", module.dense
+        elif isinstance(module, (SwiGLU, GroupedExperts)):
+            yield name, module
+
+
+def fp8_weight_names(model: nn.Module) -> list[str]:
+    """State-dict names of the FP8 GEMM weights (SPEC §3): every parameter of the `fp8_layers`."""
+    return [f"{name}.{param}" for name, layer in fp8_layers(model) for param, _ in layer.named_parameters()]
+
+
+def _become(layer: nn.Module, fp8_class: type[nn.Module]) -> None:
+    """Turn `layer` into an `fp8_class`, the same object: its Parameters (optimizer state, checkpoints) stay."""
+    base = fp8_class.__bases__[0]  # the model's layer type that fp8_class specialises
+    if type(layer) not in (base, fp8_class):
+        # A subclass's own forward (expert parallel's all-to-all, FSDP's hooks) would be lost.
+        raise ValueError(f"convert_to_fp8: {type(layer).__name__} is not a plain {base.__name__}; "
+                         "convert the model to FP8 before parallelising it")
+    layer.__class__ = fp8_class
+
+
+def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe, backend: str = "auto", monitor: Fp8Monitor | None = None,
+                   device: torch.device | str = "cpu") -> list[str]:
+    """Put the GEMMs SPEC §3 names into FP8, in place; returns the converted op names (the monitor's).
+
+    Weights stay in their dtype. Routed experts run in the grouped GEMM, which exists in emulation only.
+    """
+    backend = resolve_backend(backend, device, recipe)
+    converted = []
+    for name, layer in fp8_layers(model):
+        if isinstance(layer, nn.Linear):
+            _become(layer, Fp8Linear)
+            layer.op = Fp8Op(recipe, backend, name, monitor)
+            converted.append(name)
+            continue
+        experts = isinstance(layer, GroupedExperts)
+        _become(layer, Fp8GroupedExperts if experts else Fp8SwiGLU)
+        layer_backend = "emulate" if experts else backend
+        layer.gate_up_op, layer.down_op = (Fp8Op(recipe, layer_backend, f"{name}.{part}", monitor)
+                                           for part in ("gate_up_proj", "down_proj"))
+        converted += [layer.gate_up_op.name, layer.down_op.name]
+    return converted
