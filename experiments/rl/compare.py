@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT.parents[1]))
 from linglab.config import load_config, to_toml  # noqa: E402
 from linglab.plots import plt, save  # noqa: E402
 from linglab.rl.report import smooth  # noqa: E402
+from linglab.run import read_jsonl  # noqa: E402
 from linglab.train import run_training  # noqa: E402
 
 RUNS, RESULTS = ROOT / "runs", ROOT / "results"
@@ -123,8 +124,7 @@ def launch(start: Path, out: Path, overrides: list[str], threads: int) -> None:
 
 
 def read_run(out: Path) -> dict:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [r for r in rows if r.get("kind") == "train"]
+    train = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("kind") == "train"]
     return {"train": train, "eval": json.loads((out / "rl_eval.json").read_text()),
             "summary": json.loads((out / "summary.json").read_text())}
 
