@@ -44,7 +44,23 @@ def _fmt(n: int, unit: tuple[str, float] | None = None) -> str:
 def _load_cfg(args, overrides):
     from linglab.config import load_config
 
-    return load_config(preset=args.preset, path=getattr(args, "config", None), overrides=overrides)
+    preset = "tiny" if args.preset is None else args.preset
+    return load_config(preset=preset, path=getattr(args, "config", None), overrides=overrides)
+
+
+def _run_cfg(args, overrides, out: Path, command: str):
+    """The config of a job: preset + --config + overrides, or with --resume the run's own config.toml + overrides
+    (`RunDir.resume_changes` then refuses any that would change what was trained)."""
+    from linglab.config import load_config
+
+    if not args.resume:
+        return _load_cfg(args, overrides)
+    if args.preset is not None or args.config is not None:
+        raise LinglabError(f"{command}: --resume continues {out} with its own config.toml; drop --preset/--config "
+                           "(changes go as --section.key=value)")
+    if not (out / "config.toml").is_file():
+        raise LinglabError(f"{command}: --resume given but {out} has no run to resume")
+    return load_config(preset=None, path=out / "config.toml", overrides=overrides)
 
 
 def _param_table(model, title: str):
@@ -72,18 +88,18 @@ def cmd_params(args, overrides) -> None:
 
     cfg = _load_cfg(args, overrides)
     model = build_model(cfg.model, device="meta")
-    Console().print(_param_table(model, f"{args.preset or 'config'}"))
+    Console().print(_param_table(model, f"{args.preset or 'tiny'}"))
 
 
 def cmd_init(args, overrides) -> None:
     from linglab.checkpoint import save_pretrained
     from linglab.config import META_PRESETS
     from linglab.model import build_model, count_parameters
+    from linglab.run import check_output
 
     cfg = _load_cfg(args, overrides)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise LinglabError(f"init: {out} exists and is not empty (pass --overwrite to replace it)")
+    check_output(out, args.overwrite, "init")
     if args.preset in META_PRESETS:
         n = count_parameters(build_model(cfg.model, device="meta")).total
         raise LinglabError(f"init: preset {args.preset} has {_fmt(n)} parameters ({n * 4 / 2**30:.0f} GiB in fp32), "
@@ -103,7 +119,7 @@ def cmd_check(args, overrides) -> None:
     cfg = _load_cfg(args, overrides)
     console = Console()
     model = build_model(cfg.model, seed=args.seed)
-    console.print(_param_table(model, f"{args.preset or 'config'}"))
+    console.print(_param_table(model, f"{args.preset or 'tiny'}"))
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, cfg.model.vocab_size, (args.batch_size, args.seq_len + 1), generator=g)
     start = time.perf_counter()
@@ -120,8 +136,8 @@ def cmd_check(args, overrides) -> None:
 def cmd_train(args, overrides) -> None:
     from linglab.train import run_training
 
-    cfg = _load_cfg(args, overrides)
-    out = Path(args.out or f"runs/{args.preset}")
+    out = Path(args.out or f"runs/{args.preset or 'tiny'}")
+    cfg = _run_cfg(args, overrides, out, "train")
     run_training(cfg, out, resume=args.resume, overwrite=args.overwrite, command=args.command_line)
 
 
@@ -139,6 +155,9 @@ def cmd_merge(args, overrides) -> None:
         ckpts = RunDir(ckpts[0], "merge", STATE_NAME).checkpoints()
     if len(ckpts) < 2:
         raise LinglabError(f"merge: need at least 2 checkpoints, got {len(ckpts)}")
+    from linglab.run import check_output
+
+    check_output(Path(args.out), args.overwrite, "merge", inputs=ckpts)
     weights = merge_weights_from_decay(decay_schedule(args.decay, len(ckpts) - 1))
     merge_checkpoints(ckpts, weights, Path(args.out))
     for path, w in zip(ckpts, weights):
@@ -156,13 +175,12 @@ def cmd_export(args, overrides) -> None:
 
     if overrides:
         raise LinglabError(f"export: unexpected arguments {' '.join(overrides)}")
+    from linglab.run import check_output
+
     ckpt, out = Path(args.ckpt), Path(args.out)
     load_config_json(ckpt)  # a missing or invalid --ckpt is reported before anything about --out
-    if out.is_file():
-        raise LinglabError(f"export: --out {out} is a file, expected a directory")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise LinglabError(f"export: {out} exists and is not empty (pass --overwrite to replace it)")
-    before = _dir_mb(ckpt)  # measured first: --out may be --ckpt itself
+    check_output(out, args.overwrite, "export", inputs=[ckpt])
+    before = _dir_mb(ckpt)
     export_checkpoint(ckpt, out, fp8=args.fp8)
     print(f"wrote {out} ({'fp8 e4m3, 128x128 blocks' if args.fp8 else 'fp32'}): {before:.2f} MB -> {_dir_mb(out):.2f} MB")
 
@@ -246,7 +264,14 @@ def cmd_scaling_sweep(args, overrides) -> None:
         runs, notes = scaling.plan_runs(grid)
         print("\n".join(scaling.describe_plan(runs, notes, grid)))
         return
-    scaling.run_sweep(grid, Path(args.out), command=args.command_line)
+    from linglab.run import RunDir
+
+    sweep_dir = RunDir(args.out, "scaling sweep")
+    sweep_dir.prepare(args.resume, args.overwrite)  # holds its lock while the sweep runs
+    try:
+        scaling.run_sweep(grid, Path(args.out), command=args.command_line)
+    finally:
+        sweep_dir.unlock()
     print(f"results: {Path(args.out) / 'results.jsonl'}; next: linglab scaling fit --dir {args.out}")
 
 
@@ -261,6 +286,8 @@ def cmd_scaling_fit(args, overrides) -> None:
     results = Path(args.results) if args.results else Path(args.dir) / "results.jsonl"
     out = Path(args.out or args.dir)
     rows = scaling.read_results(results)
+    if (out / "fit.json").exists() and not args.overwrite:
+        raise LinglabError(f"scaling fit: {out / 'fit.json'} exists (pass --overwrite to replace the fit in {out})")
     record = results.parent / "sweep.json"
     commands = json.loads(record.read_text()).get("commands", []) if record.is_file() else []
     fit = scaling.write_fit(rows, out, n_boot=args.bootstrap, commands=[*commands, args.command_line])
@@ -285,6 +312,10 @@ def cmd_scaling_suggest(args, overrides) -> None:
     text = scaling.suggestion_toml(cfg, info)
     print(text, end="")
     if args.out:
+        if Path(args.out).is_dir():
+            raise LinglabError(f"scaling suggest: --out {args.out} is a directory, expected a TOML file")
+        if Path(args.out).exists() and not args.overwrite:
+            raise LinglabError(f"scaling suggest: {args.out} exists (pass --overwrite to replace it)")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
         print(f"# wrote {args.out} (from the {'fitted laws in ' + args.fit if fit else 'published laws'}); "
@@ -295,7 +326,7 @@ def cmd_rl(args, overrides) -> None:
     """RL post-training from a checkpoint (SPEC §5): rollouts, rewards, the policy loss, before/after evaluation."""
     from linglab.rl.trainer import run_rl
 
-    cfg = _load_cfg(args, overrides)
+    cfg = _run_cfg(args, overrides, Path(args.out), "rl")
     run_rl(cfg, args.ckpt, args.out, resume=args.resume, overwrite=args.overwrite, command=args.command_line)
 
 
@@ -311,7 +342,7 @@ def cmd_pipeline(args, overrides) -> None:
     """The main job: pretrain -> RL -> evaluation -> one report.md (`make run`)."""
     from linglab.pipeline import run_pipeline
 
-    cfg = _load_cfg(args, overrides)
+    cfg = _run_cfg(args, overrides, Path(args.out), "pipeline")
     run_pipeline(cfg, args.out, resume=args.resume, overwrite=args.overwrite, command=args.command_line,
                  rl_seeds=args.rl_seeds)
 
@@ -331,9 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linglab", description="The Ling 2.0 recipe in readable PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add_config_args(p, preset_default="tiny"):
-        p.add_argument("--preset", default=preset_default, choices=list(PRESETS),
-                       help=f"starting config (default: {preset_default})")
+    def add_config_args(p):
+        p.add_argument("--preset", choices=list(PRESETS), help="starting config (default: tiny; with --resume the "
+                       "run's own config.toml)")
         p.add_argument("--config", help="TOML file applied over the preset ([section] tables of keys)")
         p.epilog = OVERRIDES_HELP
 
@@ -367,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="merged checkpoint directory to write")
     p.add_argument("--decay", default="linear", choices=["linear", "cosine", "sqrt"],
                    help="target decay the merge emulates (linear = plain mean; default)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="re-save a checkpoint as fp32 HF, or with --fp8 in the HF FP8 format")
@@ -403,11 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budgets", nargs="+", help="compute budgets of the shape axis in FLOPs, e.g. 3e11 1e12 3e12")
     s.add_argument("--axis", action="append", help="shape, activation or granularity (repeatable; default: the grid's axes)")
     s.add_argument("--dry-run", action="store_true", help="print the planned runs and their estimated time, train nothing")
+    s.add_argument("--resume", action="store_true", help="continue the sweep in --out: runs already in results.jsonl are kept")
+    s.add_argument("--overwrite", action="store_true", help="delete the sweep in --out and start over")
     s.set_defaults(func=cmd_scaling_sweep)
     s = scaling_sub.add_parser("fit", help="fit a sweep's results.jsonl: fit.json, scaling.md and plots")
     s.add_argument("--dir", help="sweep directory: reads DIR/results.jsonl and writes into DIR")
     s.add_argument("--results", help="results.jsonl to read (instead of DIR/results.jsonl)")
     s.add_argument("--out", help="directory to write (default: --dir)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing fit (fit.json, scaling.md, plots/)")
     s.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals of L(C), M_opt and L(N, D) "
                    "(0 = none)")
     s.set_defaults(func=cmd_scaling_fit)
@@ -415,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compute", required=True, help="compute budget C in FLOPs, e.g. 1e14")
     s.add_argument("--fit", help="fit.json of `linglab scaling fit` (default: the published laws of SPEC §4)")
     s.add_argument("--out", help="TOML file to write (for linglab train --config FILE)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     s.add_argument("--seq-len", type=int, default=128)
     s.set_defaults(func=cmd_scaling_suggest)
     p = sub.add_parser("rl", help="RL post-training of a checkpoint: GRPO/DAPO/Dr.GRPO/GSPO/LPO, IcePop/TIS, C3PO++")

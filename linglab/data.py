@@ -274,11 +274,12 @@ def heldout_data(tokenizer: Tokenizer, problems: dict[int, list], seq_len: int) 
     return RunData(tokenizer, None, heldout, problems, by_tier)
 
 
-def build_data(cfg, run_dir: Path, eval_problems: int, save_tokenizer: bool = True) -> RunData:
-    """Corpus, tokenizer (loaded, reused from the run dir, or trained and saved there) and packed datasets of the
-    `[data]` section `cfg`.
+def build_data(cfg, run_dir: Path, eval_problems: int, save_tokenizer: bool = True, reuse_saved: bool = True) -> RunData:
+    """Corpus, tokenizer (data.tokenizer, else the run dir's tokenizer.json when `reuse_saved`, else trained; saved
+    there when `save_tokenizer`) and packed datasets of the `[data]` section `cfg`.
 
-    `save_tokenizer=False` leaves the run dir alone (ranks other than 0, which reuse the tokenizer rank 0 saved).
+    `save_tokenizer=False` leaves the run dir alone: a job validating its inputs before it writes, or ranks other
+    than 0, which reuse the tokenizer rank 0 saved.
     """
     problems = {}
     if cfg.path:
@@ -293,7 +294,7 @@ def build_data(cfg, run_dir: Path, eval_problems: int, save_tokenizer: bool = Tr
     saved = run_dir / "tokenizer.json"
     if cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
-    elif saved.is_file():
+    elif reuse_saved and saved.is_file():
         tokenizer = load_tokenizer(saved)
     else:
         tokenizer = Tokenizer.train(texts[:20000], vocab_size=cfg.vocab_size)

@@ -31,6 +31,7 @@ from pathlib import Path
 from linglab.config import Config
 from linglab.errors import LinglabError
 from linglab.report import read_json
+from linglab.run import releases_locks
 
 PRETRAIN, RL = "pretrain", "rl"
 
@@ -49,6 +50,7 @@ def rl_runs(rl_seeds: int, first_seed: int) -> list[tuple[str, int]]:
     return [(f"{RL}-seed{s}", s) for s in range(first_seed, first_seed + rl_seeds)]
 
 
+@releases_locks
 def run_pipeline(cfg: Config, out: str | Path, resume: bool = False, overwrite: bool = False, command: str = "",
                  console=None, rl_seeds: int | None = None) -> dict:
     """Pretrain, RL from the final checkpoint (once per RL seed), report; returns the pipeline summary.
@@ -66,7 +68,10 @@ def run_pipeline(cfg: Config, out: str | Path, resume: bool = False, overwrite: 
         raise LinglabError("pipeline: runs in one process; under torchrun use `linglab train`, then `linglab rl`")
     if rl_seeds is not None and rl_seeds < 1:
         raise LinglabError(f"pipeline: --rl-seeds must be >= 1, got {rl_seeds}")
-    RunDir(out, "pipeline").prepare(resume, overwrite)
+    pipeline_dir = RunDir(out, "pipeline")
+    pipeline_dir.prepare(resume, overwrite)  # locked for the whole pipeline
+    if not resume or not (out / "config.toml").is_file():
+        pipeline_dir.write_config(cfg)  # what `linglab pipeline --resume` reads back
     previous = (read_json(out / "summary.json") or {}) if resume else {}
     if rl_seeds is None:
         rl_seeds = len(previous.get("rl_runs", [RL]))

@@ -21,7 +21,10 @@ builder of every job) and `read_jsonl` (the one reader of metrics and results fi
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import json
+import os
 import random
 import shutil
 from collections.abc import Iterable
@@ -55,6 +58,41 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
+def check_output(path: str | Path, overwrite: bool, command: str, inputs: Iterable[str | Path] = ()) -> None:
+    """The rules of every command's --out, checked before anything is read into it or deleted: a directory (or
+    absent), never equal to, inside or around one of the command's inputs (--overwrite would delete the input,
+    and what a job writes must not land in what it reads), and empty unless --overwrite."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LinglabError(f"{command}: --out {path} is a file, expected a directory")
+    out = path.resolve()
+    for source in inputs:
+        src = Path(source).resolve()
+        if src == out or out in src.parents or src in out.parents:
+            raise LinglabError(f"{command}: --out {path} overlaps the input {source}; write to another directory")
+    if not overwrite and path.is_dir() and any(path.iterdir()):
+        raise LinglabError(f"{command}: {path} exists and is not empty (pass --overwrite to replace it)")
+
+
+_HELD: set = set()  # RunDirs whose lock this process holds
+
+
+def releases_locks(job):
+    """For a job's entry point: the run locks it took are released when it returns or fails, so the same process
+    (a test, a pipeline resumed in-process) can open the run again."""
+
+    @functools.wraps(job)
+    def wrapper(*args, **kwargs):
+        held = set(_HELD)
+        try:
+            return job(*args, **kwargs)
+        finally:
+            for run in _HELD - held:
+                run.unlock()
+
+    return wrapper
+
+
 class RunDir:
     """One job's directory: config.toml, metrics.jsonl, tokenizer.json, checkpoints/step_NNNNNN/, final/.
 
@@ -76,23 +114,142 @@ class RunDir:
     def exists(self) -> bool:
         return self.path.is_dir() and any(self.path.iterdir())
 
-    # ------------------------------------------------------------ the directory
+    # ------------------------------------------------------------ the directory, safely
 
-    def prepare(self, resume: bool, overwrite: bool) -> None:
-        """Refuse to clobber an existing run unless asked; --resume needs an existing run."""
+    def check(self, resume: bool, overwrite: bool, inputs: Iterable[str | Path] = ()) -> None:
+        """Every rule about --out, before anything is read into it or deleted (writes nothing).
+
+        --out must be a directory (or not exist yet); --resume needs a run there, a new start an empty or absent
+        --out unless --overwrite; and --out may neither be nor contain an input, nor lie inside one: --overwrite
+        would delete it, and what a job writes must not land in what it reads.
+        """
         if self.path.exists() and not self.path.is_dir():
             raise LinglabError(f"{self.command}: --out {self.path} is a file, expected a directory")
         exists = self.exists()
-        if resume:
-            if not exists:
-                raise LinglabError(f"{self.command}: --resume given but {self.path} has no run to resume")
-            return
-        if exists and not overwrite:
+        if resume and not exists:
+            raise LinglabError(f"{self.command}: --resume given but {self.path} has no run to resume")
+        if exists and not (resume or overwrite):
             hint = "use --resume to continue it or --overwrite to start over" if self.command != "sft" else "use --overwrite"
             raise LinglabError(f"{self.command}: {self.path} already holds a run ({hint})")
-        if exists:
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        check_output(self.path, True, self.command, inputs)
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on this run for the life of the process (or until `unlock`).
+
+        The lock is a file beside the run (`.<name>.lock`), so it outlives --overwrite; the kernel drops it when the
+        process dies, kill -9 included, so a stale lock needs no cleanup. Once held, leftovers of a killed writer
+        are tidied: temporary checkpoint directories, half-pruned checkpoints, a run set aside by --overwrite.
+        """
+        if getattr(self, "_lock", None) is not None:
+            return
+        lock_path = self.path.parent / f".{self.path.name}.lock"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock_path, "a+")
+        except OSError as e:
+            raise LinglabError(f"{self.command}: cannot write --out {self.path} ({e.strerror or e})") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise LinglabError(f"{self.command}: {self.path} is in use by {holder}; wait for it to finish") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"linglab {self.command} (pid {os.getpid()})")
+        handle.flush()
+        self._lock = handle
+        _HELD.add(self)
+        self._tidy()
+
+    def unlock(self) -> None:
+        handle, self._lock = getattr(self, "_lock", None), None
+        _HELD.discard(self)
+        if handle is not None:
+            handle.close()
+
+    def _tidy(self) -> None:
+        """Remove what a killed writer left (only under the lock: no writer is alive)."""
+        for old in sorted(self.path.parent.glob(f".{self.path.name}.old-*")):
+            # A start killed between setting the old run aside and committing: its half-made run goes, the old one
+            # comes back, as a failed start would have left it.
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            os.rename(old, self.path)
+        for root in (self.path, self.path / "checkpoints"):
+            if root.is_dir():
+                for junk in root.iterdir():
+                    if junk.is_dir() and junk.name.startswith(".") and (".tmp-" in junk.name or ".old-" in junk.name
+                                                                         or junk.name.endswith(".deleting")):
+                        shutil.rmtree(junk, ignore_errors=True)
+
+    def begin(self, resume: bool, overwrite: bool) -> None:
+        """Start writing, after `check` and after every input was read and validated. A new run's --out is created;
+        with --overwrite the old run is set aside first, and `rollback` puts it back, `commit` deletes it."""
+        self.lock()
+        self._aside = None
+        self._created = False
+        if resume:
+            return
+        if self.exists():
+            if not overwrite:
+                raise LinglabError(f"{self.command}: {self.path} already holds a run (use --overwrite)")
+            self._aside = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.rename(self.path, self._aside)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self.rollback()
+            raise LinglabError(f"{self.command}: cannot write --out {self.path} ({e.strerror or e})") from None
+        self._created = True
+
+    def commit(self) -> None:
+        """The start succeeded: the run set aside by --overwrite is deleted."""
+        aside, self._aside, self._created = getattr(self, "_aside", None), None, False
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+
+    def rollback(self) -> None:
+        """The start failed: --out is left as it was found (a new directory removed, an overwritten run restored)."""
+        if getattr(self, "_created", False):
+            shutil.rmtree(self.path, ignore_errors=True)
+        aside, self._aside, self._created = getattr(self, "_aside", None), None, False
+        if aside is not None:
+            os.rename(aside, self.path)
+
+    def prepare(self, resume: bool, overwrite: bool, inputs: Iterable[str | Path] = ()) -> None:
+        """`check` then `begin` and `commit` at once: for jobs whose inputs are all validated already."""
+        self.check(resume, overwrite, inputs)
+        self.begin(resume, overwrite)
+        self.commit()
+
+    def stored_config(self):
+        """The run's own config.toml as a Config: the source of truth of a resumed run."""
+        from linglab.config import load_config
+
+        path = self.path / CONFIG_TOML
+        if not path.is_file():
+            raise LinglabError(f"{self.command}: {self.path} has no {CONFIG_TOML}; it is not a linglab run to resume")
+        return load_config(preset=None, path=path)
+
+    def resume_changes(self, cfg) -> dict[str, tuple]:
+        """{key: (stored, given)} of what `cfg` changes in the run's config.toml, if every change is one a resumed run
+        may make (RESUME_SAFE: cadence, evaluation, layout, device; a WSM run's or an RL run's length, extended);
+        otherwise a one-line error naming the first key that would change what was trained."""
+        stored = self.stored_config()
+        changes = {key: (old, new) for key, old, new in config_diff(stored, cfg)}
+        for key, (old, new) in changes.items():
+            if key in ("train.max_steps", "rl.steps"):
+                if new < old:
+                    raise LinglabError(f"{self.command}: --resume cannot shorten {key} ({old} -> {new}); it may only grow")
+                if key == "train.max_steps" and cfg.train.schedule != "wsm":
+                    raise LinglabError(f"{self.command}: --resume cannot change train.max_steps ({old} -> {new}) of a "
+                                       "WSD run: its decay is a fraction of max_steps (a WSM run can be extended)")
+            elif not (key in RESUME_SAFE or key.startswith("parallel.")):
+                raise LinglabError(f"{self.command}: --resume cannot change {key} ({old!r} -> {new!r}): it changes what "
+                                   f"{self.path} was trained with (start a new run, or resume without it)")
+        return changes
 
     def write_config(self, cfg) -> None:
         (self.path / CONFIG_TOML).write_text(to_toml(cfg))
@@ -122,12 +279,14 @@ class RunDir:
     # ------------------------------------------------------------ checkpoints
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first (temporary directories of an interrupted write are ignored)."""
+        """Complete checkpoints, oldest first: every file present (a write is atomic, a prune renames before it
+        deletes, so a killed writer leaves no partial `step_*` directory; this also guards against a hand-made one)."""
         root = self.path / "checkpoints"
         if not root.is_dir():
             return []
+        files = (ckpt.CONFIG_NAME, ckpt.WEIGHTS_NAME, TOKENIZER_NAME, self.state_name)
         return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
-                      and (p / self.state_name).is_file())
+                      and all((p / f).is_file() for f in files))
 
     def save_checkpoint(self, step: int, model, tokenizer, state: dict, keep_last: int,
                         model_state: dict | None = None) -> Path:
@@ -143,8 +302,10 @@ class RunDir:
             torch.save(state, tmp / self.state_name)
 
         ckpt.write_atomically(out, write)
-        for old in self.checkpoints()[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in self.checkpoints()[:-keep_last]:  # renamed first: a kill mid-delete leaves no step_* remnant
+            doomed = old.with_name(f".{old.name}.deleting")
+            os.rename(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
         return out
 
     def load_state(self, path: Path) -> dict:
@@ -162,6 +323,21 @@ class RunDir:
         source = source or self.checkpoints()[-1]
         ckpt.write_atomically(self.final_path, lambda tmp: copy_model_files(source, tmp))
         return self.final_path
+
+
+# What a resumed run may change (`RunDir.resume_changes`): how often it logs, evaluates and checkpoints, where it runs
+# and on how many ranks (checkpoints are layout-agnostic). Everything else changes what was trained.
+RESUME_SAFE = frozenset({
+    "train.log_every", "train.eval_every", "train.eval_problems", "train.ckpt_every", "train.keep_last",
+    "train.load_every", "train.num_samples", "train.max_bad_steps", "train.device", "fp8.monitor_every",
+    "fp8.underflow_warn", "fp8.distortion_warn", "rl.ckpt_every", "rl.keep_last"})
+
+
+def config_diff(a, b) -> list[tuple[str, object, object]]:
+    """(section.key, value in a, value in b) for every key where two Configs differ."""
+    da, db = a.to_dict(), b.to_dict()
+    return [(f"{section}.{key}", da[section][key], db[section][key])
+            for section in da for key in da[section] if da[section][key] != db[section][key]]
 
 
 def copy_model_files(src: Path, dst: Path) -> None:

@@ -47,7 +47,7 @@ from linglab.moe import max_violation, update_expert_bias
 from linglab.parallel.parallel_dims import ParallelDims, init_parallel
 from linglab.parallel.pipeline import PipelineRunner
 from linglab.parallel.planner import training_plan
-from linglab.run import RunDir, build_adamw, resolve_device, rng_state, seed_everything, set_rng_state
+from linglab.run import RunDir, build_adamw, releases_locks, resolve_device, rng_state, seed_everything, set_rng_state
 from linglab.tasks import TIERS
 
 STATE_NAME = "train_state.pt"
@@ -150,15 +150,30 @@ class Trainer:
     # -- state
 
     def resume(self) -> Path | None:
-        """Restore weights, optimizer, data position, RNGs and counters from the last checkpoint; None if none.
+        """Restore weights, optimizer, data position, RNGs and counters from the newest intact checkpoint; None if
+        there is none. A checkpoint that does not load (corrupted files) is skipped with a warning for the one
+        before it; if none loads, the error of the newest.
 
         Every rank reads the full checkpoint (a filesystem shared by the ranks) and keeps its own shards, or under
         pipeline parallel its stages.
         """
         ckpts = self.run.checkpoints()
-        if not ckpts:
-            return None
-        path = ckpts[-1]
+        first_error = None
+        for path in reversed(ckpts):
+            try:
+                self._load_checkpoint(path)
+            except ckpt.CheckpointError as e:
+                first_error = first_error or e
+                self.log(f"[yellow]warning: {e}; trying the checkpoint before it")
+                continue
+            if self.dims.is_main:
+                self.run.truncate_metrics(self.step)
+            return path
+        if first_error is not None:
+            raise ckpt.CheckpointError(f"train: no checkpoint of {self.run.path} loads; the newest: {first_error}")
+        return None
+
+    def _load_checkpoint(self, path: Path) -> None:
         expected = build_model(self.model.cfg, device="meta").state_dict()  # single-device names and shapes
         model_state = ckpt.checked_state_dict(ckpt.load_hf_tensors(path), self.model.cfg, expected, str(path))
         state = self.run.load_state(path)
@@ -172,23 +187,29 @@ class Trainer:
                 optimizer_state = optimizer_state_by_name(state["optimizer"], self.model, self.optimizer)
                 self.dims.load_full_state(self.model, self.optimizer, model_state, optimizer_state)
             self.loader.load_state_dict(state["loader"])
-        except (RuntimeError, KeyError, ValueError) as e:
+            set_rng_state(state["rng"])
+            self.step = state["step"]
+            self.counters.update(state["counters"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise ckpt.CheckpointError(f"checkpoint {path}: unreadable training state ({e})") from None
-        set_rng_state(state["rng"])
-        self.step = state["step"]
-        self.counters.update(state["counters"])
         self.counters["bad_in_a_row"] = 0
-        if self.dims.is_main:
-            self.run.truncate_metrics(self.step)
-        return path
 
     def save(self) -> Path | None:
         """A checkpoint of the full state (collective); its path on rank 0, None elsewhere."""
         model_state, optimizer_state = self._full_state(with_optimizer=True)
         state = {"step": self.step, "optimizer": optimizer_state, "loader": self.loader.state_dict(),
                  "rng": rng_state(), "counters": dict(self.counters)}
-        return self.dims.on_main(lambda: self.run.save_checkpoint(
-            self.step, self.model, self.data.tokenizer, state, self.tcfg.keep_last, model_state=model_state))
+
+        def write() -> Path:
+            bad = next((name for name, t in model_state.items() if t.is_floating_point() and not t.isfinite().all()), None)
+            if bad is not None:  # a finite loss can still step to non-finite weights (an infinite LR): never saved
+                last = self.run.checkpoints()
+                raise TrainingDiverged(f"train: {bad} is not finite after step {self.step}, so it is not checkpointed"
+                                       + (f"; last good checkpoint: {last[-1]}" if last else ""))
+            return self.run.save_checkpoint(self.step, self.model, self.data.tokenizer, state, self.tcfg.keep_last,
+                                            model_state=model_state)
+
+        return self.dims.on_main(write)
 
     def full_model(self) -> LingForCausalLM | None:
         """The model with the current weights on one device, for evaluation: the model itself in a single process;
@@ -400,6 +421,7 @@ def build_trainer(cfg: Config, run: RunDir, data: RunData, model: LingForCausalL
                    fp8=cfg.fp8, fp8_monitor=monitor)
 
 
+@releases_locks
 def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
                  command: str = "", console=None) -> dict:
     """The whole job: data, model, training loop, final checkpoint, evaluation, samples, report.
@@ -418,38 +440,48 @@ def _run(cfg: Config, run: RunDir, dims: ParallelDims, resume: bool, overwrite: 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from linglab import evals, report
-    from linglab.config import to_toml
 
     console = console or Console()
     if not dims.is_main:
         console = Console(quiet=True)
 
-    def prepare() -> None:
-        run.prepare(resume, overwrite)
-        config_toml = run.path / "config.toml"
-        if resume and config_toml.is_file() and config_toml.read_text() != to_toml(cfg):
-            console.print("[yellow]note: the config differs from the run's config.toml; using the one given now")
-        run.write_config(cfg)
+    def check() -> dict:
+        run.check(resume, overwrite)
+        run.lock()
+        return run.resume_changes(cfg) if resume else {}
 
-    dims.on_main(prepare)
+    changes = dims.on_main(check)
     seed_everything(cfg.train.seed)
-    # Rank 0 first: it trains and saves the tokenizer, which the other ranks then load from the run dir.
-    data = dims.on_main(lambda: build_data(cfg.data, run.path, cfg.train.eval_problems))
-    if data is None:
-        data = build_data(cfg.data, run.path, cfg.train.eval_problems, save_tokenizer=False)
-    if data.tokenizer.vocab_size > cfg.model.vocab_size:
-        raise LinglabError(f"train: tokenizer has {data.tokenizer.vocab_size} tokens but model.vocab_size is "
-                           f"{cfg.model.vocab_size}")
-    model = build_model(cfg.model, device=dims.device, seed=cfg.train.seed)  # the same weights on every rank
-    counts = count_parameters(model)
+    # Every input is read and checked before --out is touched; rank 0 trains the tokenizer, the others load it.
+    data = dims.on_main(lambda: _load_data(cfg, run, resume))
+    try:
+        dims.on_main(lambda: _begin(cfg, run, data, resume, overwrite))
+        if data is None:
+            data = build_data(cfg.data, run.path, cfg.train.eval_problems, save_tokenizer=False)
+        model = build_model(cfg.model, device=dims.device, seed=cfg.train.seed)  # the same weights on every rank
+        counts = count_parameters(model)
+        trainer = build_trainer(cfg, run, data, model, log=console.print, dims=dims)
+        if resume:
+            resumed_from = trainer.resume()
+            console.print(f"resumed from {resumed_from}" if resumed_from else "no checkpoint yet: starting from step 0")
+
+            def record_resume() -> None:  # only now, with the resume known to succeed, is the run written
+                if resumed_from is None:
+                    run.truncate_metrics(0)
+                run.write_config(cfg)
+                run.append_metrics({"kind": "resume", "step": trainer.step, "from": str(resumed_from),
+                                    "changes": {k: list(v) for k, v in changes.items()}, "command": command})
+                for key, (old, new) in changes.items():
+                    console.print(f"resume: {key} {old} -> {new}")
+
+            dims.on_main(record_resume)
+    except BaseException:
+        if dims.is_main:
+            run.rollback()
+        raise
+    dims.on_main(run.commit)
     if dims.is_main:
         run.write_json("params.json", counts.__dict__)
-    trainer = build_trainer(cfg, run, data, model, log=console.print, dims=dims)
-    if resume:
-        resumed_from = trainer.resume()
-        console.print(f"resumed from {resumed_from}" if resumed_from else "no checkpoint yet: starting from step 0")
-        if resumed_from is None and dims.is_main:
-            run.truncate_metrics(0)
 
     def evaluate(step: int) -> dict | None:
         full = trainer.full_model()
@@ -485,3 +517,24 @@ def _run(cfg: Config, run: RunDir, dims: ParallelDims, resume: bool, overwrite: 
         console.print(f"held-out {name:7s} exact match {tier['accuracy']:.1%} (n={tier['n']})")
     console.print(f"report: {report_path}")
     return summary
+
+
+def _load_data(cfg: Config, run: RunDir, resume: bool) -> RunData:
+    """The run's data, read and checked without writing: a resumed run reuses its own tokenizer.json."""
+    data = build_data(cfg.data, run.path, cfg.train.eval_problems, save_tokenizer=False, reuse_saved=resume)
+    if data.tokenizer.vocab_size > cfg.model.vocab_size:
+        raise LinglabError(f"train: tokenizer has {data.tokenizer.vocab_size} tokens but model.vocab_size is "
+                           f"{cfg.model.vocab_size}")
+    if len(data.train) < cfg.train.batch_size:
+        raise LinglabError(f"train: the data has {len(data.train)} rows of {cfg.data.seq_len} tokens, fewer than "
+                           f"train.batch_size={cfg.train.batch_size}; add data or lower the batch size")
+    return data
+
+
+def _begin(cfg: Config, run: RunDir, data: RunData, resume: bool, overwrite: bool) -> None:
+    """Rank 0 starts writing: a new run gets its config.toml and tokenizer.json (which the other ranks then load)."""
+    run.begin(resume, overwrite)
+    if not resume:
+        run.write_config(cfg)
+        data.tokenizer.save(run.path / "tokenizer.json")
+

@@ -77,9 +77,10 @@ def test_micro_sweep_runs_writes_results_and_resumes(tmp_path, capsys, monkeypat
     trained = []
     real = sweep.train_run
     monkeypatch.setattr(sweep, "train_run", lambda run, *a, **k: trained.append(run.name) or real(run, *a, **k))
-    assert main(argv) == 0
+    assert main(argv) == 2  # an existing sweep is neither continued nor replaced unasked
+    assert main([*argv, "--resume"]) == 0
     assert trained == [rows[-1]["name"]]
-    assert main(argv) == 0
+    assert main([*argv, "--resume"]) == 0
     assert trained == [rows[-1]["name"]] and "0 to train" in capsys.readouterr().out
     assert [r["name"] for r in sweep.read_results(out / "results.jsonl")] == [r["name"] for r in rows]
     assert len(json.loads((out / "sweep.json").read_text())["commands"]) == 2

@@ -165,17 +165,25 @@ def test_existing_run_is_never_overwritten_without_flag(finished_run, capsys):
     assert (finished_run / "final" / "model.safetensors").read_bytes() == before
 
 
-def test_resume_with_another_shape_is_refused(finished_run, capsys):
-    assert main(["train", "--out", str(finished_run), "--resume", "--train.max_steps=6", *FAST,
-                 "--model.hidden_size=64"]) == 2
-    assert "has shape" in _error(capsys)
+def test_resume_with_another_shape_is_refused_and_rewrites_nothing(finished_run, capsys):
+    before = {name: (finished_run / name).read_bytes() for name in ("config.toml", "params.json", "metrics.jsonl")}
+    assert main(["train", "--out", str(finished_run), "--resume", *FAST, "--model.hidden_size=64"]) == 2
+    assert "cannot change model.hidden_size (128 -> 64)" in _error(capsys)
+    assert {name: (finished_run / name).read_bytes() for name in before} == before
 
 
-def test_resume_from_corrupted_checkpoint_is_refused(finished_run, capsys):
-    last = RunDir(finished_run).checkpoints()[-1] / "model.safetensors"
+def test_a_corrupted_latest_checkpoint_falls_back_to_the_one_before(finished_run, capsys):
+    ckpts = RunDir(finished_run).checkpoints()
+    last = ckpts[-1] / "model.safetensors"
     last.write_bytes(last.read_bytes()[:100])
-    assert main(["train", "--out", str(finished_run), "--resume", "--train.max_steps=6", *FAST]) == 2
-    assert "corrupted" in _error(capsys)
+    capsys.readouterr()
+    assert main(["train", "--out", str(finished_run), "--resume"]) == 0  # the run's own config.toml: 4 steps
+    out = "".join(capsys.readouterr().out.split())  # rich wraps long paths
+    assert "warning" in out and f"resumedfrom{ckpts[-2]}" in out
+    for ckpt in RunDir(finished_run).checkpoints():  # every checkpoint corrupted: nothing to fall back to
+        (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["train", "--out", str(finished_run), "--resume"]) == 2
+    assert "no checkpoint of" in _error(capsys)
 
 
 @pytest.mark.parametrize("setup, args, message", [

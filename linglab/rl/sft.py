@@ -22,7 +22,7 @@ from linglab.data import DataLoader, PackedDataset
 from linglab.errors import LinglabError
 from linglab.evals import policy_eval
 from linglab.model import LingForCausalLM
-from linglab.run import TOKENIZER_NAME, RunDir, build_adamw, resolve_device, seed_everything
+from linglab.run import TOKENIZER_NAME, RunDir, build_adamw, releases_locks, resolve_device, seed_everything
 from linglab.tasks import format_document, generate_problems, heldout_problems
 from linglab.tokenizer import Tokenizer, load_tokenizer
 
@@ -81,6 +81,7 @@ def sft(model: LingForCausalLM, tokenizer: Tokenizer, cfg: RLConfig, log_row=Non
             log_row({"kind": "sft", "step": 0, "sft_step": step, "loss": out.main_loss.item()})
 
 
+@releases_locks
 def run_sft(cfg: Config, ckpt: str | Path, out: str | Path, overwrite: bool = False, console=None,
             command: str = "") -> dict:
     """`linglab sft`: the supervised stage alone (`rl.sft_*` keys), written as an HF checkpoint RL can start from.
@@ -98,11 +99,18 @@ def run_sft(cfg: Config, ckpt: str | Path, out: str | Path, overwrite: bool = Fa
     check_start_checkpoint(ckpt, "sft")
     device = resolve_device(cfg.train.device, "sft")
     run = RunDir(out, "sft")
-    run.prepare(resume=False, overwrite=overwrite)
-    run.write_config(cfg)
+    run.check(resume=False, overwrite=overwrite, inputs=[ckpt])
+    run.lock()
+    model, tokenizer = load_start(Path(ckpt), device, "sft")  # read and checked before --out is touched
+    run.begin(resume=False, overwrite=overwrite)
+    try:
+        run.write_config(cfg)
+        run.metrics_path.write_text("")
+    except BaseException:
+        run.rollback()
+        raise
+    run.commit()
     seed_everything(rl.seed)
-    model, tokenizer = load_start(Path(ckpt), device, "sft")
-    run.metrics_path.write_text("")
 
     stages = {}
     if rl.eval_problems:

@@ -48,7 +48,7 @@ from linglab.rl import losses
 from linglab.rl.rewards import evo_cot_length_reward, format_reward, verify
 from linglab.rl.rollout import Rollout, RolloutEngine, RolloutGroup, RolloutPool
 from linglab.rl.sft import check_start_checkpoint, evaluate_policy, load_start, sft
-from linglab.run import RunDir, build_adamw, resolve_device, rng_state, seed_everything, set_rng_state
+from linglab.run import RunDir, build_adamw, releases_locks, resolve_device, rng_state, seed_everything, set_rng_state
 from linglab.tasks import TIERS, Problem, generate_problem, is_heldout
 from linglab.tokenizer import Tokenizer
 
@@ -236,11 +236,23 @@ class RLTrainer:
         return self.run.save_checkpoint(self.step, self.model, self.tokenizer, state, self.cfg.keep_last)
 
     def resume(self) -> Path | None:
-        """Restore the last checkpoint (weights, optimizer, RNGs, prompt stream, pool); None if there is none."""
-        ckpts = self.run.checkpoints()
-        if not ckpts:
-            return None
-        path = ckpts[-1]
+        """Restore the newest intact checkpoint (weights, optimizer, RNGs, prompt stream, pool); None if there is none.
+        One that does not load is skipped with a warning for the one before it."""
+        first_error = None
+        for path in reversed(self.run.checkpoints()):
+            try:
+                self._load_checkpoint(path)
+            except checkpoint.CheckpointError as e:
+                first_error = first_error or e
+                self.log(f"[yellow]warning: {e}; trying the checkpoint before it")
+                continue
+            self.run.truncate_metrics(self.step)
+            return path
+        if first_error is not None:
+            raise checkpoint.CheckpointError(f"rl: no checkpoint of {self.run.path} loads; the newest: {first_error}")
+        return None
+
+    def _load_checkpoint(self, path: Path) -> None:
         checkpoint.load_state_into(self.model, checkpoint.load_hf_tensors(path), str(path))
         state = self.run.load_state(path)
         try:
@@ -257,8 +269,6 @@ class RLTrainer:
             self.pool.load_state_dict(pool)
         self.counters.update(state["counters"])
         set_rng_state(state["rng"])
-        self.run.truncate_metrics(self.step)
-        return path
 
     # -- one step: collect, score, update
 
@@ -374,6 +384,7 @@ class RLTrainer:
 # ---------------------------------------------------------------- entry point
 
 
+@releases_locks
 def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool = False, overwrite: bool = False,
            console=None, command: str = "") -> dict:
     """The whole job: [SFT], RL steps with checkpoints, before/after evaluation, rl_eval.json, plots, report."""
@@ -385,46 +396,58 @@ def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool =
     console = console or Console()
     run = RunDir(out, "rl", STATE_NAME)
     start_dir = run.path / START_NAME
-    if not resume:  # a bad --ckpt is reported before anything is written to --out
+    # Everything is read and checked before --out is touched: the start checkpoint, the device, --out itself.
+    if not resume:
         if ckpt is None:
             raise LinglabError("rl: --ckpt is required to start a run")
         check_start_checkpoint(ckpt, "rl")
     device = resolve_device(cfg.train.device, "rl")
-    run.prepare(resume, overwrite)
-    resuming = resume and (start_dir / checkpoint.CONFIG_NAME).is_file()
-    if resume and not resuming and ckpt is None:
-        raise LinglabError(f"rl: {run.path} has no {START_NAME}/ to resume from; give --ckpt to start over")
-    run.write_config(cfg)
+    run.check(resume, overwrite, inputs=[] if resume else [ckpt])
+    run.lock()
+    changes = {}
+    if resume:
+        if not (start_dir / checkpoint.CONFIG_NAME).is_file():
+            raise LinglabError(f"rl: {run.path} has no {START_NAME}/ to resume from; start over with --ckpt and --overwrite")
+        changes = run.resume_changes(cfg)
+    source = start_dir if resume else Path(ckpt)
+    model, tokenizer = load_start(source, device, "rl")
     seed_everything(rl.seed)
 
-    source = start_dir if resuming else Path(ckpt)
-    model, tokenizer = load_start(source, device, "rl")
-    tokenizer.save(run.path / "tokenizer.json")
-
-    if not resuming:
-        run.metrics_path.write_text("")
-        if rl.eval_problems:
-            console.print(f"evaluating {source} before RL")
-            run.append_metrics(evaluate_policy(model, tokenizer, rl, "before", 0))
-        if rl.sft_steps:
-            console.print(f"SFT: {rl.sft_steps} steps on worked solutions of tiers {rl.tiers}")
-            sft(model, tokenizer, rl, run.append_metrics)
+    run.begin(resume, overwrite)
+    try:
+        if not resume:
+            run.write_config(cfg)
+            tokenizer.save(run.path / "tokenizer.json")
+            run.metrics_path.write_text("")
             if rl.eval_problems:
-                run.append_metrics(evaluate_policy(model, tokenizer, rl, "sft", 0))
+                console.print(f"evaluating {source} before RL")
+                run.append_metrics(evaluate_policy(model, tokenizer, rl, "before", 0))
+            if rl.sft_steps:
+                console.print(f"SFT: {rl.sft_steps} steps on worked solutions of tiers {rl.tiers}")
+                sft(model, tokenizer, rl, run.append_metrics)
+                if rl.eval_problems:
+                    run.append_metrics(evaluate_policy(model, tokenizer, rl, "sft", 0))
 
-        def write_start(tmp: Path) -> None:
-            checkpoint.write_model_files(model, tmp)
-            tokenizer.save(tmp / "tokenizer.json")
+            def write_start(tmp: Path) -> None:
+                checkpoint.write_model_files(model, tmp)
+                tokenizer.save(tmp / "tokenizer.json")
 
-        checkpoint.write_atomically(start_dir, write_start)
+            checkpoint.write_atomically(start_dir, write_start)
 
-    trainer = RLTrainer(rl, run, model, checkpoint.from_pretrained(start_dir, device=device), tokenizer,
-                        log=console.print)
-    if resuming:
-        resumed_from = trainer.resume()
-        console.print(f"resumed from {resumed_from}" if resumed_from else "no RL checkpoint yet: starting from step 0")
-        if resumed_from is None:
-            run.truncate_metrics(0)
+        trainer = RLTrainer(rl, run, model, checkpoint.from_pretrained(start_dir, device=device), tokenizer,
+                            log=console.print)
+        if resume:
+            resumed_from = trainer.resume()
+            console.print(f"resumed from {resumed_from}" if resumed_from else "no RL checkpoint yet: starting from step 0")
+            if resumed_from is None:
+                run.truncate_metrics(0)
+            run.write_config(cfg)  # with the changes a resume may make, now that it succeeded
+            run.append_metrics({"kind": "resume", "step": trainer.step, "from": str(resumed_from),
+                                "changes": {k: list(v) for k, v in changes.items()}, "command": command})
+    except BaseException:
+        run.rollback()
+        raise
+    run.commit()
     console.print(f"RL: {rl.algo} + {rl.correction}, {rl.rollout_precision} rollouts"
                   f"{' (C3PO++)' if rl.c3po else ''}, {rl.steps} steps -> {run.path}")
     trainer.fit()

@@ -11,7 +11,7 @@
 Run them from the command line:
 
     linglab scaling sweep --out runs/scaling --dry-run      # the planned runs and their estimated time
-    linglab scaling sweep --out runs/scaling                # the default grid, ~30 min on 2 CPU cores; rerun to resume
+    linglab scaling sweep --out runs/scaling                # the default grid, ~30 min on 2 CPU cores; --resume to continue
     linglab scaling fit --dir runs/scaling                  # fit.json, scaling.md and plots/*.png
     linglab scaling suggest --compute 1e14 --fit runs/scaling/fit.json --out big.toml
 

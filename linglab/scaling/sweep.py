@@ -1,7 +1,7 @@
 """Running the scaling-law sweep (SPEC §4): train every planned run of the ladder not yet in results.jsonl.
 
     linglab scaling sweep --out runs/scaling --dry-run      # the planned runs and their estimated time
-    linglab scaling sweep --out runs/scaling                # the default grid, ~30 min on 2 CPU cores; rerun to resume
+    linglab scaling sweep --out runs/scaling                # the default grid, ~30 min on 2 CPU cores; --resume to continue
 
     rows = run_sweep(load_grid(), "runs/scaling")            # the same from Python
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from linglab.config import to_toml
 from linglab.plots import si
-from linglab.run import RunDir, read_jsonl, seed_everything
+from linglab.run import RunDir, read_jsonl, releases_locks, seed_everything
 from linglab.scaling.ladder import SHAPE_KEYS, PlannedRun, SweepError, SweepGrid, active_params, minutes, plan_runs
 from linglab.scaling.laws import activation_ratio, granularity, model_kind
 
@@ -48,6 +48,7 @@ def read_results(path: str | Path) -> list[dict]:
 # ---------------------------------------------------------------- running
 
 
+@releases_locks
 def train_run(run: PlannedRun, data, run_dir: Path, log=print) -> dict:
     """Train one planned run with `Trainer.fit` (no evals, one checkpoint at the end), measure its losses, return its row.
 
