@@ -10,15 +10,22 @@ names and nn.Linear layouts, MTP at layer index num_hidden_layers). linglab stac
 FP8 exports (`save_pretrained(model, dir, fp8=True)`, `export_checkpoint`) store the FP8 GEMM weights of SPEC §3
 (`linglab.fp8_convert.fp8_weight_names`, the layers FP8 training converts) as E4M3 in 128x128 blocks with a
 `<name>_scale_inv` fp32 tensor each; loading dequantises them to fp32.
+
+Loading trusts nothing it reads (one-line CheckpointError otherwise): config.json must hold every SPEC §1.6 key with
+its JSON type (`"use_qk_norm": "false"` is an error, not true; only OPTIONAL_CONFIG_KEYS may be absent), tensors
+must have the dtypes the writer writes (float32; E4M3 weights with float32 scales in FP8 exports), the names and
+shapes of the model, and finite values; a sharded checkpoint's index must agree with its shards.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
+import typing
 from pathlib import Path
 
 import torch
@@ -69,21 +76,54 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
     return d
 
 
+# config.json keys linglab writes beyond SPEC §1.6 and reads with their defaults when absent (an HF checkpoint has
+# no z-loss coefficient): they steer training and initialisation, never what a loaded model computes. Every other
+# ModelConfig field and every fixed key is required: a default standing in for a missing rope_theta or use_qk_norm
+# would silently change the logits.
+OPTIONAL_CONFIG_KEYS = ("router_z_loss_coef", "initializer_range")
+
+
+def _json_value(d: dict, key: str, typ: type, source: str):
+    """d[key] if it has the JSON type of a `typ` field (an integer passes for a float; no strings for numbers or
+    booleans) and, if a number, is finite; else a CheckpointError naming the key."""
+    value = d[key]
+    if typ is bool:
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif typ is int:
+        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    else:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        wanted = "a finite number"
+    if not ok:
+        raise CheckpointError(f"{source}: {key} must be {wanted}, got {json.dumps(value)}")
+    return typ(value)
+
+
 def config_from_hf(d: dict, source: str = CONFIG_NAME) -> ModelConfig:
-    """ModelConfig from a config.json dict; unknown HF extras are ignored, wrong architecture is an error."""
-    if d.get("model_type") not in ("bailing_moe", "bailing_moe_v2"):
-        raise CheckpointError(f"{source}: model_type is {d.get('model_type')!r}, expected 'bailing_moe'")
-    for key in ("use_bias", "use_qkv_bias", "tie_word_embeddings"):
-        if d.get(key):
-            raise CheckpointError(f"{source}: {key}=true is not part of BailingMoeV2 as linglab implements it")
-    if d.get("score_function", "sigmoid") != "sigmoid":
-        raise CheckpointError(f"{source}: score_function {d['score_function']!r}; only 'sigmoid' is supported")
+    """ModelConfig from a config.json dict, checked against the schema of SPEC §1.6: every key it names must be
+    present with its JSON type (and the fixed keys with their one value); unknown HF extras are ignored."""
+    if "model_type" in d and d["model_type"] not in ("bailing_moe", "bailing_moe_v2"):  # another architecture first
+        raise CheckpointError(f"{source}: model_type is {d['model_type']!r}, expected 'bailing_moe'")
+    fields = typing.get_type_hints(ModelConfig)
+    required = [k for k in (*_FIXED_KEYS, *fields) if k not in OPTIONAL_CONFIG_KEYS]
+    rotary_dim = None
+    if "partial_rotary_factor" not in d and "rotary_dim" in d:  # Ling-1T writes rotary_dim instead (SPEC §1.1)
+        rotary_dim = _json_value(d, "rotary_dim", int, source)
+        required.remove("partial_rotary_factor")
+    missing = [k for k in required if k not in d]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{source}: missing key {missing[0]}{more}; SPEC §1.6 requires it")
+    for key, value in _FIXED_KEYS.items():
+        if key != "model_type" and (d[key] != value or type(d[key]) is not type(value)):
+            raise CheckpointError(f"{source}: {key} is {json.dumps(d[key])}; BailingMoeV2 as linglab implements it "
+                                  f"has {json.dumps(value)}")
     cfg = ModelConfig()
-    for key in ModelConfig.__dataclass_fields__:
-        if key in d and d[key] is not None:
-            setattr(cfg, key, type(getattr(cfg, key))(d[key]))
-    if "rotary_dim" in d and "partial_rotary_factor" not in d:  # Ling-1T writes rotary_dim (SPEC §1.1)
-        cfg.partial_rotary_factor = d["rotary_dim"] / cfg.head_dim
+    for key, typ in fields.items():
+        if key in d:
+            setattr(cfg, key, _json_value(d, key, typ, source))
+    if rotary_dim is not None and cfg.head_dim >= 1:
+        cfg.partial_rotary_factor = rotary_dim / cfg.head_dim
     try:
         cfg.validate()
     except ConfigError as e:
@@ -207,6 +247,8 @@ def dequantize_hf_state_dict(sd: dict[str, torch.Tensor], block: int, source: st
                 raise CheckpointError(f"checkpoint {source}: {name} is float8_e4m3fn but has no {name}{SCALE_SUFFIX}")
             out[name] = t
             continue
+        if scale.dtype != torch.float32:
+            raise CheckpointError(f"checkpoint {source}: {name}{SCALE_SUFFIX} is {scale.dtype}, expected torch.float32")
         if t.dtype != E4M3 or t.dim() != 2:
             raise CheckpointError(f"checkpoint {source}: {name} has a {SCALE_SUFFIX} but is a {t.dtype} tensor of "
                                   f"shape {tuple(t.shape)}, expected a 2-D float8_e4m3fn weight")
@@ -214,7 +256,7 @@ def dequantize_hf_state_dict(sd: dict[str, torch.Tensor], block: int, source: st
         if tuple(scale.shape) != want:
             raise CheckpointError(f"checkpoint {source}: {name}{SCALE_SUFFIX} has shape {tuple(scale.shape)}, "
                                   f"expected {want} for {tuple(t.shape)} in {block}x{block} blocks")
-        out[name] = dequantize_blockwise(t, scale.float(), block)
+        out[name] = dequantize_blockwise(t, scale, block)
     return out
 
 
@@ -269,8 +311,9 @@ def _read_config_dict(path: Path) -> dict:
 
 
 def load_config_json(path: str | Path) -> ModelConfig:
+    """The ModelConfig of checkpoint directory `path`, every key checked (`config_from_hf`)."""
     path = Path(path)
-    return config_from_hf(_read_config_dict(path), str(path / CONFIG_NAME))
+    return config_from_hf(_read_config_dict(path), f"checkpoint {path / CONFIG_NAME}")
 
 
 def _fp8_block_size(path: Path) -> int | None:
@@ -293,28 +336,70 @@ def _fp8_block_size(path: Path) -> int | None:
     return block[0]
 
 
-def load_hf_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory (single file or sharded with an index); FP8 exports come back in fp32."""
-    path = Path(path)
-    files = [path / WEIGHTS_NAME]
-    if not files[0].is_file() and (path / INDEX_NAME).is_file():
+def _shard_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of checkpoint `path` and, for a sharded one, its index's tensor -> shard map."""
+    if (path / WEIGHTS_NAME).is_file() or not (path / INDEX_NAME).is_file():
+        return [path / WEIGHTS_NAME], None
+    source = f"checkpoint {path / INDEX_NAME}"
+    try:
         index = json.loads((path / INDEX_NAME).read_text())
-        files = [path / f for f in sorted(set(index["weight_map"].values()))]
-    sd = {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{source}: not valid JSON ({e})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not (isinstance(weight_map, dict) and weight_map
+            and all(isinstance(shard, str) for shard in weight_map.values())):
+        raise CheckpointError(f"{source}: expected a JSON object whose weight_map maps each tensor name to a shard file")
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard or not shard.endswith(".safetensors"):
+            raise CheckpointError(f"{source}: shard {shard!r} is not a .safetensors file name in {path}")
+    return [path / shard for shard in sorted(set(weight_map.values()))], weight_map
+
+
+# What the writer writes: fp32 tensors, and in FP8 exports E4M3 weights (with fp32 scales, see dequantize_hf_state_dict).
+_STORED_DTYPES = (torch.float32, E4M3)
+
+
+def load_hf_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (single file or sharded with an index); FP8 exports come back in fp32.
+
+    Refused with one line: a dtype the writer never writes (an I32 tensor is not cast), a sharded checkpoint whose
+    index disagrees with its shards, and non-finite values in any tensor.
+    """
+    path = Path(path)
+    files, weight_map = _shard_files(path)
+    sd, shard_of = {}, {}
     for f in files:
         if not f.is_file():
-            raise CheckpointError(f"checkpoint {path}: missing {f.name}")
+            named = f" (named in {INDEX_NAME})" if weight_map is not None else ""
+            raise CheckpointError(f"checkpoint {path}: missing {f.name}{named}")
         try:
-            sd.update(load_file(str(f)))
+            tensors = load_file(str(f))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"checkpoint {f}: corrupted or not a safetensors file ({e})") from None
+        for name, t in tensors.items():
+            if name in sd:
+                raise CheckpointError(f"checkpoint {path}: tensor {name} is in both {shard_of[name]} and {f.name}")
+            if t.dtype not in _STORED_DTYPES:
+                raise CheckpointError(f"checkpoint {f}: {name} is {str(t.dtype).removeprefix('torch.')}; linglab "
+                                      "checkpoints hold float32 (and float8_e4m3fn FP8 weights)")
+            sd[name], shard_of[name] = t, f.name
+    if weight_map is not None and weight_map != shard_of:
+        name = next(n for n in (*weight_map, *shard_of) if weight_map.get(n) != shard_of.get(n))
+        where = f"it is in {shard_of[name]}" if name in shard_of else "no shard holds it"
+        raise CheckpointError(f"checkpoint {path / INDEX_NAME}: says {name} is in {weight_map.get(name)}, but {where}")
     block = _fp8_block_size(path)
     if block is not None:
-        return dequantize_hf_state_dict(sd, block, str(path))
-    # Without quantization_config, E4M3 bytes would load as if they were the weights themselves.
-    fp8 = next((name for name, t in sd.items() if t.dtype == E4M3), None)
-    if fp8 is not None:
-        raise CheckpointError(f"checkpoint {path}: {fp8} is float8_e4m3fn but {CONFIG_NAME} has no quantization_config")
+        sd = dequantize_hf_state_dict(sd, block, str(path))
+    else:
+        # Without quantization_config, E4M3 bytes would load as if they were the weights themselves.
+        fp8 = next((name for name, t in sd.items() if t.dtype == E4M3), None)
+        if fp8 is not None:
+            raise CheckpointError(f"checkpoint {path}: {fp8} is float8_e4m3fn but {CONFIG_NAME} has no "
+                                  "quantization_config")
+    for name, t in sd.items():
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"checkpoint {path}: {name} holds {bad} non-finite value(s) (nan or inf)")
     return sd
 
 
@@ -346,7 +431,10 @@ def checked_state_dict(hf_tensors: dict[str, torch.Tensor], cfg: ModelConfig, ex
                 got, want = (got[1] // half, got[2]), (want[1] // half, want[2])
             raise CheckpointError(f"checkpoint {source}: {to_hf_name(k, cfg)} has shape {got}, "
                                   f"the model expects {want}")
-    return {k: t.to(expected[k].dtype) for k, t in sd.items()}
+        if t.dtype != expected[k].dtype:  # never cast: an I32 tensor cast to fp32 loads as nonsense weights
+            raise CheckpointError(f"checkpoint {source}: {to_hf_name(k, cfg)} is {t.dtype}, the model expects "
+                                  f"{expected[k].dtype}")
+    return sd
 
 
 def to_hf_name(internal: str, cfg: ModelConfig) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 import time
@@ -91,19 +92,32 @@ def cmd_params(args, overrides) -> None:
     Console().print(_param_table(model, f"{args.preset or 'tiny'}"))
 
 
+def _refuse_meta_preset(command: str, preset: str | None, cfg) -> None:
+    """The released shapes exist on the meta device only (shapes and counts): materialising one is an OOM kill."""
+    from linglab.config import META_PRESETS
+    from linglab.model import build_model, count_parameters
+
+    if preset in META_PRESETS:
+        n = count_parameters(build_model(cfg.model, device="meta")).total
+        raise LinglabError(f"{command}: preset {preset} has {_fmt(n)} parameters ({n * 4 / 2**30:.0f} GiB in fp32), "
+                           "too large to materialise here; use tiny or small (linglab params counts any preset)")
+
+
+def _at_least(value: int, minimum: int, flag: str, command: str) -> int:
+    if value < minimum:
+        raise LinglabError(f"{command}: {flag} must be >= {minimum}, got {value}")
+    return value
+
+
 def cmd_init(args, overrides) -> None:
     from linglab.checkpoint import save_pretrained
-    from linglab.config import META_PRESETS
     from linglab.model import build_model, count_parameters
     from linglab.run import check_output
 
     cfg = _load_cfg(args, overrides)
     out = Path(args.out)
     check_output(out, args.overwrite, "init")
-    if args.preset in META_PRESETS:
-        n = count_parameters(build_model(cfg.model, device="meta")).total
-        raise LinglabError(f"init: preset {args.preset} has {_fmt(n)} parameters ({n * 4 / 2**30:.0f} GiB in fp32), "
-                           "too large to materialise here; use tiny or small")
+    _refuse_meta_preset("init", args.preset, cfg)
     model = build_model(cfg.model, seed=args.seed)
     save_pretrained(model, out)
     print(f"wrote {out} ({_fmt(count_parameters(model).total)} parameters, seed {args.seed})")
@@ -117,6 +131,9 @@ def cmd_check(args, overrides) -> None:
     from linglab.model import build_model
 
     cfg = _load_cfg(args, overrides)
+    _refuse_meta_preset("check", args.preset, cfg)
+    _at_least(args.batch_size, 1, "--batch-size", "check")
+    _at_least(args.seq_len, 1, "--seq-len", "check")
     console = Console()
     model = build_model(cfg.model, seed=args.seed)
     console.print(_param_table(model, f"{args.preset or 'tiny'}"))
@@ -218,13 +235,19 @@ def cmd_eval(args, overrides) -> None:
 
     from linglab import evals
     from linglab.checkpoint import from_pretrained
+    from linglab.config import MIN_SEQ_LEN
     from linglab.data import heldout_data
     from linglab.tasks import TIERS, heldout_problems
     from linglab.tokenizer import load_tokenizer
 
     if overrides:
         raise LinglabError(f"eval: unexpected arguments {' '.join(overrides)}")
+    _at_least(args.problems, 1, "--problems", "eval")
+    _at_least(args.seq_len, MIN_SEQ_LEN, "--seq-len", "eval")
     model = from_pretrained(args.ckpt)
+    if args.seq_len > model.cfg.max_position_embeddings:
+        raise LinglabError(f"eval: --seq-len {args.seq_len} exceeds the model's max_position_embeddings "
+                           f"({model.cfg.max_position_embeddings})")
     tokenizer = load_tokenizer(Path(args.ckpt) / "tokenizer.json")
     data = heldout_data(tokenizer, heldout_problems(args.problems, range(len(TIERS)), args.data_seed), args.seq_len)
     row = evals.evaluate_run(model, data, step=0)
@@ -283,6 +306,7 @@ def cmd_scaling_fit(args, overrides) -> None:
         raise LinglabError(f"scaling fit: unexpected arguments {' '.join(overrides)}")
     if not (args.dir or (args.results and args.out)):
         raise LinglabError("scaling fit: give --dir DIR, or --results FILE and --out DIR")
+    _at_least(args.bootstrap, 0, "--bootstrap", "scaling fit")
     results = Path(args.results) if args.results else Path(args.dir) / "results.jsonl"
     out = Path(args.out or args.dir)
     rows = scaling.read_results(results)
@@ -356,10 +380,20 @@ def cmd_plan(args, overrides) -> None:
     print(format_comparison(uniform, planned, args.micro_batches, unit, f"pipeline plan for {args.preset}"))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with linglab's one-line errors (exit code 2, no usage block); subparsers inherit the class."""
+
+    def error(self, message: str):
+        # `--compute -1e14`: argparse reads a value that starts with '-' as an option and says "expected one argument".
+        m = re.match(r"argument (-[^/:]+)\S*: expected one argument", message)
+        hint = f" (write {m.group(1)}=VALUE for a value that starts with '-')" if m else ""
+        raise LinglabError(f"{self.prog}: {message}{hint}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from linglab.config import PRESETS
 
-    parser = argparse.ArgumentParser(prog="linglab", description="The Ling 2.0 recipe in readable PyTorch.")
+    parser = _Parser(prog="linglab", description="The Ling 2.0 recipe in readable PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_config_args(p):
@@ -490,10 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    args.command_line = "linglab " + shlex.join(sys.argv[1:] if argv is None else argv)  # recorded in result files
     try:
+        args, rest = build_parser().parse_known_args(argv)
+        args.command_line = "linglab " + shlex.join(sys.argv[1:] if argv is None else argv)  # recorded in result files
         args.func(args, rest)
     except LinglabError as e:
         print(f"error: {e}", file=sys.stderr)

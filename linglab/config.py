@@ -16,6 +16,7 @@ Presets: `tiny` (the CPU default), `small` (hidden 512, for benchmarks) and the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -32,6 +33,15 @@ class ConfigError(LinglabError):
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config: {key} {message}")
+
+
+def _check_finite(name: str, section) -> None:
+    """Every float of a section is finite: an inf or NaN learning rate (or any rate, scale or bound) passes the
+    range checks below as often as not, then poisons the weights at the first step."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float):
+            _check(math.isfinite(value), f"{name}.{f.name}", f"must be a finite number, got {value}")
 
 
 @dataclass
@@ -72,7 +82,7 @@ class ModelConfig:
     def validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "moe_intermediate_size",
-                     "num_experts", "num_experts_per_tok", "n_group", "topk_group"):
+                     "num_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings"):
             _check(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(self.num_shared_experts >= 0, "model.num_shared_experts", "must be >= 0")
         _check(self.num_attention_heads % self.num_key_value_heads == 0, "model.num_attention_heads",
@@ -102,6 +112,9 @@ class ModelConfig:
             _check(0 <= getattr(self, name) < self.vocab_size, f"model.{name}", f"must be in [0, vocab_size={self.vocab_size})")
 
 
+MIN_SEQ_LEN = 8  # the shortest row of data.seq_len and rl.sft_seq_len, and of eval / scaling suggest --seq-len
+
+
 @dataclass
 class DataConfig:
     """Training data and tokenizer (issue: training). Empty `path` = the embedded arithmetic corpus."""
@@ -116,7 +129,7 @@ class DataConfig:
     seed: int = 0  # corpus generation
 
     def validate(self) -> None:
-        _check(self.seq_len >= 8, "data.seq_len", f"must be >= 8, got {self.seq_len}")
+        _check(self.seq_len >= MIN_SEQ_LEN, "data.seq_len", f"must be >= {MIN_SEQ_LEN}, got {self.seq_len}")
         _check(self.vocab_size >= 258, "data.vocab_size", "must be >= 258 (256 bytes + eos + pad)")
         _check(self.num_documents >= 1, "data.num_documents", "must be >= 1")
         _check(len(self.tiers) >= 1 and all(t in (0, 1, 2) for t in self.tiers), "data.tiers",
@@ -310,7 +323,7 @@ class RLConfig:
         for name in ("grpo_eps", "dapo_eps_low", "dapo_eps_high", "drgrpo_eps", "gspo_eps_low", "gspo_eps_high",
                      "lpo_eps"):
             _check(0 < getattr(self, name) < 1, f"rl.{name}", f"must be in (0, 1), got {getattr(self, name)}")
-        _check(self.sft_seq_len >= 8, "rl.sft_seq_len", f"must be >= 8, got {self.sft_seq_len}")
+        _check(self.sft_seq_len >= MIN_SEQ_LEN, "rl.sft_seq_len", f"must be >= {MIN_SEQ_LEN}, got {self.sft_seq_len}")
         _check(len(self.tiers) >= 1 and all(t in (0, 1, 2) for t in self.tiers), "rl.tiers",
                f"must be a non-empty list of tiers 0, 1, 2, got {self.tiers}")
         _check(len(self.eval_ks) >= 1 and all(1 <= k <= self.eval_samples for k in self.eval_ks), "rl.eval_ks",
@@ -330,7 +343,13 @@ class Config:
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
+            _check_finite(f.name, getattr(self, f.name))
             getattr(self, f.name).validate()
+        max_pos = self.model.max_position_embeddings
+        for key, length in (("data.seq_len", self.data.seq_len), ("rl.sft_seq_len", self.rl.sft_seq_len)):
+            _check(length <= max_pos, key, f"({length}) must be <= model.max_position_embeddings ({max_pos})")
+        _check(self.rl.max_new_tokens < max_pos, "rl.max_new_tokens",
+               f"({self.rl.max_new_tokens}) leaves no room for a prompt within model.max_position_embeddings ({max_pos})")
         _check(self.model.num_experts % self.parallel.ep == 0, "parallel.ep",
                f"({self.parallel.ep}) must divide model.num_experts ({self.model.num_experts}): each rank holds E / ep experts")
         par = self.parallel
@@ -400,7 +419,7 @@ def _coerce(value, typ, key: str):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"config: {key} expects true or false, got {value!r}")
     if typ is int:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):  # TOML arrays, tables and dates too
             raise ConfigError(f"config: {key} expects an integer, got {value!r}")
         try:
             if isinstance(value, str):

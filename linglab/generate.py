@@ -137,12 +137,15 @@ def generate(model: LingForCausalLM, prompts: Sequence[Sequence[int]], max_new_t
         raise LinglabError(f"generate: {len(limits)} max_new_tokens for {len(prompts)} prompts")
     if any(n < 0 for n in limits):
         raise LinglabError(f"generate: max_new_tokens must be >= 0, got {min(limits)}")
-    vocab = model.cfg.vocab_size
-    for i, p in enumerate(prompts):
+    vocab, max_pos = model.cfg.vocab_size, model.cfg.max_position_embeddings
+    for i, (p, limit) in enumerate(zip(prompts, limits)):
         if len(p) == 0:
             raise LinglabError(f"generate: prompt {i} is empty")
         if min(p) < 0 or max(p) >= vocab:
             raise LinglabError(f"generate: prompt {i} has a token id outside [0, {vocab})")
+        if len(p) + limit > max_pos:
+            raise LinglabError(f"generate: prompt {i} ({len(p)} tokens) + max_new_tokens ({limit}) exceeds the model's "
+                               f"max_position_embeddings ({max_pos})")
 
     device = model.lm_head.weight.device
     generator = seed

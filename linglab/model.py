@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from linglab.config import ModelConfig
+from linglab.errors import LinglabError
 from linglab.moe import MoE, SwiGLU
 
 
@@ -316,9 +317,14 @@ class LingForCausalLM(nn.Module):
         pad [B] (inference): the first pad[b] positions of row b (of the whole sequence, cached ones included)
         are left padding. Real tokens never attend to them and count their positions from the first real token,
         so each row computes what it would alone, and prompts of several lengths decode as one batch.
+        A sequence longer than max_position_embeddings is refused; with `pad`, rows decode past their own limits
+        (their samples discarded), so `generate` checks each row's prompt + new tokens instead.
         """
         t = input_ids.shape[1]
         start = cache.pos if cache is not None else 0
+        if pad is None and start + t > self.cfg.max_position_embeddings:
+            raise LinglabError(f"model: a sequence of {start + t} positions exceeds max_position_embeddings "
+                               f"({self.cfg.max_position_embeddings})")
         positions = torch.arange(start, start + t, device=input_ids.device)
         mask = None
         if pad is not None:

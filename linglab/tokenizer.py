@@ -13,7 +13,8 @@ every document and `<|pad|>` fills unused positions.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import tokenizers
@@ -25,6 +26,29 @@ EOS = "<|eos|>"
 PAD = "<|pad|>"
 FILE_NAME = "tokenizer.json"
 _BYTE_ALPHABET = 256
+CHUNK_CHARS = 1 << 16  # the longest piece of one text the library sees at once (`text_chunks`)
+# One space or newline between two non-space characters: both pre-tokenizers (digits apart, then GPT-2's regex) start
+# a new pre-token at it, so a text cut just before it encodes to the same tokens as the whole.
+_CUT = re.compile(r"(?<=\S)[ \n](?=\S)")
+
+
+def text_chunks(text: str, max_chars: int = CHUNK_CHARS) -> Iterator[str]:
+    """`text` in pieces of at most `max_chars` characters whose encodings, concatenated, are the encoding of `text`.
+
+    Why: the library holds a text's whole encoding (ids, offsets, token strings: ~100 bytes a token) and its
+    pre-tokens at once, so one 8 MB single-line document took GBs to train on or encode. Each piece ends just before
+    the last `_CUT` within the limit; a stretch of `max_chars` with none (a long run without single spaces) is cut at
+    the limit, where only the tokens across the cut can differ.
+    """
+    start = 0
+    while len(text) - start > max_chars:
+        cut = start + max_chars
+        # endpos one past the last allowed cut, so the lookahead sees the character after it
+        for m in _CUT.finditer(text, start + 1, start + max_chars + 2):
+            cut = m.start()
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def _tokenizer_file(path: str | Path) -> Path:
@@ -64,7 +88,7 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        hf.train_from_iterator(texts, trainer=trainer)
+        hf.train_from_iterator((chunk for text in texts for chunk in text_chunks(text)), trainer=trainer)
         return cls(hf)
 
     @classmethod

@@ -102,8 +102,8 @@ class SweepGrid:
         defaults = SweepGrid()
         special = {"lr": (lambda v: v == "published" or _fits(v, 1.0), "'published' or a positive number"),
                    "batch_tokens": (lambda v: v == "published" or _fits(v, 1.0), "'published' or a positive number"),
-                   "warmup_frac": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-                   "decay_frac": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+                   "warmup_frac": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+                   "decay_frac": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
                    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0")}
         for f in dataclasses.fields(self):
             value, default = getattr(self, f.name), getattr(defaults, f.name)
@@ -131,14 +131,14 @@ def _fits(value, default) -> bool:
         return isinstance(value, str)
     if isinstance(default, int):
         return isinstance(value, int) and not isinstance(value, bool) and value > 0
-    return _is_number(value) and math.isfinite(value) and value > 0
+    return is_number(value) and math.isfinite(value) and value > 0
 
 
 def _kind(default) -> str:
     return "string" if isinstance(default, str) else "positive integer" if isinstance(default, int) else "positive number"
 
 
-def _is_number(x) -> bool:
+def is_number(x) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from linglab.config import Config, load_config, to_toml
+from linglab.config import MIN_SEQ_LEN, Config, load_config, to_toml
 from linglab.plots import figure, log_axes, save, si
 from linglab.scaling.fit import ChinchillaFit, LossCurve, chinchilla_optimal, fit_results, runs_on_rule
 from linglab.scaling.ladder import (
@@ -211,6 +211,8 @@ def suggest_config(compute: float, fit: dict | None = None, seq_len: int = 128) 
     """
     if not (math.isfinite(compute) and compute > 0):
         raise SweepError(f"scaling suggest: --compute must be a positive number of FLOPs, got {compute}")
+    if seq_len < MIN_SEQ_LEN:
+        raise SweepError(f"scaling suggest: --seq-len must be >= {MIN_SEQ_LEN} (data.seq_len's minimum), got {seq_len}")
     if fit is None:
         source = {"m_opt": "published MoE M_opt = 0.1915 C^0.5095", "lr": "published eta_opt = 1.1576 C^-0.1529",
                   "batch_tokens": "published B_opt = 0.0694 C^0.3644"}

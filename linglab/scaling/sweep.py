@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -23,7 +24,17 @@ import numpy as np
 from linglab.config import to_toml
 from linglab.plots import si
 from linglab.run import RunDir, read_jsonl, releases_locks, seed_everything
-from linglab.scaling.ladder import SHAPE_KEYS, PlannedRun, SweepError, SweepGrid, active_params, minutes, plan_runs
+from linglab.scaling.ladder import (
+    AXES,
+    SHAPE_KEYS,
+    PlannedRun,
+    SweepError,
+    SweepGrid,
+    active_params,
+    is_number,
+    minutes,
+    plan_runs,
+)
 from linglab.scaling.laws import activation_ratio, granularity, model_kind
 
 # ---------------------------------------------------------------- results.jsonl
@@ -34,14 +45,56 @@ def _finished(path: Path) -> dict[str, dict]:
     return {row["name"]: row for row in (read_jsonl(path) if path.is_file() else ()) if "name" in row}
 
 
+# The columns of a results row that the fits read (train_run writes them all): positive finite numbers, then the rest.
+POSITIVE_COLUMNS = ("budget", "compute", "N", "M", "D", "lr", "lr_multiplier", "batch_tokens", "batch_multiplier",
+                    "activation_ratio", "granularity", "heldout_loss")
+MODEL_COLUMNS = ("hidden_size", "num_hidden_layers", "num_experts", "num_experts_per_tok")
+
+
+def _check_row(row: dict, source: str) -> None:
+    """A one-line SweepError naming the run and column unless `row` has every column the fits read, each with its type
+    (a NaN or infinite loss, from a diverged run, cannot be fitted)."""
+    where = f"{source}: run {row['name']!r}"
+    for key in (*POSITIVE_COLUMNS, "axis", "kind", "model", "train_loss", "wall_time_s"):
+        if key not in row:
+            raise SweepError(f"{where} has no '{key}' column")
+    for key in POSITIVE_COLUMNS:
+        value = row[key]
+        if not (is_number(value) and math.isfinite(value) and value > 0):
+            raise SweepError(f"{where}: {key} must be a positive finite number, got {json.dumps(value)}")
+    if row["axis"] not in AXES or row["kind"] not in ("dense", "moe"):
+        raise SweepError(f"{where}: axis {row['axis']!r} / kind {row['kind']!r}; expected one of {', '.join(AXES)} / "
+                         "dense or moe")
+    model = row["model"]
+    if not (isinstance(model, dict) and all(isinstance(model.get(k), int) for k in MODEL_COLUMNS)):
+        raise SweepError(f"{where}: model must map {', '.join(MODEL_COLUMNS)} to integers, got {json.dumps(model)}")
+    if not (row["train_loss"] is None or is_number(row["train_loss"]) and math.isfinite(row["train_loss"])):
+        raise SweepError(f"{where}: train_loss must be a finite number or null, got {json.dumps(row['train_loss'])}")
+    if not (is_number(row["wall_time_s"]) and math.isfinite(row["wall_time_s"])):
+        raise SweepError(f"{where}: wall_time_s must be a finite number, got {json.dumps(row['wall_time_s'])}")
+
+
 def read_results(path: str | Path) -> list[dict]:
-    """The finished runs of a results.jsonl, or a one-line error when there are none."""
+    """The finished runs of a results.jsonl, each checked by `_check_row`; a one-line error for a file that is not
+    one (binary data), holds no runs, or has a row the fits cannot read."""
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"scaling: results file not found: {path} (run `linglab scaling sweep` first)")
-    rows = _finished(path)
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SweepError(f"scaling: {path} is not a JSON-lines results file (binary data at byte {e.start})") from None
+    if b"\0" in data:
+        raise SweepError(f"scaling: {path} is not a JSON-lines results file (binary data at byte {data.index(0)})")
+    lines = read_jsonl(path)
+    if any(not isinstance(row.get("name"), str) for row in lines):
+        raise SweepError(f"scaling: {path} has a row without a run 'name' (not a results file of linglab scaling sweep)")
+    rows = {row["name"]: row for row in lines}  # the last line of a name wins, as in _finished
     if not rows:
         raise SweepError(f"scaling: {path} holds no finished runs")
+    for row in rows.values():
+        _check_row(row, f"scaling: {path}")
     return list(rows.values())
 
 
