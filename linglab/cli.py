@@ -192,7 +192,7 @@ def cmd_generate(args, overrides) -> None:
 
 
 def cmd_eval(args, overrides) -> None:
-    """Held-out loss and greedy exact match per tier of a checkpoint, on the embedded tasks."""
+    """Held-out loss and greedy exact match per tier of a checkpoint, on the embedded tasks (--json: also a file)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -209,14 +209,26 @@ def cmd_eval(args, overrides) -> None:
     table = Table(title=f"held-out evaluation of {args.ckpt}")
     for col in ("tier", "description", "exact match", "n", "held-out loss"):
         table.add_column(col)
+    tiers, pairs = {}, []
     for tier, info in enumerate(TIERS):
         # Same held-out problems as the training run's evaluation with data.seed = args.data_seed.
         problems = generate_problems(args.problems, tiers=[tier], seed=args.data_seed + 1 + tier, split="heldout")
-        packed = PackedDataset.from_pairs([format_document(p) for p in problems], tokenizer, args.seq_len)
+        tier_pairs = [format_document(p) for p in problems]
+        pairs += tier_pairs
+        loss = evals.heldout_loss(model, PackedDataset.from_pairs(tier_pairs, tokenizer, args.seq_len))
         acc = evals.tier_accuracy(model, tokenizer, problems)
-        table.add_row(info.name, info.description, f"{acc:.1%}", str(len(problems)),
-                      f"{evals.heldout_loss(model, packed):.4f}")
+        tiers[info.name] = {"accuracy": acc, "n": len(problems), "heldout_loss": loss, "description": info.description}
+        table.add_row(info.name, info.description, f"{acc:.1%}", str(len(problems)), f"{loss:.4f}")
+    # The tiers packed together in one held-out set, as the training run's final_eval.json measures it.
+    pooled = evals.heldout_loss(model, PackedDataset.from_pairs(pairs, tokenizer, args.seq_len))
     Console().print(table)
+    print(f"held-out loss, all tiers packed together (as a training run's final_eval.json): {pooled:.4f}")
+    if args.json:
+        result = {"ckpt": str(args.ckpt), "problems": args.problems, "data_seed": args.data_seed,
+                  "seq_len": args.seq_len, "heldout_loss": pooled, "tiers": tiers, "command": args.command_line}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
 
 
 def _positive_flops(text: str, what: str) -> float:
@@ -387,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="checkpoint directory with tokenizer.json")
     p.add_argument("--problems", type=int, default=100, help="held-out problems per tier (default 100)")
     p.add_argument("--data-seed", type=int, default=0, help="data.seed of the training run (default 0)")
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=128, help="data.seq_len of the training run (default 128)")
+    p.add_argument("--json", help="also write the results to this JSON file (heldout_loss, tiers: accuracy, n, "
+                   "heldout_loss per tier)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("scaling", help="scaling-law sweep, fits and suggested configs (SPEC §4)")
