@@ -1,6 +1,6 @@
 """experiments/wsm/wsm_vs_wsd.py end to end on --quick (2 layers, seq 64, 30 steps, one seed): the result JSON's
 structure, merged models that differ from the last checkpoint, `linglab eval --json` agreeing with the training
-run's own final evaluation, and a rerun that skips every finished step."""
+run's own final evaluation, a shorter merge window, and a rerun that skips every finished step."""
 
 import json
 import os
@@ -34,15 +34,15 @@ def test_quick_experiment_end_to_end(tmp_path):
 
     assert result["quick"] and result["seeds"] == [0]
     assert result["settings"]["merged_steps"] == [21, 24, 27, 30] and result["settings"]["wsm_keep_last"] == 4
-    assert list(result["models"]) == MODELS
+    assert list(result["models"]) == [*MODELS, "wsm_merged_linear_last2", "wsm_merged_cosine_last2"]
     assert result["fp32_gemm_flops"]["flops_per_s"] > 0 and len(result["git"]["commit"]) == 40
     assert "--train.schedule=wsm" in result["commands"]["seed0/wsm/train"]
     assert result["commands"]["seed0/wsm/merge-cosine"].startswith("python -m linglab.cli merge ")
-    assert len(result["wall_times_s"]["steps"]) == 8
+    assert len(result["wall_times_s"]["steps"]) == 12  # 2 trainings, 4 merges, 6 evaluations
     for key in MODELS:
         assert set(result["summary"][key]) == set(METRICS)
         assert result["summary"][key]["heldout_loss"]["stdev"] is None  # one seed: no spread
-    assert set(result["paired_minus_wsd_final"]) == set(MODELS[1:])
+    assert set(result["paired_minus_wsd_final"]) == set(result["models"]) - {"wsd_final"}
 
     seed = result["per_seed"]["0"]
     for key in MODELS:
@@ -58,14 +58,15 @@ def test_quick_experiment_end_to_end(tmp_path):
     # The merges: the 4 kept checkpoints, equal weights for the linear decay, a different model from the last one.
     last = load_file(str(runs / "seed0-wsm" / "final" / "model.safetensors"))
     for decay in ("linear", "cosine"):
-        merge = seed["merges"][decay]
+        merge = seed["merges"][f"wsm_merged_{decay}"]
         assert merge["checkpoints"] == ["step_000021", "step_000024", "step_000027", "step_000030"]
+        assert seed["merges"][f"wsm_merged_{decay}_last2"]["checkpoints"] == ["step_000027", "step_000030"]
         assert sum(merge["weights"]) == pytest.approx(1.0) and merge["max_abs_diff_vs_last"] > 0
         merged = load_file(str(runs / "seed0-wsm" / f"merged-{decay}" / "model.safetensors"))
         assert not torch.equal(merged["lm_head.weight"], last["lm_head.weight"])
         assert seed["models"][f"wsm_merged_{decay}"]["heldout_loss"] != seed["models"]["wsm_last"]["heldout_loss"]
-    assert seed["merges"]["linear"]["weights"] == pytest.approx([0.25] * 4)
-    assert seed["merges"]["cosine"]["weights"] != pytest.approx([0.25] * 4)
+    assert seed["merges"]["wsm_merged_linear"]["weights"] == pytest.approx([0.25] * 4)
+    assert seed["merges"]["wsm_merged_cosine"]["weights"] != pytest.approx([0.25] * 4)
 
     # Resumable: a rerun finds every step done and runs no subprocess.
     assert ": linglab " not in _experiment(runs, out)

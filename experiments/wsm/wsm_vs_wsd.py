@@ -151,8 +151,8 @@ def max_abs_diff(a: Path, b: Path) -> float:
 
 
 def run_seed(runner: Runner, runs: Path, seed: int, common: list[str], wsm_overrides: list[str],
-             kept_steps: list[int], eval_args: list[str], jobs: int) -> dict:
-    """Both arms of one seed, the merges and the four evaluations; the seed's results."""
+             kept_steps: list[int], windows: list[int], eval_args: list[str], jobs: int) -> dict:
+    """Both arms of one seed, the merges and their evaluations; the seed's results."""
     wsd, wsm = runs / f"seed{seed}-wsd", runs / f"seed{seed}-wsm"
     seeded = [*common, "--data.seed=0", f"--train.seed={seed}"]
     in_parallel(jobs, [partial(train, runner, wsd, f"seed{seed}/wsd/train", [*seeded, "--train.schedule=wsd"]),
@@ -163,18 +163,22 @@ def run_seed(runner: Runner, runs: Path, seed: int, common: list[str], wsm_overr
         raise SystemExit(f"{wsm} kept checkpoints at steps {merged_steps}, expected {kept_steps}")
 
     ckpts = {"wsd_final": wsd / "final", "wsm_last": wsm / "final"}
-    merged = {decay: wsm / f"merged-{decay}" for decay in DECAYS}
-    in_parallel(jobs, [partial(runner.run, f"seed{seed}/wsm/merge-{decay}",
-                               ["merge", shown(wsm), "--out", shown(out), "--decay", decay],
-                               done=(out / "model.safetensors").is_file()) for decay, out in merged.items()])
+    # model key -> (what `linglab merge` merges: the run dir = all kept checkpoints, or the last n of them; decay)
+    merge_inputs = {f"wsm_merged_{decay}": ([wsm], decay) for decay in DECAYS}
+    merge_inputs.update({window_key(decay, n): (checkpoint_dirs(wsm)[-n:], decay) for decay in DECAYS for n in windows})
+    suffix = {key: key.removeprefix("wsm_merged_").replace("_", "-") for key in merge_inputs}  # linear-last4
+    merged = {key: wsm / f"merged-{suffix[key]}" for key in merge_inputs}
+    in_parallel(jobs, [partial(runner.run, f"seed{seed}/wsm/merge-{suffix[key]}",
+                               ["merge", *map(shown, inputs), "--out", shown(merged[key]), "--decay", decay],
+                               done=(merged[key] / "model.safetensors").is_file())
+                       for key, (inputs, decay) in merge_inputs.items()])
     merges = {}
-    for decay, out in merged.items():
+    for key, out in merged.items():
         with safe_open(str(out / "model.safetensors"), "pt") as f:
             provenance = json.loads(f.metadata()["wsm_merge"])
-        merges[decay] = {"checkpoints": [Path(p).name for p in provenance["checkpoints"]],
-                         "weights": provenance["weights"],
-                         "max_abs_diff_vs_last": max_abs_diff(out, wsm / "final")}
-        ckpts[f"wsm_merged_{decay}"] = out
+        merges[key] = {"checkpoints": [Path(p).name for p in provenance["checkpoints"]],
+                       "weights": provenance["weights"], "max_abs_diff_vs_last": max_abs_diff(out, wsm / "final")}
+        ckpts[key] = out
 
     results = {key: runs / "evals" / f"seed{seed}-{key}.json" for key in ckpts}
     in_parallel(jobs, [partial(runner.run, f"seed{seed}/eval/{key}",
@@ -191,9 +195,17 @@ def run_seed(runner: Runner, runs: Path, seed: int, common: list[str], wsm_overr
     for arm, run_dir in (("wsd", wsd), ("wsm", wsm)):
         final_eval = json.loads((run_dir / "final_eval.json").read_text())
         summary = json.loads((run_dir / "summary.json").read_text())
-        training[arm] = {"train_steps_wall_s": summary["wall_time_s"], "final_eval_heldout_loss": final_eval["heldout_loss"],
-                         "final_eval_accuracy": {name: t["accuracy"] for name, t in final_eval["tiers"].items()}}
-    return {"models": models, "merges": merges, "training": training, "same_losses_through_step": same_losses_through(wsd, wsm)}
+        _, evals = read_metrics(run_dir / "metrics.jsonl")
+        training[arm] = {"train_steps_wall_s": summary["wall_time_s"],
+                         "final_eval_heldout_loss": final_eval["heldout_loss"],
+                         "final_eval_accuracy": {name: t["accuracy"] for name, t in final_eval["tiers"].items()},
+                         "heldout_loss_by_step": {str(r["step"]): r["heldout_loss"] for r in evals}}
+    return {"models": models, "merges": merges, "training": training,
+            "same_losses_through_step": same_losses_through(wsd, wsm)}
+
+
+def window_key(decay: str, n: int) -> str:
+    return f"wsm_merged_{decay}_last{n}"
 
 
 def spread(values: list[float]) -> dict:
@@ -209,34 +221,54 @@ def metrics(model: dict) -> dict[str, float]:
 def summarise(per_seed: dict[int, dict]) -> tuple[dict, dict]:
     """(mean/stdev/values per model and metric, the same for each WSM model minus WSD final of the same seed)."""
     flat = {s: {key: metrics(m) for key, m in r["models"].items()} for s, r in per_seed.items()}
+    keys = list(next(iter(flat.values())))
     names = list(next(iter(flat.values()))["wsd_final"])
-    summary = {key: {n: spread([flat[s][key][n] for s in flat]) for n in names} for key in MODELS}
+    summary = {key: {n: spread([flat[s][key][n] for s in flat]) for n in names} for key in keys}
     paired = {key: {n: spread([flat[s][key][n] - flat[s]["wsd_final"][n] for s in flat]) for n in names}
-              for key in MODELS if key != "wsd_final"}
+              for key in keys if key != "wsd_final"}
     return summary, paired
 
 
-def plot(per_seed: dict[int, dict], summary: dict, path: Path, title: str) -> None:
-    """Per-tier accuracy and held-out loss per model: each seed a point (a seed's points joined), the mean a bar."""
+def plot(per_seed: dict[int, dict], summary: dict, window_models: dict[str, dict[int, str]], path: Path,
+         title: str) -> None:
+    """Top: per-tier accuracy and held-out loss per model, each seed a point (a seed's points joined), the mean a
+    bar. Bottom: the merges against their window in steps (`window_models`: decay -> steps -> model key), the
+    mean a line, WSD final and WSM last dashed."""
     panels = [(f"accuracy_{t.name}", f"{t.name} exact match, %", 100.0) for t in TIERS]
     panels.append(("heldout_loss", "held-out loss (all tiers)", 1.0))
-    colors = {"wsd_final": "tab:blue", "wsm_last": "tab:gray", "wsm_merged_linear": "tab:orange",
-              "wsm_merged_cosine": "tab:red"}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), layout="constrained")
+    colors = {"wsd_final": "tab:blue", "wsm_last": "tab:gray", "linear": "tab:orange", "cosine": "tab:red"}
+    color = {key: colors.get(key) or colors[key.removeprefix("wsm_merged_")] for key in MODELS}
+    fig, axes = plt.subplots(2, len(panels), figsize=(4 * len(panels), 7.6), layout="constrained")
     x = range(len(MODELS))
-    for ax, (name, label, scale) in zip(axes, panels):
+    seeds = sorted(per_seed)
+    for ax, (name, label, scale) in zip(axes[0], panels):
         for i, key in enumerate(MODELS):
-            ax.hlines(scale * summary[key][name]["mean"], i - 0.3, i + 0.3, color=colors[key], lw=2.5)
-        for j, (seed, result) in enumerate(sorted(per_seed.items())):
-            ys = [scale * metrics(result["models"][key])[name] for key in MODELS]
-            offset = 0.08 * (j - (len(per_seed) - 1) / 2)
-            ax.plot([i + offset for i in x], ys, color="0.75", lw=0.8, zorder=1)
-            ax.scatter([i + offset for i in x], ys, c=[colors[k] for k in MODELS], s=22, zorder=2,
-                       marker="os^Dv"[j % 5], label=f"train.seed {seed}")
+            ax.hlines(scale * summary[key][name]["mean"], i - 0.3, i + 0.3, color=color[key], lw=2.5)
+        for j, seed in enumerate(seeds):
+            ys = [scale * metrics(per_seed[seed]["models"][key])[name] for key in MODELS]
+            xs = [i + 0.08 * (j - (len(seeds) - 1) / 2) for i in x]
+            ax.plot(xs, ys, color="0.75", lw=0.8, zorder=1)
+            ax.scatter(xs, ys, c=[color[k] for k in MODELS], s=22, zorder=2, marker="os^Dv"[j % 5],
+                       label=f"train.seed {seed}")
         ax.set_xticks(list(x), list(MODELS.values()), fontsize=8)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7)
+    for ax, (name, label, scale) in zip(axes[1], panels):
+        for key, style in (("wsd_final", "--"), ("wsm_last", ":")):
+            ax.axhline(scale * summary[key][name]["mean"], color=colors[key], ls=style, lw=1.2, label=MODELS[key])
+        for decay, by_steps in window_models.items():
+            steps = sorted(by_steps)
+            keys = [by_steps[w] for w in steps]
+            ax.plot(steps, [scale * summary[k][name]["mean"] for k in keys], color=colors[decay], marker="o",
+                    label=f"WSM merged {decay}, mean")
+            for seed in seeds:
+                ax.scatter(steps, [scale * metrics(per_seed[seed]["models"][k])[name] for k in keys],
+                           color=colors[decay], s=8, alpha=0.4)
+        ax.set_xticks(steps)
+        ax.set(xlabel="merge window, steps", ylabel=label)
+        ax.grid(alpha=0.3)
+    axes[1][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -258,6 +290,8 @@ def main() -> None:
     p.add_argument("--ckpt-every", type=int, help="WSM checkpoint interval in steps (default 20; 3 with --quick)")
     p.add_argument("--jobs", type=int, default=1, help="subprocesses side by side within a stage (default 1: "
                    "wall times measured alone)")
+    p.add_argument("--windows", type=int, nargs="+", help="checkpoints merged in the extra, shorter windows "
+                   "(each ending at the last step; default 2 4 7, 2 with --quick)")
     p.add_argument("--quick", action="store_true", help="a smoke test: 2 layers, seq 64, 30 steps, 4 problems per tier")
     args = p.parse_args()
     common = QUICK if args.quick else []
@@ -265,6 +299,14 @@ def main() -> None:
     cfg = load_config(PRESET, overrides=common)
     keep_last, kept_steps = window(cfg, ckpt_every)
     wsm_overrides = [f"--train.ckpt_every={ckpt_every}", f"--train.keep_last={keep_last}"]
+    windows = args.windows or ([2] if args.quick else [2, 4, 7])
+    if not all(2 <= n < keep_last for n in windows):
+        raise SystemExit(f"--windows must lie in [2, {keep_last}): the full window of {keep_last} is always merged")
+    window_models = {decay: {(n - 1) * ckpt_every: window_key(decay, n) for n in windows}
+                     | {(keep_last - 1) * ckpt_every: f"wsm_merged_{decay}"} for decay in DECAYS}
+    labels = {key: label.replace("\n", " ") for key, label in MODELS.items()}
+    labels.update({window_key(decay, n): f"WSM merged {decay}, the last {n} checkpoints (steps "
+                   f"{kept_steps[-n]}..{kept_steps[-1]})" for decay in DECAYS for n in windows})
     eval_args = ["--problems", str(cfg.train.eval_problems), "--data-seed", "0", "--seq-len", str(cfg.data.seq_len)]
 
     # The GEMM rate that puts the wall times in context, measured under this process's thread count.
@@ -274,13 +316,13 @@ def main() -> None:
           f"{kept_steps[0]}..{kept_steps[-1]}, {keep_last} checkpoints", flush=True)
     runner = Runner(args.runs)
     start = time.perf_counter()
-    per_seed = {s: run_seed(runner, args.runs, s, common, wsm_overrides, kept_steps, eval_args, args.jobs)
+    per_seed = {s: run_seed(runner, args.runs, s, common, wsm_overrides, kept_steps, windows, eval_args, args.jobs)
                 for s in args.seeds}
     summary, paired = summarise(per_seed)
 
     args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / "wsm_vs_wsd.png"
-    plot(per_seed, summary, png, f"{PRESET}{' --quick' if args.quick else ''}, {cfg.train.max_steps} steps: WSD "
+    plot(per_seed, summary, window_models, png, f"{PRESET}{' --quick' if args.quick else ''}, {cfg.train.max_steps} steps: WSD "
          f"(decay over the last {kept_steps[-1] - kept_steps[0]}) vs WSM merges of steps {kept_steps[0]}..{kept_steps[-1]}")
     result = {
         "experiment": "WSM vs WSD (SPEC §2, issue 12 item 6)", "preset": PRESET, "quick": args.quick,
@@ -289,8 +331,8 @@ def main() -> None:
                      "warmup_steps": cfg.train.warmup_steps, "batch_size": cfg.train.batch_size,
                      "seq_len": cfg.data.seq_len, "data_seed": 0, "eval_problems_per_tier": cfg.train.eval_problems,
                      "wsm_ckpt_every": ckpt_every, "wsm_keep_last": keep_last, "merged_steps": kept_steps,
-                     "decays": list(DECAYS)},
-        "models": {key: label.replace("\n", " ") for key, label in MODELS.items()},
+                     "decays": list(DECAYS), "window_checkpoints": windows},
+        "models": labels,
         "summary": summary, "paired_minus_wsd_final": paired,
         "per_seed": {str(s): r for s, r in per_seed.items()},
         "fp32_gemm_flops": {"flops_per_s": peak, "n": gemm_n, "threads": torch.get_num_threads(),
@@ -303,10 +345,10 @@ def main() -> None:
     path = args.out / "wsm_vs_wsd.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path} and {png}")
-    for key, label in MODELS.items():
+    for key, label in labels.items():
         s = summary[key]
         accs = "  ".join(f"{t.name} {100 * s[f'accuracy_{t.name}']['mean']:5.1f}%" for t in TIERS)
-        print(f"{label.replace(chr(10), ' '):22s} loss {s['heldout_loss']['mean']:.4f}  {accs}")
+        print(f"loss {s['heldout_loss']['mean']:.4f}  {accs}  {label}")
 
 
 if __name__ == "__main__":
