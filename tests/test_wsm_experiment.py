@@ -39,6 +39,7 @@ def test_quick_experiment_end_to_end(tmp_path):
     assert "--train.schedule=wsm" in result["commands"]["seed0/wsm/train"]
     assert result["commands"]["seed0/wsm/merge-cosine"].startswith("python -m linglab.cli merge ")
     assert len(result["wall_times_s"]["steps"]) == 12  # 2 trainings, 4 merges, 6 evaluations
+    assert all(t["gemm_flops_per_s"] > 0 for t in result["wall_times_s"]["steps"].values())
     for key in MODELS:
         assert set(result["summary"][key]) == set(METRICS)
         assert result["summary"][key]["heldout_loss"]["stdev"] is None  # one seed: no spread
@@ -54,6 +55,7 @@ def test_quick_experiment_end_to_end(tmp_path):
     wsd, trained = seed["models"]["wsd_final"], seed["training"]["wsd"]
     assert wsd["heldout_loss"] == pytest.approx(trained["final_eval_heldout_loss"], abs=1e-6)
     assert wsd["accuracy"] == trained["final_eval_accuracy"]
+    assert trained["gemm_flops_per_s"] > 0  # the rate `linglab train` measured, read back from its MFU
 
     # The merges: the 4 kept checkpoints, equal weights for the linear decay, a different model from the last one.
     last = load_file(str(runs / "seed0-wsm" / "final" / "model.safetensors"))

@@ -50,7 +50,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
 from linglab.config import load_config  # noqa: E402
-from linglab.flops import matmul_peak_flops  # noqa: E402
+from linglab.flops import flops_per_token, matmul_peak_flops  # noqa: E402
 from linglab.report import read_metrics  # noqa: E402
 from linglab.tasks import TIERS  # noqa: E402
 from linglab.train import checkpoint_dirs  # noqa: E402
@@ -73,9 +73,11 @@ def shown(path: Path) -> str:
 
 class Runner:
     """Runs CLI subprocesses, logs each to <runs>/logs/<name>.log and keeps their wall times in timings.json
-    (so a resumed experiment still reports the times of the steps it skips)."""
+    (so a resumed experiment still reports the times of the steps it skips), each with the fp32 GEMM rate
+    measured by the invocation that ran it."""
 
-    def __init__(self, runs: Path):
+    def __init__(self, runs: Path, gemm_flops_per_s: float):
+        self.gemm_flops_per_s = gemm_flops_per_s
         self.logs = runs / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.timings_path = runs / "timings.json"
@@ -100,7 +102,8 @@ class Runner:
             tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
             raise SystemExit(f"{name} failed (exit {code}); the end of {log}:\n{tail}")
         with self.lock:
-            self.timings[name] = {"seconds": seconds, "resumed": "--resume" in args}
+            self.timings[name] = {"seconds": seconds, "resumed": "--resume" in args,
+                                  "gemm_flops_per_s": self.gemm_flops_per_s}
             self.timings_path.write_text(json.dumps(self.timings, indent=2) + "\n")
 
 
@@ -150,8 +153,16 @@ def max_abs_diff(a: Path, b: Path) -> float:
     return max(float((ta[k].double() - tb[k].double()).abs().max()) for k in ta if ta[k].is_floating_point())
 
 
+def run_gemm_rate(run_dir: Path, model_flops_per_token: float) -> float:
+    """The fp32 GEMM rate `linglab train` measured at the start of a run (`matmul_peak_flops`), read back from
+    its first metrics row: mfu = model FLOPs per token x tokens/s / that rate."""
+    rows, _ = read_metrics(run_dir / "metrics.jsonl")
+    return model_flops_per_token * rows[0]["tokens_per_s"] / rows[0]["mfu"]
+
+
 def run_seed(runner: Runner, runs: Path, seed: int, common: list[str], wsm_overrides: list[str],
-             kept_steps: list[int], windows: list[int], eval_args: list[str], jobs: int) -> dict:
+             kept_steps: list[int], windows: list[int], eval_args: list[str], jobs: int,
+             model_flops_per_token: float) -> dict:
     """Both arms of one seed, the merges and their evaluations; the seed's results."""
     wsd, wsm = runs / f"seed{seed}-wsd", runs / f"seed{seed}-wsm"
     seeded = [*common, "--data.seed=0", f"--train.seed={seed}"]
@@ -197,6 +208,7 @@ def run_seed(runner: Runner, runs: Path, seed: int, common: list[str], wsm_overr
         summary = json.loads((run_dir / "summary.json").read_text())
         _, evals = read_metrics(run_dir / "metrics.jsonl")
         training[arm] = {"train_steps_wall_s": summary["wall_time_s"],
+                         "gemm_flops_per_s": run_gemm_rate(run_dir, model_flops_per_token),
                          "final_eval_heldout_loss": final_eval["heldout_loss"],
                          "final_eval_accuracy": {name: t["accuracy"] for name, t in final_eval["tiers"].items()},
                          "heldout_loss_by_step": {str(r["step"]): r["heldout_loss"] for r in evals}}
@@ -314,9 +326,10 @@ def main() -> None:
     peak = matmul_peak_flops(n=gemm_n)
     print(f"fp32 GEMM rate {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} thread(s)); WSM window: steps "
           f"{kept_steps[0]}..{kept_steps[-1]}, {keep_last} checkpoints", flush=True)
-    runner = Runner(args.runs)
+    runner = Runner(args.runs, peak)
     start = time.perf_counter()
-    per_seed = {s: run_seed(runner, args.runs, s, common, wsm_overrides, kept_steps, windows, eval_args, args.jobs)
+    per_seed = {s: run_seed(runner, args.runs, s, common, wsm_overrides, kept_steps, windows, eval_args, args.jobs,
+                            flops_per_token(cfg.model, cfg.data.seq_len))
                 for s in args.seeds}
     summary, paired = summarise(per_seed)
 
@@ -336,7 +349,10 @@ def main() -> None:
         "summary": summary, "paired_minus_wsd_final": paired,
         "per_seed": {str(s): r for s, r in per_seed.items()},
         "fp32_gemm_flops": {"flops_per_s": peak, "n": gemm_n, "threads": torch.get_num_threads(),
-                            "source": "linglab.flops.matmul_peak_flops"},
+                            "source": "linglab.flops.matmul_peak_flops",
+                            "note": "this invocation's; each wall_times_s.steps entry has the rate of the invocation "
+                                    "that ran it, per_seed.*.training.*.gemm_flops_per_s the rate each `linglab "
+                                    "train` measured at its start"},
         "wall_times_s": {"this_invocation": time.perf_counter() - start, "steps": runner.timings},
         "commands": runner.commands,
         "driver": "python experiments/wsm/wsm_vs_wsd.py " + shlex.join(sys.argv[1:]),
