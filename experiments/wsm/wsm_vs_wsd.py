@@ -8,7 +8,9 @@ For each train.seed s, two `linglab train` runs from the same start on the same 
           (keep_last 10) to cover that same window, steps 420..600; then `linglab merge` of those
           checkpoints with the weights of a linear decay and of a cosine decay over the window.
 
-Every model (WSD final, WSM last, WSM merged linear and cosine) is evaluated with `linglab eval --json` on the
+As a diagnostic for the window, the same two merges of only the last --windows checkpoints (2, 4, 7).
+
+Every model (WSD final, WSM last, every WSM merge) is evaluated with `linglab eval --json` on the
 training run's held-out problems (train.eval_problems per tier, data.seq_len). Both runs of a seed use the same
 LR up to the window's start, so they are the same run up to there (`same_losses_through_step` checks it on the
 training losses) and a per-seed difference between the arms is paired.
