@@ -229,7 +229,7 @@ def cmd_generate(args, overrides) -> None:
 
 def cmd_eval(args, overrides) -> None:
     """Held-out loss and greedy exact match per tier of a checkpoint, on the embedded tasks: the evaluation a training
-    run ends with (`evals.evaluate_run`), on the held-out problems of the run's data.seed."""
+    run ends with (`evals.evaluate_run`), on the held-out problems of the run's data.seed (--json: also a file)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -254,13 +254,22 @@ def cmd_eval(args, overrides) -> None:
     table = Table(title=f"held-out evaluation of {args.ckpt}")
     for col in ("tier", "description", "exact match", "n", "held-out loss"):
         table.add_column(col)
+    tiers = {}
     for tier, problems in data.heldout_problems.items():
         name = TIERS[tier].name
         loss = row["heldout_loss_by_tier"].get(name)
+        tiers[name] = {"accuracy": row["accuracy"][name], "n": len(problems), "heldout_loss": loss,
+                       "description": TIERS[tier].description}
         table.add_row(name, TIERS[tier].description, f"{row['accuracy'][name]:.1%}", str(len(problems)),
                       "-" if loss is None else f"{loss:.4f}")
     Console().print(table)
-    print(f"held-out loss (all tiers): {row['heldout_loss']:.4f}")
+    print(f"held-out loss, all tiers packed together (as a training run's final_eval.json): {row['heldout_loss']:.4f}")
+    if args.json:
+        result = {"ckpt": str(args.ckpt), "problems": args.problems, "data_seed": args.data_seed,
+                  "seq_len": args.seq_len, "heldout_loss": row["heldout_loss"], "tiers": tiers, "command": args.command_line}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
 
 
 def _positive_flops(text: str, what: str) -> float:
@@ -458,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="checkpoint directory with tokenizer.json")
     p.add_argument("--problems", type=int, default=100, help="held-out problems per tier (default 100)")
     p.add_argument("--data-seed", type=int, default=0, help="data.seed of the training run (default 0)")
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=128, help="data.seq_len of the training run (default 128)")
+    p.add_argument("--json", help="also write the results to this JSON file (heldout_loss, tiers: accuracy, n, "
+                   "heldout_loss per tier)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("scaling", help="scaling-law sweep, fits and suggested configs (SPEC §4)")
