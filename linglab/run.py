@@ -318,6 +318,23 @@ class RunDir:
             raise ckpt.CheckpointError(f"checkpoint {path}: {self.state_name} is not a linglab job state")
         return state
 
+    def load_newest(self, load, log=print) -> Path | None:
+        """Call `load(path)` on the newest checkpoint, falling back, with a warning, to the one before it while it raises
+        CheckpointError (a corrupted file); the checkpoint that loaded, None when there is none, or one line when
+        none loads."""
+        first_error = None
+        for path in reversed(self.checkpoints()):
+            try:
+                load(path)
+            except ckpt.CheckpointError as e:
+                first_error = first_error or e
+                log(f"[yellow]warning: {e}; trying the checkpoint before it")
+                continue
+            return path
+        if first_error is not None:
+            raise ckpt.CheckpointError(f"{self.command}: no checkpoint of {self.path} loads; the newest: {first_error}")
+        return None
+
     def finalize(self, source: Path | None = None) -> Path:
         """final/: the model files and tokenizer of `source` (default: the last checkpoint), written atomically."""
         source = source or self.checkpoints()[-1]

@@ -157,21 +157,10 @@ class Trainer:
         Every rank reads the full checkpoint (a filesystem shared by the ranks) and keeps its own shards, or under
         pipeline parallel its stages.
         """
-        ckpts = self.run.checkpoints()
-        first_error = None
-        for path in reversed(ckpts):
-            try:
-                self._load_checkpoint(path)
-            except ckpt.CheckpointError as e:
-                first_error = first_error or e
-                self.log(f"[yellow]warning: {e}; trying the checkpoint before it")
-                continue
-            if self.dims.is_main:
-                self.run.truncate_metrics(self.step)
-            return path
-        if first_error is not None:
-            raise ckpt.CheckpointError(f"train: no checkpoint of {self.run.path} loads; the newest: {first_error}")
-        return None
+        path = self.run.load_newest(self._load_checkpoint, self.log)
+        if path is not None and self.dims.is_main:
+            self.run.truncate_metrics(self.step)
+        return path
 
     def _load_checkpoint(self, path: Path) -> None:
         expected = build_model(self.model.cfg, device="meta").state_dict()  # single-device names and shapes

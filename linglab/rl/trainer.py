@@ -238,19 +238,10 @@ class RLTrainer:
     def resume(self) -> Path | None:
         """Restore the newest intact checkpoint (weights, optimizer, RNGs, prompt stream, pool); None if there is none.
         One that does not load is skipped with a warning for the one before it."""
-        first_error = None
-        for path in reversed(self.run.checkpoints()):
-            try:
-                self._load_checkpoint(path)
-            except checkpoint.CheckpointError as e:
-                first_error = first_error or e
-                self.log(f"[yellow]warning: {e}; trying the checkpoint before it")
-                continue
+        path = self.run.load_newest(self._load_checkpoint, self.log)
+        if path is not None:
             self.run.truncate_metrics(self.step)
-            return path
-        if first_error is not None:
-            raise checkpoint.CheckpointError(f"rl: no checkpoint of {self.run.path} loads; the newest: {first_error}")
-        return None
+        return path
 
     def _load_checkpoint(self, path: Path) -> None:
         checkpoint.load_state_into(self.model, checkpoint.load_hf_tensors(path), str(path))
