@@ -312,8 +312,8 @@ class RunDir:
         """The job state of checkpoint `path`, or a one-line error when it cannot be read."""
         try:
             state = torch.load(path / self.state_name, weights_only=False, map_location="cpu")
-        except (OSError, RuntimeError, ValueError, EOFError, ImportError, AttributeError) as e:
-            raise ckpt.CheckpointError(f"checkpoint {path}: unreadable {self.state_name} ({e})") from None
+        except Exception as e:  # random bytes fail in pickle, zip or torch alike: all are one line
+            raise ckpt.CheckpointError(f"checkpoint {path}: unreadable {self.state_name} ({type(e).__name__}: {e})") from None
         if not isinstance(state, dict) or "step" not in state:
             raise ckpt.CheckpointError(f"checkpoint {path}: {self.state_name} is not a linglab job state")
         return state

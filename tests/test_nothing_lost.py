@@ -186,6 +186,17 @@ def test_rl_with_a_corrupt_checkpoint_leaves_out_untouched(run, tmp_path, capsys
     assert not out.exists()
 
 
+def test_random_bytes_in_train_state_fall_back_then_fail_in_one_line(run, capsys):
+    newest, older = RunDir(run).checkpoints()[::-1]
+    (newest / "train_state.pt").write_bytes(os.urandom(4096))
+    (run / "final").rename(run / "final.bak")
+    assert main(["train", "--out", str(run), "--resume"]) == 0  # from step 2, with a warning
+    for ckpt in RunDir(run).checkpoints():
+        (ckpt / "train_state.pt").write_bytes(os.urandom(4096))
+    assert main(["train", "--out", str(run), "--resume"]) == 2
+    assert "unreadable train_state.pt" in one_line_error(capsys)
+
+
 # ---------------------------------------------------------------- 9, 10. odd --out, leftovers of kill -9
 
 
