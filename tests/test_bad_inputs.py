@@ -444,9 +444,9 @@ def test_cli_generate_a_360_token_prompt_on_a_64_position_model_is_one_line(tmp_
     assert "prompt 0 (361 tokens) + max_new_tokens (4) exceeds the model's max_position_embeddings (64)" in err
 
 
-# An 8 MB single-line text file took GBs to load (`linglab train` on one: 2.3 GiB peak before, 0.63 GiB after; README
-# "What linglab protects"). What bounds it is tested here, not timed: no tokenizer call sees more than one batch of
-# pieces, each at most CHUNK_CHARS long, and the pieces change no token.
+# An 8 MB single-line text file took GBs to load (benchmarks/text_memory.py measures the peak; README "What linglab
+# protects"). What bounds it is tested here, not measured: no tokenizer call sees more than one batch of pieces, each
+# at most CHUNK_CHARS long, and the pieces change no token.
 
 WORDS = ["the", "cat's", "47+58=105", "answer:", "é", "中文", "x,y", "--", "12", "'t", "a\tb", "🙂"]
 
