@@ -496,6 +496,17 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def read_toml(path: str | Path, what: str = "config", error: type[LinglabError] = ConfigError) -> dict:
+    """A TOML file's tables, or one line naming the file (`what` prefixes the message, `error` is its type)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what}: file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{what}: {path} is not valid TOML ({e})") from None
+
+
 def load_config(preset: str | None = "tiny", path: str | Path | None = None,
                 overrides: list[str] | None = None) -> Config:
     """Preset, then TOML file, then `--section.key=value` overrides; validated."""
@@ -505,14 +516,7 @@ def load_config(preset: str | None = "tiny", path: str | Path | None = None,
             raise ConfigError(f"config: unknown preset '{preset}' (choose from: {', '.join(PRESETS)})")
         apply_dict(cfg, PRESETS[preset])
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config: file not found: {path}")
-        try:
-            tree = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config: {path} is not valid TOML ({e})") from None
-        apply_dict(cfg, tree, source=str(path))
+        apply_dict(cfg, read_toml(path), source=str(path))
     for key, value in parse_overrides(overrides or []):
         set_value(cfg, key, value)
     cfg.validate()

@@ -26,13 +26,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from linglab.config import Config, load_config
+from linglab.config import Config, load_config, read_toml
 from linglab.errors import LinglabError
 from linglab.flops import flops_per_token
 from linglab.plots import si
@@ -152,13 +151,7 @@ def load_grid(path: str | Path | None = None, budgets: list[float] | None = None
     """The default grid, then a TOML file's top-level keys, then --budgets / --axis; validated."""
     grid = SweepGrid()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise SweepError(f"scaling: grid file not found: {path}")
-        try:
-            tree = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise SweepError(f"scaling: {path} is not valid TOML ({e})") from None
+        tree = read_toml(path, "scaling: grid", SweepError)
         keys = [f.name for f in dataclasses.fields(grid)]
         for key, value in tree.items():
             if key not in keys:
