@@ -243,6 +243,12 @@ def cmd_eval(args, overrides) -> None:
     if overrides:
         raise LinglabError(f"eval: unexpected arguments {' '.join(overrides)}")
     _at_least(args.problems, 1, "--problems", "eval")
+    if args.json:
+        json_path, ckpt_dir = Path(args.json).resolve(), Path(args.ckpt).resolve()
+        if ckpt_dir in json_path.parents:
+            raise LinglabError(f"eval: --json {args.json} lies inside the checkpoint {args.ckpt}; write it elsewhere")
+        if Path(args.json).exists() and not args.overwrite:
+            raise LinglabError(f"eval: {args.json} exists (pass --overwrite to replace it)")
     _at_least(args.seq_len, MIN_SEQ_LEN, "--seq-len", "eval")
     model = from_pretrained(args.ckpt)
     if args.seq_len > model.cfg.max_position_embeddings:
@@ -470,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128, help="data.seq_len of the training run (default 128)")
     p.add_argument("--json", help="also write the results to this JSON file (heldout_loss, tiers: accuracy, n, "
                    "heldout_loss per tier)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("scaling", help="scaling-law sweep, fits and suggested configs (SPEC §4)")

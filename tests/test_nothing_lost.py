@@ -90,6 +90,17 @@ def test_export_refuses_its_own_input_and_suggest_an_existing_file(run, tmp_path
     assert main(["scaling", "suggest", "--compute", "1e14", "--out", str(toml), "--overwrite"]) == 0
 
 
+def test_eval_json_refuses_the_checkpoint_dir_and_an_existing_file(run, tmp_path, capsys):
+    before = snapshot(run)
+    assert main(["eval", "--ckpt", str(run / "final"), "--json", str(run / "final" / "config.json")]) == 2
+    assert "inside the checkpoint" in one_line_error(capsys)
+    mine = tmp_path / "mine.json"
+    mine.write_text("{}")
+    assert main(["eval", "--ckpt", str(run / "final"), "--json", str(mine), "--problems", "1", "--seq-len", "64"]) == 2
+    assert "--overwrite" in one_line_error(capsys) and mine.read_text() == "{}"
+    assert snapshot(run) == before
+
+
 # ---------------------------------------------------------------- 3, 4. --resume trusts the run, changes nothing it refuses
 
 
