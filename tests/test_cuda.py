@@ -34,39 +34,33 @@ def test_scaled_mm_tilewise_equals_emulation(m, k, n, pairing):
     assert _rel(got, want) < 1e-5  # same FP8 operands; only the fp32 accumulation order differs
 
 
-def test_auto_backend_takes_scaled_mm_on_hopper_and_fp8_linear_matches_emulation():
-    if not _hopper():
-        pytest.skip("needs sm90+")
-    recipe = Fp8Recipe()
-    assert resolve_backend("auto", "cuda", recipe) == "scaled_mm"
-    x = torch.randn(4, 100, 320, device="cuda", requires_grad=True)
-    w = torch.randn(192, 320, device="cuda", requires_grad=True)
-    dy = torch.randn(4, 100, 192, device="cuda")
+def _scaled_mm_matches_emulation(batch: int, out_features: int, parts=None) -> None:
+    """fp8_linear forward and both gradients on scaled_mm equal the emulation (fp32 accumulation order aside)."""
+    x = torch.randn(batch, 100, 320, device="cuda", requires_grad=True)
+    w = torch.randn(out_features, 320, device="cuda", requires_grad=True)
+    dy = torch.randn(batch, 100, out_features, device="cuda")
     results = {}
     for backend in ("scaled_mm", "emulate"):
         x.grad = w.grad = None
-        y = fp8_linear(x, w, op=Fp8Op(recipe, backend))
+        y = fp8_linear(x, w, op=Fp8Op(Fp8Recipe(), backend), parts=parts)
         y.backward(dy)
         results[backend] = (y.detach(), x.grad.clone(), w.grad.clone())
     for got, want in zip(results["scaled_mm"], results["emulate"]):
         assert _rel(got, want) < 1e-5
+
+
+def test_auto_backend_takes_scaled_mm_on_hopper_and_fp8_linear_matches_emulation():
+    if not _hopper():
+        pytest.skip("needs sm90+")
+    assert resolve_backend("auto", "cuda", Fp8Recipe()) == "scaled_mm"
+    _scaled_mm_matches_emulation(4, 192)
 
 
 def test_stacked_gate_up_on_scaled_mm_matches_emulation():
     """[gate; up] of width 72 each (not whole 128x128 blocks): scaled_mm runs one GEMM per stacked weight."""
     if not _hopper():
         pytest.skip("needs sm90+")
-    x = torch.randn(2, 100, 320, device="cuda", requires_grad=True)
-    w = torch.randn(144, 320, device="cuda", requires_grad=True)
-    dy = torch.randn(2, 100, 144, device="cuda")
-    results = {}
-    for backend in ("scaled_mm", "emulate"):
-        x.grad = w.grad = None
-        y = fp8_linear(x, w, op=Fp8Op(Fp8Recipe(), backend), parts=(72, 72))
-        y.backward(dy)
-        results[backend] = (y.detach(), x.grad.clone(), w.grad.clone())
-    for got, want in zip(results["scaled_mm"], results["emulate"]):
-        assert _rel(got, want) < 1e-5
+    _scaled_mm_matches_emulation(2, 144, parts=(72, 72))
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8-emulate"])
