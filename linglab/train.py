@@ -435,7 +435,9 @@ def _run(cfg: Config, run: RunDir, dims: ParallelDims, resume: bool, overwrite: 
         console = Console(quiet=True)
 
     def check() -> dict:
-        run.check(resume, overwrite)
+        # --overwrite would delete user data or a tokenizer kept inside the run being replaced
+        inputs = [] if resume else [p for p in (cfg.data.path, cfg.data.tokenizer) if p]
+        run.check(resume, overwrite, inputs)
         run.lock()
         return run.resume_changes(cfg) if resume else {}
 

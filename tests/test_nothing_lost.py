@@ -101,6 +101,15 @@ def test_eval_json_refuses_the_checkpoint_dir_and_an_existing_file(run, tmp_path
     assert snapshot(run) == before
 
 
+def test_train_overwrite_refuses_a_run_that_holds_its_own_data(run, capsys):
+    data = run / "mine.txt"
+    data.write_text("12+34=46\n" * 2000)
+    before = snapshot(run)
+    assert main(["train", "--out", str(run), "--overwrite", f"--data.path={data}", *FAST]) == 2
+    assert "overlaps the input" in one_line_error(capsys)
+    assert snapshot(run) == before
+
+
 # ---------------------------------------------------------------- 3, 4. --resume trusts the run, changes nothing it refuses
 
 
