@@ -243,14 +243,51 @@ class ParallelConfig:
                "parallel is not built yet; use pp alone (dp = ep = 1)")
 
 
+DATA_FORMATS = ("auto", "gsm8k", "math", "generic", "chat")  # SPEC §10 shapes (linglab.datasets)
+VERIFIER_KINDS = ("auto", "numeric", "math", "choice", "exact")  # linglab.verify; auto = math for MATH rows, else numeric
+CHAT_MODES = ("instant", "thinking")  # passed to the chat template; the Evo-CoT format term reads it (SPEC §5)
+
+
+@dataclass
+class PromptDataConfig:
+    """A prompt set from files (SPEC §10), shared by [rl] and [eval]: where it is, its shape, how answers are checked
+    and how prompts are rendered. `data = ""` is the embedded arithmetic tiers."""
+
+    data: str = ""  # JSONL/Parquet file or directory of them ("" = the embedded tiers)
+    data_format: str = "auto"  # auto | gsm8k | math | generic | chat (auto guesses from the first row's fields)
+    prompt_field: str = ""  # field names overriding the shape's own ("" = the shape's)
+    answer_field: str = ""
+    solution_field: str = ""
+    skip_bad_rows: bool = False  # skip malformed rows (counted in the report) instead of stopping at the first
+    verifier: str = "auto"  # auto | numeric | math | choice | exact
+    mode: str = "instant"  # instant | thinking, for chat templates with a thinking switch
+    system_prompt: str = ""  # a system message put before every prompt ("" = none)
+
+    def fields(self) -> dict[str, str]:
+        """The field-name overrides given, for `datasets.read_examples(fields=...)`."""
+        given = {"prompt": self.prompt_field, "answer": self.answer_field, "solution": self.solution_field}
+        return {k: v for k, v in given.items() if v}
+
+    def validate_data(self, section: str) -> None:
+        _check(self.data_format in DATA_FORMATS, f"{section}.data_format",
+               f"must be one of {', '.join(DATA_FORMATS)}, got {self.data_format!r}")
+        _check(self.verifier in VERIFIER_KINDS, f"{section}.verifier",
+               f"must be one of {', '.join(VERIFIER_KINDS)}, got {self.verifier!r}")
+        _check(self.mode in CHAT_MODES, f"{section}.mode", f"must be one of {', '.join(CHAT_MODES)}, got {self.mode!r}")
+
+
 RL_ALGOS = ("grpo", "dapo", "drgrpo", "gspo", "lpo")
 RL_CORRECTIONS = ("none", "tis", "icepop")
 
 
 @dataclass
-class RLConfig:
-    """RL post-training (SPEC §5; issue 5): rollouts, rewards, the policy loss and its mismatch correction."""
+class RLConfig(PromptDataConfig):
+    """RL post-training (SPEC §5; issue 5): prompts (`PromptDataConfig`), rollouts, rewards, the policy loss and its
+    mismatch correction."""
 
+    eval_data: str = ""  # held-out prompt file ("" = a stable-hash split of rl.data, or the embedded held-out problems)
+    heldout_percent: int = 10  # share of rl.data held out for evaluation when no rl.eval_data is given
+    train_problems: int = 4096  # size of the embedded train prompt set (with rl.data = "")
     algo: str = "grpo"  # policy loss: "grpo" | "dapo" | "drgrpo" | "gspo" | "lpo"
     correction: str = "icepop"  # train-inference mismatch correction: "none" | "tis" | "icepop"
     icepop_alpha: float = 0.5  # IcePop keeps a token when alpha <= pi_train / pi_infer <= beta
@@ -297,6 +334,9 @@ class RLConfig:
     eval_ks: list[int] = field(default_factory=lambda: [1, 4, 8])  # k of pass@k; ApexEval uses the largest
 
     def validate(self) -> None:
+        self.validate_data("rl")
+        _check(1 <= self.heldout_percent <= 99, "rl.heldout_percent", f"must be in [1, 99], got {self.heldout_percent}")
+        _check(self.train_problems >= 1, "rl.train_problems", f"must be >= 1, got {self.train_problems}")
         _check(self.algo in RL_ALGOS, "rl.algo", f"must be one of {', '.join(RL_ALGOS)}, got {self.algo!r}")
         _check(self.correction in RL_CORRECTIONS, "rl.correction",
                f"must be one of {', '.join(RL_CORRECTIONS)}, got {self.correction!r}")
