@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from linglab.chat import LINGLAB_CHAT_TEMPLATE
 from linglab.errors import LinglabError
 from linglab.tasks import TIERS, generate_problems, iter_corpus_texts
 from linglab.tokenizer import Tokenizer, load_tokenizer
@@ -53,11 +54,13 @@ def test_save_and_load(tokenizer: Tokenizer, tmp_path: Path) -> None:
     text = "Cara has 312 coins and sells 99. How many coins now?\n"
     saved = tokenizer.save(tmp_path / "run")
     assert saved == tmp_path / "run" / "tokenizer.json"
+    assert (tmp_path / "run" / "tokenizer_config.json").is_file()  # special tokens and chat template (test_chat.py)
     for path in (tmp_path / "run", saved):
         loaded = load_tokenizer(path)
         assert loaded.encode(text) == tokenizer.encode(text)
         assert loaded.vocab_size == tokenizer.vocab_size
         assert (loaded.eos_id, loaded.pad_id) == (tokenizer.eos_id, tokenizer.pad_id)
+        assert loaded.chat_template == tokenizer.chat_template == LINGLAB_CHAT_TEMPLATE
     assert Tokenizer.from_file(tokenizer.save(tmp_path / "named.json")).encode(text) == tokenizer.encode(text)
 
 
