@@ -37,7 +37,7 @@ from linglab.errors import LinglabError
 from linglab.fp8 import E4M3, TILE, dequantize_blockwise, quantize_blockwise
 from linglab.fp8_convert import fp8_weight_names
 from linglab.model import LingForCausalLM, build_model
-from linglab.tokenizer import FILE_NAME as TOKENIZER_NAME
+from linglab.tokenizer import copy_tokenizer_files
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -280,7 +280,7 @@ def save_pretrained(model: LingForCausalLM, out: str | Path, fp8: bool = False) 
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, fp8: bool = False) -> None:
-    """Re-save checkpoint `ckpt` at `out` (fp32, or the FP8 export of SPEC §1.6), atomically, with its tokenizer.json.
+    """Re-save checkpoint `ckpt` at `out` (fp32, or the FP8 export of SPEC §1.6), atomically, with its tokenizer files.
 
     The source is loaded into a model first, so a checkpoint that would not load is never exported.
     """
@@ -289,8 +289,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, fp8: bool = False) -> N
 
     def write(tmp: Path) -> None:
         write_model_files(model, tmp, fp8)
-        if (ckpt / TOKENIZER_NAME).is_file():
-            shutil.copyfile(ckpt / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
+        copy_tokenizer_files(ckpt, tmp)
 
     write_atomically(Path(out), write)
 

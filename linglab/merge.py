@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from safetensors.torch import save_file
 
 from linglab.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_config_json, load_hf_tensors, write_atomically
 from linglab.errors import LinglabError
-from linglab.tokenizer import FILE_NAME as TOKENIZER_NAME
+from linglab.tokenizer import copy_tokenizer_files
 
 DECAY_KINDS = ("linear", "cosine", "sqrt")
 _SUM_TOLERANCE = 1e-6
@@ -159,8 +158,8 @@ def merge_checkpoints(ckpt_dirs: Sequence[str | Path], weights: Sequence[float],
     """Merge checkpoint directories theta_0..theta_k (oldest first) into a new checkpoint at `out_dir`.
 
     All inputs must have the same config.json content. The output, written atomically, holds the
-    first input's config.json (less any FP8 quantization_config), the merged fp32 model.safetensors and,
-    if the last input has one, a copy of its tokenizer.json.
+    first input's config.json (less any FP8 quantization_config), the merged fp32 model.safetensors and
+    copies of the last input's tokenizer files (tokenizer.json, tokenizer_config.json), those it has.
     """
     dirs = [Path(d) for d in ckpt_dirs]
     if not dirs:
@@ -186,7 +185,6 @@ def merge_checkpoints(ckpt_dirs: Sequence[str | Path], weights: Sequence[float],
         config = {k: v for k, v in configs[0].items() if k != "quantization_config"}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         save_file(merged, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "wsm_merge": provenance})
-        if (dirs[-1] / TOKENIZER_NAME).is_file():
-            shutil.copyfile(dirs[-1] / TOKENIZER_NAME, tmp / TOKENIZER_NAME)
+        copy_tokenizer_files(dirs[-1], tmp)
 
     write_atomically(Path(out_dir), write)

@@ -11,9 +11,10 @@ Jobs differ in their loop, not in how they touch the disk (STYLE.md, nanochat's 
     run.truncate_metrics(state["step"])              # a resumed run rewrites the lines after its checkpoint
     run.finalize()                                   # final/ = the last checkpoint's model files and tokenizer
 
-A checkpoint is an HF checkpoint (SPEC §1.6: config.json, model.safetensors) plus tokenizer.json and one torch
-file of job state (`state_name`: train_state.pt for pretraining, rl_state.pt for RL), written to a temporary
-directory and renamed into place, so a kill at any moment leaves the previous checkpoints intact.
+A checkpoint is an HF checkpoint (SPEC §1.6: config.json, model.safetensors) plus the tokenizer (tokenizer.json,
+tokenizer_config.json) and one torch file of job state (`state_name`: train_state.pt for pretraining, rl_state.pt
+for RL), written to a temporary directory and renamed into place, so a kill at any moment leaves the previous
+checkpoints intact.
 
 Also here: `seed_everything` / `rng_state` / `set_rng_state`, `resolve_device`, `build_adamw` (the one AdamW
 builder of every job) and `read_jsonl` (the one reader of metrics and results files).
@@ -36,10 +37,11 @@ import torch
 from linglab import checkpoint as ckpt
 from linglab.config import to_toml
 from linglab.errors import LinglabError
+from linglab.tokenizer import FILE_NAME as TOKENIZER_NAME
+from linglab.tokenizer import copy_tokenizer_files
 
 CONFIG_TOML = "config.toml"
 METRICS_NAME = "metrics.jsonl"
-TOKENIZER_NAME = "tokenizer.json"
 FINAL_NAME = "final"
 
 
@@ -94,7 +96,7 @@ def releases_locks(job):
 
 
 class RunDir:
-    """One job's directory: config.toml, metrics.jsonl, tokenizer.json, checkpoints/step_NNNNNN/, final/.
+    """One job's directory: config.toml, metrics.jsonl, tokenizer(_config).json, checkpoints/step_NNNNNN/, final/.
 
     `command` names the subcommand in errors; `state_name` is the job-state file of each checkpoint, whose
     presence marks the checkpoint complete.
@@ -290,7 +292,7 @@ class RunDir:
 
     def save_checkpoint(self, step: int, model, tokenizer, state: dict, keep_last: int,
                         model_state: dict | None = None) -> Path:
-        """HF model files + tokenizer.json + the job state, written atomically; prunes all but the last `keep_last`.
+        """HF model files + the tokenizer files + the job state, written atomically; prunes all but the last `keep_last`.
 
         `model_state`: the full single-device state dict when `model` holds only shards (`ParallelDims.full_state`).
         """
@@ -358,9 +360,10 @@ def config_diff(a, b) -> list[tuple[str, object, object]]:
 
 
 def copy_model_files(src: Path, dst: Path) -> None:
-    """An HF checkpoint's config.json, model.safetensors and tokenizer.json from `src` into `dst`."""
-    for name in (ckpt.CONFIG_NAME, ckpt.WEIGHTS_NAME, TOKENIZER_NAME):
+    """An HF checkpoint's config.json, model.safetensors and tokenizer files from `src` into `dst`."""
+    for name in (ckpt.CONFIG_NAME, ckpt.WEIGHTS_NAME):
         shutil.copy2(src / name, dst / name)
+    copy_tokenizer_files(src, dst)
 
 
 # ---------------------------------------------------------------- RNGs, devices, the optimizer
