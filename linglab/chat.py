@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import json
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import jinja2
 import jinja2.ext
@@ -41,10 +41,18 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from linglab.errors import LinglabError
 
-if TYPE_CHECKING:
-    from linglab.tokenizer import Tokenizer
-
 MODES = ("instant", "thinking")
+
+
+class ChatTokenizer(Protocol):
+    """What rendering needs of a `linglab.tokenizer.Tokenizer` (a protocol, not an import: tokenizer.py imports this
+    module)."""
+
+    chat_template: str | None
+    template_source: str  # where the template came from, for errors
+    special_tokens: dict[str, str]  # eos_token, pad_token, ... as the template sees them
+
+
 _NO_TEMPLATE_FOR_THINKING = ("thinking mode needs a chat template; the tokenizer has none "
                              "(add chat_template to its tokenizer_config.json)")
 
@@ -139,7 +147,7 @@ def with_system_prompt(messages: list[dict], system_prompt: str) -> list[dict]:
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
-def render_prompt(tokenizer: Tokenizer, messages: list[dict], mode: str = "instant", system_prompt: str = "") -> str:
+def render_prompt(tokenizer: ChatTokenizer, messages: list[dict], mode: str = "instant", system_prompt: str = "") -> str:
     """The text the model continues from: the tokenizer's template with its generation prompt, in `mode`.
 
     Without a template the contents joined by newlines (a single user message renders as its content, the embedded
@@ -148,13 +156,13 @@ def render_prompt(tokenizer: Tokenizer, messages: list[dict], mode: str = "insta
     kwargs = mode_kwargs(mode)
     messages = with_system_prompt(messages, system_prompt)
     if tokenizer.chat_template is not None:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+        return render_template(tokenizer.chat_template, messages, True, **tokenizer.special_tokens, **kwargs)
     if mode == "thinking":
         raise LinglabError(_NO_TEMPLATE_FOR_THINKING)
     return "\n".join(m["content"] for m in messages)
 
 
-def render_conversation(tokenizer: Tokenizer, messages: list[dict], mode: str = "instant",
+def render_conversation(tokenizer: ChatTokenizer, messages: list[dict], mode: str = "instant",
                         system_prompt: str = "") -> list[tuple[str, bool]]:
     """The conversation as (text, is_assistant) pieces whose concatenation is its rendering without a generation
     prompt; SFT puts the loss on the is_assistant pieces (each reply and the end-of-turn marker that closes it).
