@@ -111,6 +111,8 @@ def _json_type(value) -> str:
         return "a boolean"
     if isinstance(value, int | float):
         return "a number"
+    if isinstance(value, str):
+        return "a string"
     if isinstance(value, list | tuple):
         return "an array"
     return "an object" if isinstance(value, dict) else type(value).__name__
