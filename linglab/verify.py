@@ -21,13 +21,14 @@
 
 Time limits. `verify` has none. `verify_batch` scores a batch in a forked child process and gives each item
 `timeout_s`: an item that overruns scores False and is counted, the child is killed and a new one forked for the
-rest. A process is the only sound choice: sympy can sit in one C call (a big-integer power such as
-\\boxed{9^{9^{9^{9}}}}) holding the GIL, which neither signal.setitimer (its handler runs between bytecodes, and
-only in the main thread) nor a watchdog thread can interrupt, and a kill always returns. Forking, rather than a
-spawned pool, needs no pickling or re-import and works from any thread (POSIX only). Its cost is one fork per
-call and one pipe message per item: 40-100 us per short numeric completion over a batch of 1000, against 10-20 us
-for `verify` itself (measured on 2 shared CPU cores; tests/test_verify.py holds it under 1 ms), so score a whole
-batch per call. math-verify's own timeouts (signal.alarm: main thread only, and it replaces the caller's
+rest. A process is the only sound choice: sympy can sit in one C call holding the GIL (on \\boxed{9^{9^{9^{9}}}}
+a 2 s SIGALRM had not interrupted it after 40 s), which neither signal.setitimer (its handler runs between
+bytecodes, and only in the main thread) nor a watchdog thread can interrupt; a kill always returns. Forking, rather
+than a spawned pool, needs no pickling or re-import and works from any thread (POSIX only); the child runs only
+the verifier and touches neither torch nor CUDA, which is what makes forking a trainer's process sound. The cost
+is one fork per call and one pipe message per item: 40-100 us per short numeric completion over a batch of 1000,
+against 10-20 us for `verify` itself (2 shared CPU cores; tests/test_verify.py holds it under 1 ms), so score a
+whole batch per call. math-verify's own timeouts (signal.alarm: main thread only, and it replaces the caller's
 SIGALRM handler) are turned off; the child's time limit replaces them.
 """
 
