@@ -9,6 +9,7 @@
     linglab sft --ckpt runs/tiny/pretrain/final --out runs/tiny-sft --rl.sft_steps=100   # optional SFT before RL
     linglab pipeline --preset tiny --out runs/tiny --overwrite --rl-seeds 3   # make run: pretrain -> RL -> report
     linglab plan --preset ling-mini-2.0 --stages 8      # heterogeneous pipeline partition (SPEC §7)
+    linglab tasks export --out tasks.jsonl              # the embedded tasks as a prompt file (SPEC §10)
 
 Config overrides go after the subcommand as `--section.key=value` (e.g. `--model.hidden_size=256`).
 User errors (bad key, missing file, wrong shape) print one line and exit with code 2.
@@ -395,6 +396,45 @@ def cmd_plan(args, overrides) -> None:
     print(format_comparison(uniform, planned, args.micro_batches, unit, f"pipeline plan for {args.preset}"))
 
 
+def _tier_list(text: str, command: str) -> list[int]:
+    """Comma-separated tier numbers ("1,2"; a repeat weights a tier), or a one-line error."""
+    from linglab.tasks import TIERS
+
+    try:
+        tiers = [int(t) for t in text.split(",")]
+    except ValueError:
+        tiers = []
+    if not tiers or not all(0 <= t < len(TIERS) for t in tiers):
+        raise LinglabError(f"{command}: --tiers must be comma-separated tiers in 0..{len(TIERS) - 1}, got {text!r}")
+    return tiers
+
+
+def cmd_tasks_export(args, overrides) -> None:
+    """The embedded tasks as a generic-shape JSONL prompt file (SPEC §10). The defaults are `linglab rl`'s own: the
+    train split is the prompt stream it trains on, the held-out split the problems it evaluates on, so `--rl.data`
+    (and `--rl.eval_data`) of the files reproduce the default run."""
+    from linglab.config import RLConfig
+    from linglab.datasets import embedded_prompt_set, write_jsonl
+    from linglab.rl.sft import EVAL_TIERS
+
+    command = "tasks export"
+    if overrides:
+        raise LinglabError(f"{command}: unexpected arguments {' '.join(overrides)}")
+    rl, train = RLConfig(), args.split == "train"
+    tiers = _tier_list(args.tiers, command) if args.tiers else list(rl.tiers if train else EVAL_TIERS)
+    n = _at_least(args.n, 1, "--n", command) if args.n is not None else (rl.train_problems if train else rl.eval_problems)
+    seed = rl.seed if args.seed is None else args.seed
+    out = Path(args.out)
+    if out.is_dir():
+        raise LinglabError(f"{command}: --out {out} is a directory, expected a .jsonl file")
+    if out.exists() and not args.overwrite:
+        raise LinglabError(f"{command}: {out} exists (pass --overwrite to replace it)")
+    prompts = embedded_prompt_set(tiers, seed, n_train=n if train else 0, n_heldout=0 if train else n)
+    examples = prompts.train if train else prompts.heldout
+    write_jsonl(examples, out)
+    print(f"wrote {len(examples)} {args.split} problems of tiers {','.join(map(str, tiers))} (seed {seed}) to {out}")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with linglab's one-line errors (exit code 2, no usage block); subparsers inherit the class."""
 
@@ -538,6 +578,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batches", type=int, default=32, help="micro-batches M for the step-time estimate")
     p.add_argument("--measured", action="store_true", help="time each unit kind on this machine instead of counting FLOPs")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("tasks", help="the embedded arithmetic tasks as prompt files (linglab.tasks, SPEC §10)")
+    tasks_sub = p.add_subparsers(dest="tasks_command", required=True)
+    s = tasks_sub.add_parser("export", help="write the embedded tasks as a generic-shape JSONL (default: the prompts "
+                             "linglab rl trains on)")
+    s.add_argument("--out", required=True, help="the .jsonl file to write")
+    s.add_argument("--split", choices=["train", "heldout"], default="train",
+                   help="train: the prompts linglab rl trains on; heldout: the problems it evaluates on (default train)")
+    s.add_argument("--tiers", help="comma-separated tiers, e.g. 1,2 (default: rl.tiers for train, every tier for heldout)")
+    s.add_argument("--n", type=int, help="problems (train, default rl.train_problems) or problems per tier (heldout, "
+                   "default rl.eval_problems)")
+    s.add_argument("--seed", type=int, help="the seed of the problems (default rl.seed)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    s.set_defaults(func=cmd_tasks_export)
     return parser
 
 

@@ -1,68 +1,18 @@
-"""The verifier and the Evo-CoT reward terms (SPEC §5)."""
-
-import time
+"""The Evo-CoT reward terms (SPEC §5); the verifiers themselves are tested in test_verify.py."""
 
 import pytest
 import torch
 
-from linglab.rl.rewards import evo_cot_length_reward, extract_final_answer, format_reward, parse_number, total_reward, verify
+from linglab.rl.rewards import evo_cot_length_reward, format_reward, total_reward, verify
 from linglab.tasks import generate_problems
 
 SCRATCHPAD = "47+58\n7+8+0=15\n4+5+1=10\nanswer: 105"
-
-
-@pytest.mark.parametrize("completion, answer", [
-    (SCRATCHPAD, "105"),
-    ("answer: 12.0", "12"),
-    ("answer: 24/2", "12"),
-    ("so it is \\boxed{12}", "12.0"),
-    ("answer: -7", "-7"),
-    ("answer: 1,000", "1000"),
-    ("answer: 1,234,567", "1234567.00"),
-    ("the result is \\boxed{\\frac{3}{4}}.", "0.75"),
-    ("answer: 3/4", "\\frac{3}{4}"),
-    ("answer: \\dfrac{\\frac{1}{2}}{2}", "0.25"),
-    ("answer: $2^{3} \\cdot 3$", "24"),
-    ("answer: 2+3*4", "14"),
-    ("so the total is 42.", "42"),
-    ("we get -5 in the end", "-5"),
-    ("Answer: 105 ", "105"),
-    ("\\boxed{3}\nanswer: 4", "4"),
-    ("answer: Paris", "paris"),
-])
-def test_verify_accepts_equivalent_answers(completion, answer):
-    assert verify(completion, answer)
-
-
-@pytest.mark.parametrize("completion, answer", [
-    (SCRATCHPAD, "104"),
-    ("answer: 7", "-7"),
-    ("answer: 1,00", "100"),
-    ("answer: 105 apples", "105"),
-    ("no number here", "0"),
-    ("", "0"),
-    ("answer: 1/0", "0"),
-    ("answer: 0.33", "1/3"),
-    ("12-5", "-5"),
-    ("answer: banana", "42"),
-])
-def test_verify_rejects(completion, answer):
-    assert not verify(completion, answer)
 
 
 def test_verify_agrees_with_the_tasks_on_worked_solutions():
     for problem in generate_problems(50, tiers=(0, 1, 2), seed=0, split="train"):
         assert verify(problem.solution, problem.answer)
         assert format_reward(problem.solution) == 0.0
-
-
-def test_extraction_order_and_huge_powers_are_refused_quickly():
-    assert extract_final_answer("\\boxed{\\frac{1}{2}} then 7") == "\\frac{1}{2}"
-    assert extract_final_answer("answer: 3\nanswer: 5\n") == "5"
-    start = time.perf_counter()
-    assert parse_number("9^9^9") is None and parse_number("(2**64)**64") is None
-    assert time.perf_counter() - start < 1.0
-    assert parse_number("-3.25") == pytest.approx(-3.25)
 
 
 @pytest.mark.parametrize("completion, instant, reward", [
