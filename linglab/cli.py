@@ -6,7 +6,9 @@
     linglab export --ckpt ckpt/tiny --out ckpt/tiny-fp8 --fp8   # the HF FP8 format (SPEC §1.6)
     linglab scaling sweep --out runs/scaling --dry-run  # scaling-law sweep, fit, suggest (SPEC §4; linglab.scaling)
     linglab rl --ckpt runs/tiny/pretrain/final --out runs/tiny-rl --rl.algo=lpo   # RL post-training (SPEC §5)
+    linglab rl --ckpt CKPT --out runs/rl --data gsm8k.jsonl --rl.algo=lpo      # ... on your own prompt file (SPEC §10)
     linglab sft --ckpt runs/tiny/pretrain/final --out runs/tiny-sft --rl.sft_steps=100   # optional SFT before RL
+    linglab eval --ckpt A --ckpt B --data test.jsonl --verifier math --out runs/eval    # greedy, pass@k, ApexEval
     linglab pipeline --preset tiny --out runs/tiny --overwrite --rl-seeds 3   # make run: pretrain -> RL -> report
     linglab plan --preset ling-mini-2.0 --stages 8      # heterogeneous pipeline partition (SPEC §7)
     linglab tasks export --out tasks.jsonl              # the embedded tasks as a prompt file (SPEC §10)
@@ -229,8 +231,37 @@ def cmd_generate(args, overrides) -> None:
 
 
 def cmd_eval(args, overrides) -> None:
-    """Held-out loss and greedy exact match per tier of a checkpoint, on the embedded tasks: the evaluation a training
-    run ends with (`evals.evaluate_run`), on the held-out problems of the run's data.seed (--json: also a file)."""
+    """With --data (or eval.data): greedy accuracy, pass@k and ApexEval of one or more checkpoints on a prompt file
+    (`evals.evaluate_checkpoints`, SPEC §6). Without: held-out loss and greedy exact match per tier of one checkpoint
+    on the embedded tasks, the evaluation a training run ends with (`evals.evaluate_run`; --json: also a file)."""
+    from linglab.config import load_config
+
+    flags = _data_overrides(args, "eval")
+    if args.samples is not None:
+        flags.append(f"--eval.samples={args.samples}")
+    if args.ks is not None:
+        flags.append(f"--eval.ks={args.ks}")
+    if args.problems is not None:
+        flags.append(f"--eval.problems={args.problems}")
+    cfg = load_config(preset=None, path=args.config, overrides=overrides + flags).eval
+    if cfg.data:
+        if args.json:
+            raise LinglabError("eval: --json is for the embedded held-out evaluation; with --data, --out DIR gets a "
+                               "JSON per checkpoint and summary.json")
+        from linglab.evals import evaluate_checkpoints
+
+        evaluate_checkpoints(cfg, args.ckpt, args.out, overwrite=args.overwrite, resume=args.resume,
+                             command=args.command_line)
+        return
+    data_only = [f for f in flags if not f.startswith("--eval.problems=")]
+    if len(args.ckpt) != 1 or overrides or data_only or args.config or args.out or args.resume:
+        raise LinglabError("eval: without --data, eval takes one --ckpt and --problems/--data-seed/--seq-len/--json "
+                           "(the embedded held-out evaluation); the other options need --data FILE")
+    args.ckpt = args.ckpt[0]
+    _embedded_eval(args)
+
+
+def _embedded_eval(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -241,8 +272,7 @@ def cmd_eval(args, overrides) -> None:
     from linglab.tasks import TIERS, heldout_problems
     from linglab.tokenizer import load_tokenizer
 
-    if overrides:
-        raise LinglabError(f"eval: unexpected arguments {' '.join(overrides)}")
+    args.problems = 100 if args.problems is None else args.problems
     _at_least(args.problems, 1, "--problems", "eval")
     if args.json:
         json_path, ckpt_dir = Path(args.json).resolve(), Path(args.ckpt).resolve()
@@ -362,11 +392,24 @@ def cmd_scaling_suggest(args, overrides) -> None:
               f"train it with: linglab train --config {args.out}")
 
 
+# The prompt-set flags of rl, sft and eval: each is the config key `<section>.<key>` (SPEC §10; linglab.datasets).
+DATA_FLAGS = (("data", "data"), ("eval_data", "eval_data"), ("format", "data_format"), ("verifier", "verifier"),
+              ("mode", "mode"), ("system_prompt", "system_prompt"), ("variants", "variants"))
+
+
+def _data_overrides(args, section: str) -> list[str]:
+    """The prompt-set flags given, as `--section.key=value` overrides (so they land in config.toml and a resume
+    checks them like any other key)."""
+    found = [f"--{section}.{key}={getattr(args, flag)}" for flag, key in DATA_FLAGS
+             if getattr(args, flag, None) is not None]
+    return found + ([f"--{section}.skip_bad_rows=true"] if getattr(args, "skip_bad_rows", False) else [])
+
+
 def cmd_rl(args, overrides) -> None:
     """RL post-training from a checkpoint (SPEC §5): rollouts, rewards, the policy loss, before/after evaluation."""
     from linglab.rl.trainer import run_rl
 
-    cfg = _run_cfg(args, overrides, Path(args.out), "rl")
+    cfg = _run_cfg(args, overrides + _data_overrides(args, "rl"), Path(args.out), "rl")
     run_rl(cfg, args.ckpt, args.out, resume=args.resume, overwrite=args.overwrite, command=args.command_line)
 
 
@@ -374,8 +417,8 @@ def cmd_sft(args, overrides) -> None:
     """Supervised fine-tuning on worked solutions, written as an HF checkpoint (the optional stage before RL)."""
     from linglab.rl.sft import run_sft
 
-    cfg = _load_cfg(args, overrides)
-    run_sft(cfg, args.ckpt, args.out, overwrite=args.overwrite, command=args.command_line)
+    cfg = _run_cfg(args, overrides + _data_overrides(args, "rl"), Path(args.out), "sft")
+    run_sft(cfg, args.ckpt, args.out, resume=args.resume, overwrite=args.overwrite, command=args.command_line)
 
 
 def cmd_pipeline(args, overrides) -> None:
@@ -446,7 +489,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from linglab.config import PRESETS
+    from linglab.config import CHAT_MODES, DATA_FORMATS, PRESETS, VERIFIER_KINDS
 
     parser = _Parser(prog="linglab", description="The Ling 2.0 recipe in readable PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -456,6 +499,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "run's own config.toml)")
         p.add_argument("--config", help="TOML file applied over the preset ([section] tables of keys)")
         p.epilog = OVERRIDES_HELP
+
+    def add_data_args(p, section: str):
+        """The prompt-set flags (SPEC §10), each a shortcut for the config key named in its help."""
+        p.add_argument("--data", help=f"prompt file or directory: JSONL/Parquet rows of GSM8K, MATH, generic or chat "
+                       f"shape ({section}.data; default: the embedded tiers)")
+        if section == "rl":
+            p.add_argument("--eval-data", help="held-out prompt file (rl.eval_data; default: a stable-hash split of --data)")
+        p.add_argument("--format", choices=DATA_FORMATS, help=f"row shape ({section}.data_format; default auto)")
+        p.add_argument("--verifier", choices=VERIFIER_KINDS, help=f"answer checker ({section}.verifier; default auto: "
+                       "math for MATH rows, else numeric)")
+        p.add_argument("--mode", choices=CHAT_MODES, help=f"chat template mode ({section}.mode; default instant)")
+        p.add_argument("--system-prompt", help=f"system message before every prompt ({section}.system_prompt)")
+        p.add_argument("--variants", help=f"ApexEval prompt variants, a JSONL file ({section}.variants)")
+        p.add_argument("--skip-bad-rows", action="store_true", help=f"skip malformed rows, counted in the report "
+                       f"({section}.skip_bad_rows; default: stop at the first with its file and line)")
 
     p = sub.add_parser("params", help="print total, active and non-embedding active parameters")
     add_config_args(p)
@@ -509,14 +567,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="do not append a newline to the prompt")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="held-out loss and exact match per difficulty tier of a checkpoint")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory with tokenizer.json")
-    p.add_argument("--problems", type=int, default=100, help="held-out problems per tier (default 100)")
+    p = sub.add_parser("eval", help="checkpoints on a prompt file: greedy, pass@k, ApexEval (--data); without --data, "
+                       "held-out loss and exact match per tier of one checkpoint")
+    p.add_argument("--config", help="TOML file with an [eval] table (the eval.* keys)")
+    p.add_argument("--ckpt", required=True, action="append", help="checkpoint directory with tokenizer.json "
+                   "(repeat to compare checkpoints, with --data)")
+    add_data_args(p, "eval")
+    p.add_argument("--samples", type=int, help="with --data: samples per question for pass@k and ApexEval (default 8)")
+    p.add_argument("--ks", help="with --data: k of pass@k, e.g. 1,4,8 (ApexEval uses the largest)")
+    p.add_argument("--out", help="with --data: directory for one JSON per checkpoint and summary.json")
+    p.add_argument("--resume", action="store_true", help="with --data --out: keep the checkpoints already evaluated")
+    p.add_argument("--problems", type=int, help="held-out problems per tier (default 100); with --data, questions per "
+                   "subset (default all)")
     p.add_argument("--data-seed", type=int, default=0, help="data.seed of the training run (default 0)")
     p.add_argument("--seq-len", type=int, default=128, help="data.seq_len of the training run (default 128)")
     p.add_argument("--json", help="also write the results to this JSON file (heldout_loss, tiers: accuracy, n, "
                    "heldout_loss per tier)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file or --out directory")
+    p.epilog = "with --data, also [eval] keys as --eval.key=value, e.g. --eval.max_new_tokens=512"
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("scaling", help="scaling-law sweep, fits and suggested configs (SPEC §4)")
@@ -549,14 +617,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--ckpt", help="HF checkpoint directory with tokenizer.json to start from (not needed with --resume)")
     p.add_argument("--out", required=True, help="run directory")
+    add_data_args(p, "rl")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start over")
     p.set_defaults(func=cmd_rl)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on worked solutions (rl.sft_* keys), before RL")
     add_config_args(p)
-    p.add_argument("--ckpt", required=True, help="HF checkpoint directory with tokenizer.json to start from")
+    p.add_argument("--ckpt", help="HF checkpoint directory with tokenizer.json to start from (not needed with --resume)")
     p.add_argument("--out", required=True, help="directory for the fine-tuned HF checkpoint and its metrics")
+    add_data_args(p, "rl")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing --out first")
     p.set_defaults(func=cmd_sft)
 

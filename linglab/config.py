@@ -6,7 +6,7 @@ every section and raises `ConfigError` with one line naming the key and what is 
 
     cfg = load_config(preset="tiny", overrides=["--model.hidden_size=256"])
 
-Sections: [model], [data], [train], [fp8], [rl] and [parallel] (the ranks of a `torchrun` launch: `dp` and `ep`,
+Sections: [model], [data], [train], [fp8], [rl], [eval] and [parallel] (the ranks of a `torchrun` launch: `dp` and `ep`,
 with dp * ep = the number of ranks, or pipeline parallel alone with `pp` ranks; see ParallelConfig).
 
 Presets: `tiny` (the CPU default), `small` (hidden 512, for benchmarks) and the exact released shapes
@@ -23,7 +23,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from linglab.chat import MODES
+from linglab.datasets import FORMATS
 from linglab.errors import LinglabError
+from linglab.verify import VERIFIERS
 
 
 class ConfigError(LinglabError):
@@ -243,9 +246,9 @@ class ParallelConfig:
                "parallel is not built yet; use pp alone (dp = ep = 1)")
 
 
-DATA_FORMATS = ("auto", "gsm8k", "math", "generic", "chat")  # SPEC §10 shapes (linglab.datasets)
-VERIFIER_KINDS = ("auto", "numeric", "math", "choice", "exact")  # linglab.verify; auto = math for MATH rows, else numeric
-CHAT_MODES = ("instant", "thinking")  # passed to the chat template; the Evo-CoT format term reads it (SPEC §5)
+DATA_FORMATS = FORMATS  # SPEC §10 row shapes
+VERIFIER_KINDS = ("auto", *VERIFIERS)  # auto = math for MATH rows, else numeric (verify.default_verifier)
+CHAT_MODES = MODES  # passed to the chat template; the Evo-CoT format term reads it (SPEC §5)
 
 
 @dataclass
@@ -262,6 +265,7 @@ class PromptDataConfig:
     verifier: str = "auto"  # auto | numeric | math | choice | exact
     mode: str = "instant"  # instant | thinking, for chat templates with a thinking switch
     system_prompt: str = ""  # a system message put before every prompt ("" = none)
+    variants: str = ""  # ApexEval prompt variants, a JSONL file ("" = the defaults, see linglab.evals)
 
     def fields(self) -> dict[str, str]:
         """The field-name overrides given, for `datasets.read_examples(fields=...)`."""
@@ -371,6 +375,28 @@ class RLConfig(PromptDataConfig):
 
 
 @dataclass
+class EvalConfig(PromptDataConfig):
+    """`linglab eval --data FILE` (SPEC §6): greedy accuracy, unbiased pass@k and ApexEval of checkpoints on a prompt
+    file, every row of which is a test question (no split)."""
+
+    problems: int = 0  # questions per subset, the first ones in file order (0 = all)
+    samples: int = 8  # samples per question (n) for pass@k and ApexEval
+    ks: list[int] = field(default_factory=lambda: [1, 4, 8])  # k of pass@k; ApexEval uses the largest
+    temperature: float = 1.0  # sampling temperature of pass@k and ApexEval (greedy accuracy uses 0)
+    max_new_tokens: int = 256  # completion length limit
+    seed: int = 0
+
+    def validate(self) -> None:
+        self.validate_data("eval")
+        for name in ("samples", "max_new_tokens"):
+            _check(getattr(self, name) >= 1, f"eval.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.problems >= 0, "eval.problems", f"must be >= 0, got {self.problems}")
+        _check(self.temperature > 0, "eval.temperature", "must be > 0 (pass@k needs sampled completions)")
+        _check(len(self.ks) >= 1 and all(1 <= k <= self.samples for k in self.ks), "eval.ks",
+               f"must be a non-empty list of k in [1, samples={self.samples}], got {self.ks}")
+
+
+@dataclass
 class Config:
     """The whole tree; every component gets only its own section."""
 
@@ -379,6 +405,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     fp8: FP8Config = field(default_factory=FP8Config)
     rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:

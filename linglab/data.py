@@ -225,6 +225,19 @@ class PackedDataset:
         return cls.from_stream(tokens, mask, seq_len, doc_starts=first_of_prompt)
 
     @classmethod
+    def from_conversations(cls, conversations: Sequence[Sequence[tuple[str, bool]]], tokenizer: Tokenizer,
+                           seq_len: int) -> PackedDataset:
+        """Pack rendered conversations (`chat.render_conversation`: (text, is_assistant) pieces whose texts end each
+        turn as the chat template does, EOS included); the loss covers the assistant pieces only (SFT)."""
+        flat = [piece for conversation in conversations for piece in conversation]
+        encoded = tokenizer.encode_batch([text for text, _ in flat])
+        tokens, mask = _stream(encoded, [int(is_assistant) for _, is_assistant in flat])
+        firsts = [int(i == 0) for conversation in conversations for i in range(len(conversation))]
+        _, starts = _stream(encoded, firsts)
+        first_of_conversation = starts & np.concatenate([[True], ~starts[:-1]])
+        return cls.from_stream(tokens, mask, seq_len, doc_starts=first_of_conversation)
+
+    @classmethod
     def from_texts(cls, texts: Sequence[str], tokenizer: Tokenizer, seq_len: int) -> PackedDataset:
         """Pack plain-text documents, each followed by EOS, with the loss on every token."""
         tokens = text_token_stream(texts, tokenizer)

@@ -248,7 +248,7 @@ class RunDir:
                 if key == "train.max_steps" and cfg.train.schedule != "wsm":
                     raise LinglabError(f"{self.command}: --resume cannot change train.max_steps ({old} -> {new}) of a "
                                        "WSD run: its decay is a fraction of max_steps (a WSM run can be extended)")
-            elif not (key in RESUME_SAFE or key.startswith("parallel.")):
+            elif not (key in RESUME_SAFE or key.startswith(("parallel.", "eval."))):
                 raise LinglabError(f"{self.command}: --resume cannot change {key} ({old!r} -> {new!r}): it changes what "
                                    f"{self.path} was trained with (start a new run, or resume without it)")
         return changes
@@ -345,7 +345,8 @@ class RunDir:
 
 
 # What a resumed run may change (`RunDir.resume_changes`): how often it logs, evaluates and checkpoints, where it runs
-# and on how many ranks (checkpoints are layout-agnostic). Everything else changes what was trained.
+# and on how many ranks (checkpoints are layout-agnostic), and the [eval] section of `linglab eval`. Everything else
+# changes what was trained.
 RESUME_SAFE = frozenset({
     "train.log_every", "train.eval_every", "train.eval_problems", "train.ckpt_every", "train.keep_last",
     "train.load_every", "train.num_samples", "train.max_bad_steps", "train.device", "fp8.monitor_every",

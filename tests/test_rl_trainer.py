@@ -10,9 +10,11 @@ from conftest import tiny_config
 from linglab import evals
 from linglab.checkpoint import from_pretrained, save_pretrained
 from linglab.config import ConfigError, load_config
+from linglab.datasets import example_from_problem
 from linglab.errors import LinglabError
 from linglab.generate import GenerationResult
 from linglab.model import build_model
+from linglab.rl.sft import load_prompts
 from linglab.rl.trainer import STATE_NAME, RLTrainer, run_rl
 from linglab.run import RunDir
 from linglab.tasks import generate_problems, iter_corpus_texts
@@ -51,7 +53,8 @@ def rl_config(**rl):
 def trainer_for(start, run_dir, **rl):
     run_dir.mkdir()
     model, tok = from_pretrained(start), load_tokenizer(start / "tokenizer.json")
-    return RLTrainer(rl_config(**rl).rl, RunDir(run_dir, "rl", STATE_NAME), model, from_pretrained(start), tok,
+    cfg = rl_config(**rl).rl
+    return RLTrainer(cfg, RunDir(run_dir, "rl", STATE_NAME), model, from_pretrained(start), tok, load_prompts(cfg),
                      log=lambda *a: None)
 
 
@@ -122,8 +125,10 @@ def test_sft_then_rl_writes_the_before_after_evaluation_and_report(start, tmp_pa
 def test_pass_at_k_and_apex_take_the_best_prompt_variant(start, monkeypatch):
     model, tok = from_pretrained(start), load_tokenizer(start / "tokenizer.json")
     problems = generate_problems(3, [0], seed=0, split="heldout") + generate_problems(3, [1], seed=0, split="heldout")
-    answers = {tuple(tok.encode(evals.PROMPT_VARIANTS["question"](p))): p.answer for p in problems}
-    assert evals.PROMPT_VARIANTS["question"](problems[0]).startswith("What is ")
+    examples = [example_from_problem(p) for p in problems]
+    question = evals.EMBEDDED_VARIANTS[1]
+    answers = {tuple(tok.encode(question.prompt(tok, e))): e.answer for e in examples}
+    assert question.name == "question" and question.prompt(tok, examples[0]).startswith("What is ")
 
     def fake_generate(model, prompts, max_new_tokens, eos_id, temperature, seed):
         # Only the "question" variant is answered, and right in every other sample.
@@ -132,14 +137,17 @@ def test_pass_at_k_and_apex_take_the_best_prompt_variant(start, monkeypatch):
         return GenerationResult([tok.encode(t) for t in texts], [[] for _ in texts], [True] * len(texts))
 
     monkeypatch.setattr(evals, "generate", fake_generate)
-    apex = evals.apex_eval(model, tok, problems, n=4, k=2)
+    result = evals.policy_eval(model, tok, examples, n=4, ks=[1, 2], kind="numeric")
+    assert set(result["subsets"]) == {"easy", "medium"}
+    pooled = evals.overall(result["subsets"])
+    apex = pooled["apex"]
     assert apex["best_variant"] == "question" and apex["variants"]["plain"] == 0.0
     assert apex["apex"] == pytest.approx(1 - 1 / 6) and all(apex["apex"] >= v for v in apex["variants"].values())
-    by_tier = evals.sample_pass_at_k(model, tok, problems, n=4, ks=[1, 4])
-    assert set(by_tier) == {"easy", "medium"} and all(v == 0.0 for t in by_tier.values() for v in t.values())
+    # greedy accuracy and pass@k read the first variant, "plain", which is never answered
+    assert all(s[k] == 0.0 for s in result["subsets"].values() for k in ("greedy_accuracy", "pass@1", "pass@2"))
     monkeypatch.undo()
-    sampled = evals.sample_pass_at_k(model, tok, problems, n=2, ks=[1, 2])
-    assert all(0 <= v <= 1 for t in sampled.values() for v in t.values())
+    sampled = evals.policy_eval(model, tok, examples, n=2, ks=[1, 2], kind="numeric")["subsets"]
+    assert all(0 <= t[k] <= 1 for t in sampled.values() for k in ("pass@1", "pass@2", "greedy_accuracy"))
 
 
 def test_bad_input_is_one_line_before_anything_is_written(start, tmp_path):

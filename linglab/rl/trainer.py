@@ -30,6 +30,7 @@ pool), `final/`, `rl_eval.json` (greedy accuracy, pass@k and ApexEval per tier, 
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from dataclasses import dataclass
@@ -41,58 +42,94 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from linglab import checkpoint
+from linglab.chat import render_prompt
 from linglab.config import Config, RLConfig
+from linglab.datasets import Example, PromptSet
 from linglab.errors import LinglabError
+from linglab.evals import first_per_subset
 from linglab.model import LingForCausalLM
 from linglab.rl import losses
-from linglab.rl.rewards import evo_cot_length_reward, format_reward, verify
+from linglab.rl.rewards import evo_cot_length_reward, format_reward
 from linglab.rl.rollout import Rollout, RolloutEngine, RolloutGroup, RolloutPool
-from linglab.rl.sft import check_start_checkpoint, evaluate_policy, load_start, sft
+from linglab.rl.sft import (
+    check_prompt_lengths,
+    check_start_checkpoint,
+    eval_variants,
+    evaluate_policy,
+    load_prompts,
+    load_start,
+    sft,
+    sft_examples,
+    verifier_kind,
+)
 from linglab.run import RunDir, build_adamw, releases_locks, resolve_device, rng_state, seed_everything, set_rng_state
-from linglab.tasks import TIERS, Problem, generate_problem, is_heldout
 from linglab.tokenizer import Tokenizer
+from linglab.verify import verify_batch
 
 STATE_NAME = "rl_state.pt"
 START_NAME = "rl_start"
 
 
-class ProblemStream:
-    """Train-split problems of `tiers`, round-robin, from one seeded RNG; resumable from `state_dict()`."""
+class PromptStream:
+    """The train prompts of a prompt set, each epoch in a new order drawn from one seeded RNG; resumable from
+    `state_dict()`, which also holds a fingerprint of the prompts so a resume on a changed file is refused."""
 
-    def __init__(self, tiers: list[int], seed: int):
-        self.tiers, self.rng, self.count = list(tiers), random.Random(seed), 0
+    def __init__(self, examples: list[Example], seed: int):
+        if not examples:
+            raise LinglabError("rl: the prompt set has no train prompts")
+        self.examples, self.rng = list(examples), random.Random(seed)
+        self.epoch, self.position = 0, 0
+        self.order = self._shuffled()
 
-    def next(self, n: int) -> list[Problem]:
+    def _shuffled(self) -> list[int]:
+        order = list(range(len(self.examples)))
+        self.rng.shuffle(order)
+        return order
+
+    def next(self, n: int) -> list[Example]:
         out = []
         while len(out) < n:
-            problem = generate_problem(self.rng, self.tiers[self.count % len(self.tiers)])
-            if not is_heldout(problem):
-                out.append(problem)
-                self.count += 1
+            if self.position == len(self.order):
+                self.epoch, self.position, self.order = self.epoch + 1, 0, self._shuffled()
+            out.append(self.examples[self.order[self.position]])
+            self.position += 1
         return out
 
+    def fingerprint(self) -> str:
+        digest = hashlib.blake2b(digest_size=16)
+        for e in self.examples:
+            digest.update(repr((e.messages, e.answer)).encode())
+        return digest.hexdigest()
+
     def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate(), "count": self.count}
+        return {"rng": self.rng.getstate(), "order": self.order, "position": self.position, "epoch": self.epoch,
+                "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
+        if state["fingerprint"] != self.fingerprint():
+            raise LinglabError("rl: the train prompts differ from those the run was started with (was rl.data edited?); "
+                               "start a new run")
         self.rng.setstate(state["rng"])
-        self.count = state["count"]
+        self.order, self.position, self.epoch = list(state["order"]), state["position"], state["epoch"]
 
 
 # ---------------------------------------------------------------- rewards, batches, losses
 
 
-def rollout_rewards(cfg: RLConfig, completions: list[str], answers: list[str], lengths: Tensor) -> tuple[Tensor, Tensor]:
-    """(reward [B], correct [B]) of SPEC §5: correctness + alpha * Evo-CoT length term + format term + DAPO overlong."""
-    correct = torch.tensor([verify(c, a) for c, a in zip(completions, answers, strict=True)], dtype=torch.bool)
+def rollout_rewards(cfg: RLConfig, completions: list[str], answers: list[str], lengths: Tensor,
+                    kind: str = "numeric") -> tuple[Tensor, Tensor, dict[str, int]]:
+    """(reward [B], correct [B], verifier problem counts) of SPEC §5: correctness (`verify.verify_batch` of `kind`)
+    + alpha * Evo-CoT length term + format term (read in `rl.mode`) + DAPO overlong."""
+    verdicts, problems = verify_batch(completions, answers, kind)
+    correct = torch.tensor(verdicts, dtype=torch.bool)
     reward = correct.float()
     if cfg.length_alpha > 0:
         reward = reward + evo_cot_length_reward(lengths, correct, cfg.group_size, cfg.length_alpha)
     if cfg.format_reward:
-        reward = reward + torch.tensor([format_reward(c) for c in completions])
+        reward = reward + torch.tensor([format_reward(c, instant=cfg.mode == "instant") for c in completions])
     if cfg.dapo_overlong_cache > 0:
         reward = reward + losses.overlong_penalty(lengths, cfg.max_new_tokens, cfg.dapo_overlong_cache)
-    return reward, correct
+    return reward, correct, problems
 
 
 @dataclass
@@ -210,7 +247,7 @@ class RLTrainer:
     """
 
     def __init__(self, cfg: RLConfig, run: RunDir, model: LingForCausalLM, reference: LingForCausalLM,
-                 tokenizer: Tokenizer, log=print):
+                 tokenizer: Tokenizer, prompts: PromptSet, log=print):
         self.cfg, self.run, self.model, self.tokenizer, self.log = cfg, run, model, tokenizer, log
         self.reference = reference.eval().requires_grad_(False)
         self.device = model.lm_head.weight.device
@@ -219,7 +256,8 @@ class RLTrainer:
         self.pool = (RolloutPool(cfg.c3po_capacity, cfg.c3po_budget, cfg.c3po_max_retention, cfg.group_size)
                      if cfg.c3po else None)
         self.optimizer = build_adamw(model.parameters(), cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
-        self.problems = ProblemStream(cfg.tiers, cfg.seed)
+        self.prompts = PromptStream(prompts.train, cfg.seed)
+        self.verifier = verifier_kind(cfg, prompts)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)  # samples where the engine runs
         self.step = 0
         self.counters = {"tokens_generated": 0, "elapsed": 0.0}
@@ -230,7 +268,7 @@ class RLTrainer:
     def save(self) -> Path:
         """HF checkpoint + rl_state.pt, written atomically; prunes all but the last `keep_last`."""
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
-                 "generator": self.generator.get_state(), "problems": self.problems.state_dict(),
+                 "generator": self.generator.get_state(), "prompts": self.prompts.state_dict(),
                  "pool": None if self.pool is None else self.pool.state_dict(), "engine_version": self.engine.version,
                  "counters": dict(self.counters)}
         return self.run.save_checkpoint(self.step, self.model, self.tokenizer, state, self.cfg.keep_last)
@@ -255,7 +293,7 @@ class RLTrainer:
             raise LinglabError(f"rl: {path} was written with rl.c3po={pool is not None}; resume with the same")
         self.step, self.engine.version = state["step"], state["engine_version"]
         self.generator.set_state(state["generator"])
-        self.problems.load_state_dict(state["problems"])
+        self.prompts.load_state_dict(state["prompts"])
         if self.pool is not None:
             self.pool.load_state_dict(pool)
         self.counters.update(state["counters"])
@@ -263,9 +301,11 @@ class RLTrainer:
 
     # -- one step: collect, score, update
 
-    def _new_prompts(self, n: int) -> list[tuple[list[int], Problem]]:
-        problems = self.problems.next(n)
-        return list(zip(self.tokenizer.encode_batch([p.prompt for p in problems]), problems))
+    def _new_prompts(self, n: int) -> list[tuple[list[int], Example]]:
+        """n (prompt ids, example) pairs: the next examples of the stream through the chat template (`rl.mode`)."""
+        examples = self.prompts.next(n)
+        texts = [render_prompt(self.tokenizer, e.chat(), self.cfg.mode, self.cfg.system_prompt) for e in examples]
+        return list(zip(self.tokenizer.encode_batch(texts), examples))
 
     def collect(self) -> tuple[list[RolloutGroup], dict]:
         """Sync the engine to the trainer's weights, then this step's groups: C3PO++ from the pool, or
@@ -289,8 +329,9 @@ class RLTrainer:
         rollouts = [r for g in groups for r in g.rollouts]
         completions = [self.tokenizer.decode(r.tokens) for r in rollouts]
         lengths = torch.tensor([len(r.tokens) for r in rollouts])
-        rewards, correct = rollout_rewards(cfg, completions, [g.payload.answer for g in groups for _ in g.rollouts],
-                                           lengths)
+        rewards, correct, problems = rollout_rewards(cfg, completions,
+                                                     [g.payload.answer for g in groups for _ in g.rollouts], lengths,
+                                                     self.verifier)
         keep = (losses.dapo_keep_groups(rewards, cfg.group_size) if cfg.algo == "dapo"
                 else torch.ones(len(rollouts), dtype=torch.bool))
         batch = rollout_batch(rollouts, self.tokenizer.pad_id,
@@ -299,7 +340,7 @@ class RLTrainer:
         old_logp, entropy = policy_logprobs(model, batch, cfg.temperature, with_entropy=True)
         ref_logp, _ = policy_logprobs(self.reference, batch, cfg.temperature)  # also logged when kl_coef = 0
         mismatch = losses.mismatch_stats(old_logp, batch.infer_logp, batch.mask, cfg.icepop_alpha, cfg.icepop_beta)
-        tiers = [TIERS[g.payload.tier].name for g in groups for _ in g.rollouts]
+        tiers = [g.payload.subset for g in groups for _ in g.rollouts]
         row = {"reward": rewards.mean().item(), "accuracy": correct.float().mean().item(),
                "accuracy_by_tier": {t: float(np.mean([c for c, tt in zip(correct.tolist(), tiers) if tt == t]))
                                     for t in dict.fromkeys(tiers)},
@@ -309,7 +350,7 @@ class RLTrainer:
                "kl": losses.k3_kl(old_logp, ref_logp, batch.mask).item(),
                "mask_fraction": mismatch["icepop_mask_fraction"], "mean_abs_logdiff": mismatch["mean_abs_logdiff"],
                "max_abs_logdiff": mismatch["max_abs_logdiff"], "groups": len(groups),
-               "groups_trained": int(keep.sum()) // cfg.group_size}
+               "groups_trained": int(keep.sum()) // cfg.group_size, **problems}
         return ScoredRollouts(rewards, keep, batch, old_logp, ref_logp, row)
 
     def update(self, scored: ScoredRollouts) -> dict:
@@ -387,7 +428,8 @@ def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool =
     console = console or Console()
     run = RunDir(out, "rl", STATE_NAME)
     start_dir = run.path / START_NAME
-    # Everything is read and checked before --out is touched: the start checkpoint, the device, --out itself.
+    # Everything is read and checked before --out is touched: the start checkpoint, the device, the prompt set and its
+    # variants, --out itself.
     if not resume:
         if ckpt is None:
             raise LinglabError("rl: --ckpt is required to start a run")
@@ -402,30 +444,37 @@ def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool =
         changes = run.resume_changes(cfg)
     source = start_dir if resume else Path(ckpt)
     model, tokenizer = load_start(source, device, "rl")
+    prompts = load_prompts(rl)
+    eval_variants(rl, prompts)
+    check_prompt_lengths(prompts.train + first_per_subset(prompts.heldout, rl.eval_problems), tokenizer, rl,
+                         model.cfg.max_position_embeddings, "rl")
+    examples = sft_examples(rl, prompts) if rl.sft_steps and not resume else []
+    if prompts.skipped:
+        console.print(f"[yellow]skipped {prompts.skipped} malformed row(s) of {rl.data}, e.g. {prompts.skipped_reasons[0]}")
     seed_everything(rl.seed)
 
     run.begin(resume, overwrite)
     try:
         if not resume:
             run.write_config(cfg)
-            tokenizer.save(run.path / "tokenizer.json")
+            tokenizer.save(run.path)
             run.metrics_path.write_text("")
             if rl.eval_problems:
                 console.print(f"evaluating {source} before RL")
-                run.append_metrics(evaluate_policy(model, tokenizer, rl, "before", 0))
+                run.append_metrics(evaluate_policy(model, tokenizer, rl, prompts, "before", 0))
             if rl.sft_steps:
-                console.print(f"SFT: {rl.sft_steps} steps on worked solutions of tiers {rl.tiers}")
-                sft(model, tokenizer, rl, run.append_metrics)
+                console.print(f"SFT: {rl.sft_steps} steps on {len(examples)} worked solutions")
+                sft(model, tokenizer, rl, examples, run.append_metrics)
                 if rl.eval_problems:
-                    run.append_metrics(evaluate_policy(model, tokenizer, rl, "sft", 0))
+                    run.append_metrics(evaluate_policy(model, tokenizer, rl, prompts, "sft", 0))
 
             def write_start(tmp: Path) -> None:
                 checkpoint.write_model_files(model, tmp)
-                tokenizer.save(tmp / "tokenizer.json")
+                tokenizer.save(tmp)
 
             checkpoint.write_atomically(start_dir, write_start)
 
-        trainer = RLTrainer(rl, run, model, checkpoint.from_pretrained(start_dir, device=device), tokenizer,
+        trainer = RLTrainer(rl, run, model, checkpoint.from_pretrained(start_dir, device=device), tokenizer, prompts,
                             log=console.print)
         if resume:
             resumed_from = trainer.resume()
@@ -445,12 +494,15 @@ def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool =
 
     run.finalize()
     if rl.eval_problems:
-        run.append_metrics(evaluate_policy(model, tokenizer, rl, "after", trainer.step))
+        run.append_metrics(evaluate_policy(model, tokenizer, rl, prompts, "after", trainer.step))
         stages = {row["stage"]: {"step": row["step"], "tiers": row["tiers"]}
                   for row in run.read_metrics() if row.get("kind") == "eval" and "stage" in row}  # the later row wins
         run.write_json("rl_eval.json", stages)
     summary = {"steps": trainer.step, "algo": rl.algo, "correction": rl.correction,
                "rollout_precision": rl.rollout_precision, "c3po": rl.c3po, "start_checkpoint": str(ckpt or source),
+               "data": rl.data or "embedded tiers", "verifier": trainer.verifier, "mode": rl.mode,
+               "train_prompts": len(prompts.train), "heldout_prompts": len(prompts.heldout),
+               "skipped_rows": prompts.skipped,
                "tokens_generated": trainer.counters["tokens_generated"], "wall_time_s": trainer.counters["elapsed"],
                "final_checkpoint": str(run.final_path), "command": command}
     run.write_json("summary.json", summary)
