@@ -83,3 +83,42 @@ def test_the_ling_recipe_config_trains_with_wsm_z_loss_pow2_fp8_and_merges(tmp_p
     merge = linglab(["merge", "run", "--out", "merged", "--decay", "cosine"], tmp_path)
     assert merge.returncode == 0, merge.stderr
     assert "merge of 3 checkpoints" in merge.stdout  # steps 2, 4, 6: all kept
+
+
+def test_your_own_data_commands(tmp_path):
+    """The README's own-data section: SFT, RL (then --resume) and eval on hand-written GSM8K and MATH rows."""
+    from conftest import tiny_config
+
+    from linglab.checkpoint import save_pretrained
+    from linglab.model import build_model
+    from linglab.tasks import iter_corpus_texts
+    from linglab.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(iter_corpus_texts(300, seed=0), vocab_size=300)
+    start = tmp_path / "runs" / "tiny" / "pretrain" / "final"
+    save_pretrained(build_model(tiny_config(num_hidden_layers=2, vocab_size=tok.vocab_size).model, seed=0), start)
+    tok.save(start)
+    gsm8k = [{"question": f"Ann has {i} apples and buys {i + 2} more. How many apples now?",
+              "answer": f"{i} + {i + 2} = {2 * i + 2}.\n#### {2 * i + 2}"} for i in range(40)]
+    math = [{"problem": f"Simplify $\\frac{{2}}{{4}} + {i}$.", "solution": f"It is $\\boxed{{{i}+\\frac{{1}}{{2}}}}$."}
+            for i in range(40)]
+    for name, rows in (("gsm8k.jsonl", gsm8k), ("math.jsonl", math)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    small = ["--rl.eval_problems=2", "--rl.eval_samples=2", "--rl.eval_ks=1,2", "--rl.max_new_tokens=8"]
+    steps = [
+        [*readme_command("linglab sft --ckpt runs/tiny/pretrain/final --out runs/sft"), "--rl.sft_steps=2",
+         "--rl.sft_batch_size=2", "--rl.sft_seq_len=64", *small],
+        [*readme_command("linglab rl --ckpt runs/sft"), "--rl.steps=1", "--rl.group_size=2", "--rl.prompts_per_step=1",
+         *small],
+        [*readme_command("linglab rl --out runs/rl --resume"), "--rl.steps=2"],  # a resumed run may only grow rl.steps
+        [*readme_command("linglab eval --ckpt runs/sft"), "--samples", "2", "--ks", "1,2", "--problems", "2",
+         "--eval.max_new_tokens=8"],
+        readme_command("linglab tasks export"),
+    ]
+    for args in steps:
+        out = linglab(args, tmp_path)
+        assert out.returncode == 0, (args, out.stderr)
+    assert json.loads((tmp_path / "runs" / "rl" / "summary.json").read_text())["steps"] == 2
+    summary = json.loads((tmp_path / "runs" / "eval" / "summary.json").read_text())
+    assert summary["best_apex"] in summary["checkpoints"] and summary["settings"]["verifier"] == "math"
+    assert (tmp_path / "tasks.jsonl").is_file() and (tmp_path / "runs" / "sft" / "model.safetensors").is_file()

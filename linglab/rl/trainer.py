@@ -445,6 +445,10 @@ def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool =
     source = start_dir if resume else Path(ckpt)
     model, tokenizer = load_start(source, device, "rl")
     prompts = load_prompts(rl)
+    unanswered = next((e for e in prompts.train + prompts.heldout if not e.answer.strip()), None)
+    if unanswered is not None:
+        raise LinglabError(f"rl: {unanswered.source}: no reference answer; RL rewards and the evaluation need one "
+                           "(an `answer` field, or rl.answer_field)")
     eval_variants(rl, prompts)
     check_prompt_lengths(prompts.train + first_per_subset(prompts.heldout, rl.eval_problems), tokenizer, rl,
                          model.cfg.max_position_embeddings, "rl")
