@@ -14,8 +14,10 @@ a real inference engine and its trainer.
     pool = RolloutPool(capacity=128, budget=2560, max_retention=2, group_size=8)
     groups, stats = pool.collect(engine, next_prompts, g)   # C3PO++: whole groups, >= budget tokens
 
-A response is the sampled tokens without the EOS that ended it: `generate` reports no log-prob for EOS,
-so EOS is not a trained token (the pretrained model already knows when to stop).
+A response is every token sampled for it, the EOS that ended it included, each with its log pi_infer: EOS
+is a trained token, so the policy learns when to stop, and IcePop/TIS and the mismatch statistics see it like
+any other. A truncated response (max_new_tokens without EOS) has no EOS. A rollout that holds its EOS is done
+and never resumed.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from linglab.model import LingForCausalLM, build_model
 
 @dataclass
 class Rollout:
-    """One response: the prompt ids, the tokens sampled so far with their log pi_infer and the policy version
-    (engine sync count) that sampled each, how it ended, and how often it was carried over unfinished."""
+    """One response: the prompt ids, the tokens sampled so far (ending with EOS once `eos`) with their log pi_infer
+    and the policy version (engine sync count) that sampled each, how it ended, and how often it was carried over
+    unfinished."""
 
     prompt: list[int]
     tokens: list[int] = field(default_factory=list)
@@ -51,8 +54,14 @@ class Rollout:
 
     @property
     def cost(self) -> int:
-        """Tokens the engine sampled for it, EOS included (so a response that is only EOS still costs one)."""
-        return len(self.tokens) + int(self.eos)
+        """Tokens the engine sampled for it, EOS included (so a response that is only EOS still costs one): the
+        response length the rewards see and the number of its tokens that train."""
+        return len(self.tokens)
+
+    @property
+    def text_tokens(self) -> list[int]:
+        """The tokens without the EOS: what the completion text is decoded from."""
+        return self.tokens[:len(self.tokens) - int(self.eos)]
 
 
 @dataclass
@@ -98,7 +107,7 @@ class RolloutEngine:
         already hold what was sampled, so it can count completed groups (C3PO++'s budget).
 
         Earlier tokens keep the log-probs recorded when they were sampled, possibly by an older policy version.
-        Returns the tokens sampled (EOS included).
+        An ending EOS is appended with its log-prob. Returns the tokens sampled (EOS included).
         """
         active = [r for r in rollouts if not r.done]
         if not active:
@@ -106,13 +115,14 @@ class RolloutEngine:
         start = [len(r.tokens) for r in active]
 
         def record(result) -> None:
-            for r, n0, tokens, logprobs, eos in zip(active, start, result.tokens, result.logprobs, result.finished,
-                                                    strict=True):
+            for r, n0, tokens, logprobs, eos, eos_logprob in zip(active, start, result.tokens, result.logprobs,
+                                                                 result.finished, result.eos_logprobs, strict=True):
+                if r.eos:  # recorded, EOS included, by an earlier call of `stop`
+                    continue
                 k = len(r.tokens) - n0  # tokens of this call already recorded
-                if len(tokens) > k:
-                    r.tokens += tokens[k:]
-                    r.logprobs += logprobs[k:]
-                    r.versions += [self.version] * (len(tokens) - k)
+                r.tokens += tokens[k:] + [self.eos_id] * int(eos)
+                r.logprobs += logprobs[k:] + [eos_logprob] * int(eos)
+                r.versions += [self.version] * (len(tokens) - k + int(eos))
                 r.eos = eos
                 r.truncated = not eos and len(r.tokens) >= self.max_new_tokens
 
@@ -127,7 +137,7 @@ class RolloutEngine:
         self.work["prefill_tokens"] += result.prefill_tokens
         self.work["decode_steps"] += result.decode_steps
         self.work["decode_rows"] += result.decode_steps * len(active)
-        return sum(len(r.tokens) - n0 + int(r.eos) for r, n0 in zip(active, start, strict=True))
+        return sum(len(r.tokens) - n0 for r, n0 in zip(active, start, strict=True))
 
     def generate_groups(self, prompts: Sequence[Sequence[int]], group_size: int, generator: torch.Generator,
                         payloads: Sequence[object] | None = None) -> list[RolloutGroup]:

@@ -97,7 +97,8 @@ def rollout_rewards(cfg: RLConfig, completions: list[str], answers: list[str], l
 
 @dataclass
 class RolloutBatch:
-    """Rollouts as padded next-token tensors [B, L]: response tokens are the targets where `mask` is set."""
+    """Rollouts as padded next-token tensors [B, L]: response tokens, an ending EOS included, are the targets where
+    `mask` is set."""
 
     inputs: Tensor
     targets: Tensor
@@ -287,8 +288,8 @@ class RLTrainer:
         and log pi_ref of every rollout token; the step's reward, accuracy and mismatch metrics."""
         cfg, model = self.cfg, self.model
         rollouts = [r for g in groups for r in g.rollouts]
-        completions = [self.tokenizer.decode(r.tokens) for r in rollouts]
-        lengths = torch.tensor([len(r.tokens) for r in rollouts])
+        completions = [self.tokenizer.decode(r.text_tokens) for r in rollouts]
+        lengths = torch.tensor([r.cost for r in rollouts])  # EOS included: the tokens that train
         rewards, correct = rollout_rewards(cfg, completions, [g.payload.answer for g in groups for _ in g.rollouts],
                                            lengths)
         keep = (losses.dapo_keep_groups(rewards, cfg.group_size) if cfg.algo == "dapo"
