@@ -101,14 +101,15 @@ def dapo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
     return -terms.sum() / _lengths(mask).sum()
 
 
-def dapo_keep_groups(rewards: Tensor, group_size: int) -> Tensor:
-    """DAPO dynamic sampling (SPEC §5): bool [B], False for every response of a group whose rewards are all equal.
+def dapo_keep_groups(correct: Tensor, group_size: int) -> Tensor:
+    """DAPO dynamic sampling (SPEC §5): bool [B], False for every response of a group whose correctness is all equal.
 
-    Such a group has zero advantage everywhere and so no gradient; DAPO drops it and samples more prompts.
+    A group all right or all wrong says nothing about what is right (its correctness advantage is zero; only the
+    length or format terms could still tell its responses apart); DAPO drops it and samples more prompts.
     """
-    if rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    groups = rewards.view(-1, group_size)
+    if correct.numel() % group_size:
+        raise ValueError(f"{correct.numel()} responses do not split into groups of {group_size}")
+    groups = correct.view(-1, group_size)
     varied = (groups != groups[:, :1]).any(-1)
     return varied.repeat_interleave(group_size)
 
