@@ -121,7 +121,8 @@ class RolloutBatch:
 
 
 def rollout_batch(rollouts: list[Rollout], pad_id: int, tokenizer: Tokenizer | None = None) -> RolloutBatch:
-    """Pad prompt + response of each rollout; with a tokenizer, number LPO sentences from per-token decoded text."""
+    """Pad prompt + response of each rollout; with a tokenizer, number the LPO sentences of each decoded response
+    and give each token the sentence its text begins in (`losses.token_offsets`; the EOS joins the last one)."""
     length = max(len(r.prompt) + len(r.tokens) for r in rollouts) - 1
     inputs = torch.full((len(rollouts), max(length, 1)), pad_id, dtype=torch.long)
     targets, mask = inputs.clone(), torch.zeros(inputs.shape, dtype=torch.bool)
@@ -133,7 +134,7 @@ def rollout_batch(rollouts: list[Rollout], pad_id: int, tokenizer: Tokenizer | N
         mask[b, response] = True
         infer_logp[b, response] = torch.tensor(r.logprobs)
         if tokenizer is not None and r.tokens:
-            sentence_ids[b, response] = torch.tensor(losses.sentence_ids_for_tokens([tokenizer.decode([t]) for t in r.tokens]))
+            sentence_ids[b, response] = torch.tensor(losses.sentence_ids(*losses.token_offsets(tokenizer.decode, r.tokens)))
     return RolloutBatch(inputs, targets, mask, infer_logp, sentence_ids if tokenizer is not None else None)
 
 
