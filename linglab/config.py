@@ -293,7 +293,7 @@ class RLConfig(PromptDataConfig):
     icepop_alpha: float = 0.5  # IcePop keeps a token when alpha <= pi_train / pi_infer <= beta
     icepop_beta: float = 5.0
     tis_cap: float = 2.0  # TIS weight min(pi_train / pi_infer, C)
-    rollout_precision: str = "fp8"  # rollout model weights: "fp32" (= trainer's) | "fp8" (128x128-block E4M3)
+    rollout_precision: str = "fp8"  # rollout GEMMs: "fp32" (= trainer's) | "fp8" (E4M3 128x128-block weights, 1x128 activations)
     c3po: bool = False  # C3PO++ budget-controlled partial rollouts; false = generate every group to the end
     c3po_capacity: int = 128  # C3PO++ Omega: rollouts in flight in the pool (whole groups)
     c3po_budget: int = 2560  # C3PO++ Phi: response tokens of completed groups that end a step (~8 groups of 8)

@@ -1,9 +1,14 @@
-"""Rollouts (SPEC §5): fp8 vs fp32 rollout precision, C3PO++ groups, budget, carry-over, resume after sync, purge."""
+"""Rollouts (SPEC §5): fp8 vs fp32 rollout precision (FP8 weights and activations), EOS as a trained token, C3PO++
+groups, budget, carry-over, resume after sync, purge."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_config
 
+from linglab.checkpoint import dequantize_hf_state_dict, load_state_into, to_hf_state_dict
+from linglab.fp8 import TILE, dequantize_blockwise, dequantize_tilewise, quantize_blockwise, quantize_tilewise
+from linglab.fp8_convert import fp8_weight_names
 from linglab.model import build_model
 from linglab.rl.losses import grpo_loss
 from linglab.rl.rollout import Rollout, RolloutEngine, RolloutGroup, RolloutPool
@@ -92,6 +97,49 @@ def test_eos_is_a_trained_token_with_the_logprob_it_was_sampled_with():
         # target is an ordinary token, whose gain lowers EOS.
         assert (eos_grad < 0) if r.eos else (eos_grad > 0)
         assert batch.mask[b].sum() == len(r.tokens)
+
+
+def test_fp8_rollouts_quantise_the_activations_of_every_fp8_gemm_too(model):
+    engine = RolloutEngine(model.cfg, EOS, max_new_tokens=4, precision="fp8")
+    engine.sync_weights(model)
+    weight_only = build_model(model.cfg)  # the FP8 export's weights in a plain model: what rollouts used to run
+    load_state_into(weight_only, dequantize_hf_state_dict(to_hf_state_dict(model, fp8=True), TILE, "test"), "test")
+    assert all(torch.equal(a, b) for a, b in zip(engine.model.parameters(), weight_only.parameters(), strict=True))
+    ids = torch.tensor(prompts_of([12, 12]))
+    with torch.no_grad():
+        fp8, weights, train = engine.model(ids), weight_only(ids), model(ids)
+    assert (fp8 - weights).abs().max() > 1e-3 and (weights - train).abs().max() > 1e-3
+    converted = {name for name, layer in engine.model.named_modules() if type(layer).__name__.startswith("Fp8Inference")}
+    assert {f"{name}.{param}" for name in converted for param, _ in
+            dict(engine.model.named_modules())[name].named_parameters()} == set(fp8_weight_names(model))
+
+    g = torch.Generator().manual_seed(0)
+    layer, x = engine.model.model.layers[1].attention.query_key_value, torch.randn(2, 5, 128, generator=g)
+    w = dequantize_blockwise(*quantize_blockwise(model.model.layers[1].attention.query_key_value.weight.detach()))
+    assert torch.equal(layer.weight, w)
+    with torch.no_grad():
+        assert torch.equal(layer(x), dequantize_tilewise(*quantize_tilewise(x)) @ w.T)
+
+    experts, counts = engine.model.model.layers[1].mlp.experts, torch.tensor([3, 0, 5] + [1] * 13)
+    x, routing = torch.randn(int(counts.sum()), 128, generator=g), torch.rand(int(counts.sum()), generator=g)
+    reference, start = [], 0
+    for e, n in enumerate(counts.tolist()):  # one expert at a time: tile-quantised input, its SwiGLU, then down
+        xe = dequantize_tilewise(*quantize_tilewise(x[start:start + n]))
+        gate, up = (xe @ experts.gate_up_proj[e].T).chunk(2, dim=-1)
+        h = F.silu(gate) * up * routing[start:start + n, None]
+        reference.append(dequantize_tilewise(*quantize_tilewise(h)) @ experts.down_proj[e].T)
+        start += n
+    with torch.no_grad():
+        torch.testing.assert_close(experts(x, routing, counts), torch.cat(reference), rtol=1e-6, atol=1e-6)
+
+
+def test_an_fp32_engine_is_the_trainer_bit_for_bit(model):
+    engine = RolloutEngine(model.cfg, EOS, max_new_tokens=4, precision="fp32")
+    engine.sync_weights(model)
+    assert all(type(m).__module__ != "linglab.fp8_convert" for m in engine.model.modules())
+    ids = torch.tensor(prompts_of([12, 12]))
+    with torch.no_grad():
+        assert torch.equal(engine.model(ids), model(ids))
 
 
 class StubEngine:

@@ -2,9 +2,10 @@
 
 The engine samples with `linglab.generate` and keeps each token's log-prob as it was sampled: that is
 log pi_infer, which the trainer compares with its own log pi_train for IcePop/TIS. Its weights are a copy
-of the trainer's, refreshed by `sync_weights`; with `precision="fp8"` the FP8 GEMM weights of SPEC §3 are
-replaced by their 128x128-block E4M3 quantise -> dequantise (the FP8 export's tensors, loaded: the weights and
-blocks FP8 training uses, `linglab.fp8_convert`), so pi_infer really differs from pi_train, as it does between
+of the trainer's, refreshed by `sync_weights`. With `precision="fp8"` it runs the FP8 GEMMs of SPEC §3 as an
+FP8 inference engine does: their weights are the FP8 export's 128x128-block E4M3 tensors, loaded (the weights and
+blocks FP8 training uses), and their activations are quantised at every call, dynamically, in 1x128 E4M3 tiles
+(`linglab.fp8_convert.convert_to_fp8_inference`). So pi_infer really differs from pi_train, as it does between
 a real inference engine and its trainer.
 
     engine = RolloutEngine(model.cfg, eos_id=tok.eos_id, max_new_tokens=64, precision="fp8")
@@ -29,7 +30,8 @@ import torch
 
 from linglab import checkpoint as ckpt
 from linglab.config import ModelConfig
-from linglab.fp8 import TILE
+from linglab.fp8 import TILE, Fp8Recipe
+from linglab.fp8_convert import convert_to_fp8_inference
 from linglab.generate import generate
 from linglab.model import LingForCausalLM, build_model
 
@@ -85,6 +87,8 @@ class RolloutEngine:
         if precision not in ("fp32", "fp8"):
             raise ValueError(f"rollout precision must be 'fp32' or 'fp8', got {precision!r}")
         self.model = build_model(model_cfg, device=device).eval().requires_grad_(False)
+        if precision == "fp8":
+            convert_to_fp8_inference(self.model, Fp8Recipe())
         self.eos_id, self.max_new_tokens = eos_id, max_new_tokens
         self.precision, self.temperature, self.top_p = precision, temperature, top_p
         self.version = 0  # number of syncs: the policy version that samples new tokens
@@ -92,7 +96,8 @@ class RolloutEngine:
 
     @torch.no_grad()
     def sync_weights(self, train_model: LingForCausalLM) -> None:
-        """Copy the trainer's weights in; with fp8, through the HF FP8 export's quantise -> dequantise (SPEC §1.6, §3)."""
+        """Copy the trainer's weights in; with fp8, through the HF FP8 export's quantise -> dequantise (SPEC §1.6, §3):
+        the weights an FP8 checkpoint holds."""
         fp8 = self.precision == "fp8"
         tensors = ckpt.to_hf_state_dict(train_model, fp8=fp8)
         if fp8:
