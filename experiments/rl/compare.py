@@ -2,7 +2,8 @@
 
     algo      GRPO vs GSPO vs LPO (SPEC §5) at the same budget, 2 PPO epochs per rollout batch so that each
               loss's clipping acts (with one epoch pi_theta = pi_old and no ratio is ever clipped)
-    mismatch  FP8 rollouts (the engine quantises its weights at every sync) with no correction vs TIS vs IcePop
+    mismatch  FP8 rollouts (the engine runs its FP8 GEMMs on the FP8 export's weights, loaded at every sync, and on
+              activations quantised at every call) with no correction vs TIS vs IcePop
     c3po      C3PO++ budget-controlled partial rollouts vs synchronous rollouts: time per step and reward
 
 Every arm keeps the RL defaults (GRPO + IcePop, FP8 rollouts, 40 steps, lr 1e-4, tiers 1-2) except what it
