@@ -297,7 +297,7 @@ class RLConfig(PromptDataConfig):
     icepop_alpha: float = 0.5  # IcePop keeps a token when alpha <= pi_train / pi_infer <= beta
     icepop_beta: float = 5.0
     tis_cap: float = 2.0  # TIS weight min(pi_train / pi_infer, C)
-    rollout_precision: str = "fp8"  # rollout model weights: "fp32" (= trainer's) | "fp8" (128x128-block E4M3)
+    rollout_precision: str = "fp8"  # rollout GEMMs: "fp32" (= trainer's) | "fp8" (E4M3 128x128-block weights, 1x128 activations)
     c3po: bool = False  # C3PO++ budget-controlled partial rollouts; false = generate every group to the end
     c3po_capacity: int = 128  # C3PO++ Omega: rollouts in flight in the pool (whole groups)
     c3po_budget: int = 2560  # C3PO++ Phi: response tokens of completed groups that end a step (~8 groups of 8)
@@ -336,6 +336,9 @@ class RLConfig(PromptDataConfig):
     eval_problems: int = 32  # held-out problems per tier for the before/after evaluation (0 = skip it)
     eval_samples: int = 8  # samples per problem (n) for pass@k and ApexEval
     eval_ks: list[int] = field(default_factory=lambda: [1, 4, 8])  # k of pass@k; ApexEval uses the largest
+    # DAPO dynamic sampling: rounds of new prompts that may replace the groups whose responses are all right or all
+    # wrong (0 = drop them and train on fewer groups); synchronous rollouts only (C3PO++'s budget sizes its batch)
+    dapo_max_rounds: int = 3
 
     def validate(self) -> None:
         self.validate_data("rl")
@@ -357,6 +360,10 @@ class RLConfig(PromptDataConfig):
         for name in ("c3po_max_retention", "dapo_overlong_cache", "sft_steps", "eval_problems"):
             _check(getattr(self, name) >= 0, f"rl.{name}", f"must be >= 0, got {getattr(self, name)}")
         _check(self.dapo_overlong_cache <= self.max_new_tokens, "rl.dapo_overlong_cache", "must be <= max_new_tokens")
+        _check(self.dapo_max_rounds >= 0, "rl.dapo_max_rounds", f"must be >= 0, got {self.dapo_max_rounds}")
+        _check(not (self.c3po and self.algo == "dapo" and self.dapo_max_rounds > 0), "rl.dapo_max_rounds",
+               f"({self.dapo_max_rounds}) must be 0 with rl.c3po: C3PO++'s token budget, not refill rounds, sizes its "
+               "batch (DAPO then drops uniform groups without refilling)")
         _check(self.temperature > 0, "rl.temperature", "must be > 0 (RL needs sampled rollouts)")
         _check(0.0 < self.top_p <= 1.0, "rl.top_p", "must be in (0, 1]")
         _check(self.lr > 0 and self.sft_lr > 0, "rl.lr/sft_lr", "must be > 0")

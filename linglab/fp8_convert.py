@@ -13,8 +13,13 @@ these in E4M3 and FP8 rollouts quantise exactly these. Gate and up are separate 
 own 128x128 blocks (per expert for the routed experts), also where training runs them as one GEMM on
 [gate; up]: the blocks of an export's `_scale_inv` are the blocks training used.
 
+`convert_to_fp8_inference` is an FP8 inference engine's view of the same layers (the RL rollout engine,
+`linglab.rl.rollout`): their weights are used as loaded, already the FP8 export's values, and their activations
+are quantised at every call (dynamic, 1x128 tiles, E4M3), as an FP8 GEMM kernel does; forward only.
+
     model = build_model(cfg.model)
     convert_to_fp8(model, Fp8Recipe(), backend="auto", monitor=Fp8Monitor())   # before parallelising the model
+    convert_to_fp8_inference(engine_model, Fp8Recipe())   # then load the FP8 export's dequantised weights into it
 """
 
 from __future__ import annotations
@@ -22,11 +27,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from linglab.fp8 import Fp8Monitor, Fp8Op, Fp8Recipe, fp8_grouped_mm, fp8_linear, fp8_swiglu_down, resolve_backend
+from linglab.fp8 import (
+    Fp8Monitor,
+    Fp8Op,
+    Fp8Recipe,
+    fp8_grouped_mm,
+    fp8_linear,
+    fp8_swiglu_down,
+    quantize_dequantize,
+    resolve_backend,
+)
 from linglab.model import Attention
-from linglab.moe import GroupedExperts, SwiGLU
+from linglab.moe import GroupedExperts, SwiGLU, grouped_mm
 
 
 class Fp8Linear(nn.Linear):
@@ -64,6 +79,44 @@ class Fp8GroupedExperts(GroupedExperts):
                                  parts=(intermediate, intermediate))
         return fp8_swiglu_down(gate_up, self.down_proj.transpose(1, 2), self.down_op, row_weights=weights_sorted,
                                offs=offs)
+
+
+def quantize_activation(x: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
+    """x as an FP8 GEMM sees it: quantised along its last (contraction) dim at the recipe's activation granularity."""
+    return quantize_dequantize(x, recipe.act, recipe.pow2_scales).to(x.dtype)
+
+
+class Fp8InferenceLinear(nn.Linear):
+    """nn.Linear of an FP8 inference engine: the loaded weight times the quantised input."""
+
+    recipe: Fp8Recipe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(quantize_activation(x, self.recipe), self.weight)
+
+
+class Fp8InferenceSwiGLU(SwiGLU):
+    """SwiGLU of an FP8 inference engine: x quantised once for gate and up, silu(gate) * up for down."""
+
+    recipe: Fp8Recipe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = quantize_activation(x, self.recipe)
+        return self.down_proj(quantize_activation(F.silu(self.gate_proj(x)) * self.up_proj(x), self.recipe))
+
+
+class Fp8InferenceGroupedExperts(GroupedExperts):
+    """The routed experts of an FP8 inference engine: `GroupedExperts.forward` with both GEMM inputs quantised, the
+    down projection's after the routing weight (as FP8 training's fused SwiGLU quantisation, `fp8_swiglu_down`)."""
+
+    recipe: Fp8Recipe
+
+    def forward(self, x_sorted: torch.Tensor, weights_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offs = counts.cumsum(0).to(torch.int32)
+        x = quantize_activation(x_sorted, self.recipe)  # 1x128 tiles lie within a token, so never across experts
+        gate, up = grouped_mm(x, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)
+        h = F.silu(gate) * up * weights_sorted.unsqueeze(-1).to(gate.dtype)
+        return grouped_mm(quantize_activation(h, self.recipe), self.down_proj.transpose(1, 2), offs)
 
 
 def fp8_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -111,4 +164,21 @@ def convert_to_fp8(model: nn.Module, recipe: Fp8Recipe, backend: str = "auto", m
         layer.gate_up_op, layer.down_op = (Fp8Op(recipe, layer_backend, f"{name}.{part}", monitor)
                                            for part in ("gate_up_proj", "down_proj"))
         converted += [layer.gate_up_op.name, layer.down_op.name]
+    return converted
+
+
+def convert_to_fp8_inference(model: nn.Module, recipe: Fp8Recipe) -> list[str]:
+    """Quantise the activations of every GEMM SPEC §3 runs in FP8 (the `fp8_layers`) at every call, in place, for
+    inference; returns the converted layer names.
+
+    The weights are used as they are: load FP8 weights (the FP8 export, dequantised) into the model, as an FP8
+    inference engine loads an FP8 checkpoint. The arithmetic is FP8's emulated forward (`linglab.fp8`): the
+    quantised activation times the weight in the model's dtype.
+    """
+    converted = []
+    for name, layer in fp8_layers(model):
+        _become(layer, Fp8InferenceLinear if isinstance(layer, nn.Linear) else
+                Fp8InferenceGroupedExperts if isinstance(layer, GroupedExperts) else Fp8InferenceSwiGLU)
+        layer.recipe = recipe
+        converted.append(name)
     return converted

@@ -15,12 +15,14 @@ per prompt length, is what keeps resumed C3PO++ rollouts (every one of its own l
 Each generated token comes with its log-prob under the temperature-scaled distribution BEFORE top-p
 truncation: the quantity a policy-gradient update (RL) differentiates. At temperature 0 (greedy) that
 distribution is degenerate, so the log-prob is reported under the model's own (temperature 1) softmax.
+The EOS that ends a row is not one of its tokens, but its log-prob is kept apart (`eos_logprobs`): deciding
+to stop is an action RL trains too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,14 +34,16 @@ from linglab.tokenizer import Tokenizer
 
 @dataclass
 class GenerationResult:
-    """Per prompt, in input order: generated ids (no prompt, no EOS), their log-probs, whether EOS ended it; and
-    the work done: prompt positions prefilled (padding included) and decode forwards of the whole batch."""
+    """Per prompt, in input order: generated ids (no prompt, no EOS), their log-probs, whether EOS ended it and
+    the log-prob EOS was sampled with (None without EOS); and the work done: prompt positions prefilled (padding
+    included) and decode forwards of the whole batch."""
 
     tokens: list[list[int]]
     logprobs: list[list[float]]
     finished: list[bool]
     prefill_tokens: int = 0
     decode_steps: int = 0
+    eos_logprobs: list[float | None] = field(default_factory=list)
 
 
 def _check_sampling(temperature: float, top_p: float) -> None:
@@ -96,7 +100,7 @@ def _generate_batch(model: LingForCausalLM, prompts: torch.Tensor, pad: torch.Te
             if result.finished[row] or step >= limits[row]:
                 continue
             if token == eos_id:
-                result.finished[row] = True
+                result.finished[row], result.eos_logprobs[row] = True, lp
                 continue
             result.tokens[row].append(token)
             result.logprobs[row].append(lp)
@@ -154,7 +158,8 @@ def generate(model: LingForCausalLM, prompts: Sequence[Sequence[int]], max_new_t
         generator.manual_seed(seed)
 
     n = len(prompts)
-    result = GenerationResult(tokens=[[] for _ in range(n)], logprobs=[[] for _ in range(n)], finished=[False] * n)
+    result = GenerationResult(tokens=[[] for _ in range(n)], logprobs=[[] for _ in range(n)], finished=[False] * n,
+                              eos_logprobs=[None] * n)
     if n == 0 or max(limits) == 0:
         return result
     width = max(len(p) for p in prompts)

@@ -53,6 +53,17 @@ def test_logprobs_are_log_softmax_at_temperature_1(model):
     torch.testing.assert_close(torch.tensor(out.logprobs[0]), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_the_ending_eos_is_no_token_but_keeps_its_logprob(model):
+    prompt = prompts_of([4])[0]
+    free = generate(model, [prompt], 8, eos_id=-1, temperature=1.0, seed=3)
+    assert free.eos_logprobs == [None]
+    eos = free.tokens[0][3]  # make the 4th sampled token the EOS: the same draws then stop there
+    out = generate(model, [prompt], 8, eos_id=eos, temperature=1.0, seed=3)
+    assert eos not in free.tokens[0][:3], "pick a prompt/seed whose 4th token is new"
+    assert out.finished == [True] and out.tokens[0] == free.tokens[0][:3]
+    assert out.eos_logprobs[0] == free.logprobs[0][3]
+
+
 def test_same_seed_same_samples(model):
     prompts = prompts_of([4, 4, 7])
     a = generate(model, prompts, 6, EOS, temperature=1.0, seed=7)

@@ -19,10 +19,11 @@ from linglab.rl.losses import (
     mismatch_stats,
     overlong_penalty,
     segment_sentences,
-    sentence_ids_for_tokens,
+    sentence_ids,
     sentence_ratio,
     sequence_ratio,
     tis_weights,
+    token_offsets,
 )
 
 F64 = torch.float64
@@ -261,28 +262,53 @@ def test_segment_sentences_covers_any_text():
     assert "".join(texts(text, spans)) == text
 
 
-def test_sentence_ids_for_tokens_by_hand():
+def piece_decoder(pieces, strip_leading_space=False, cleanup=False):
+    """decode() of a tokenizer whose token i is pieces[i]; optionally one that drops a leading space (as
+    SentencePiece does) or rewrites " ." into "." (a cleanup that acts across tokens)."""
+    def decode(ids):
+        text = "".join(pieces[i] for i in ids)
+        text = text.removeprefix(" ") if strip_leading_space else text
+        return text.replace(" .", ".") if cleanup else text
+    return decode
+
+
+def ids_of(pieces, **kw):
+    return sentence_ids(*token_offsets(piece_decoder(pieces, **kw), range(len(pieces))))
+
+
+def test_sentence_ids_by_hand():
     # "a. b, c" + EOS (decodes to ""): the EOS joins the last sentence.
-    assert sentence_ids_for_tokens(["a", ".", " b", ",", " c", ""]) == [0, 0, 1, 1, 2, 2]
+    assert ids_of(["a", ".", " b", ",", " c", ""]) == [0, 0, 1, 1, 2, 2]
     # ". T" starts on the '.', so it belongs to "Hi."; "here" to " There".
-    assert sentence_ids_for_tokens(["Hi", ". T", "here"]) == [0, 0, 1]
+    assert ids_of(["Hi", ". T", "here"]) == [0, 0, 1]
     # "a.b." swallows two sentences whole: ids stay contiguous.
-    assert sentence_ids_for_tokens(["a.b.", "c"]) == [0, 1]
-    assert sentence_ids_for_tokens([]) == []
+    assert ids_of(["a.b.", "c"]) == [0, 1]
+    assert ids_of([]) == []
 
 
-def test_sentence_ids_with_the_linglab_tokenizer():
+def test_token_offsets_for_tokenizers_that_rewrite_text():
+    pieces = [" Hi", ".", " There", " you"]  # a leading space a SentencePiece-like decode drops at the start only
+    assert token_offsets(piece_decoder(pieces, strip_leading_space=True), range(4)) == ("Hi. There you", [0, 2, 3, 9])
+    # A cleanup across a window boundary: the pieces no longer add up to decode(ids), so every prefix is decoded.
+    assert token_offsets(piece_decoder(["a", " ", "."], cleanup=True), range(3)) == ("a.", [0, 1, 2])
+
+
+def test_sentence_ids_with_the_linglab_tokenizer_on_split_characters():
     from linglab.tasks import iter_corpus_texts
     from linglab.tokenizer import Tokenizer
 
-    tok = Tokenizer.train(iter_corpus_texts(300, seed=0), vocab_size=300)
-    text = "47+58\n7+8+0=15\n4+5+1=10\nanswer: 105"
-    pieces = [tok.decode([i]) for i in tok.encode(text)]
-    assert "".join(pieces) == text
-    ids = sentence_ids_for_tokens(pieces)
-    offsets = [sum(map(len, pieces[:i])) for i in range(len(pieces))]
+    tok = Tokenizer.train(iter_corpus_texts(300, seed=0), vocab_size=300)  # ASCII only: CJK characters stay bytes
+    text = "先算十。再算二，答案3.14"
+    encoding = tok.hf_tokenizer.encode(text, add_special_tokens=False)
+    ids = encoding.ids + [tok.eos_id]
+    assert len(ids) > len(text) + 1, "each CJK character must be split into byte tokens"
+    # Decoded one by one, the bytes become U+FFFD and the pause marks vanish: one sentence.
+    assert len(segment_sentences("".join(tok.decode([t]) for t in ids))) == 1
+    calls = []
+    decoded, offsets = token_offsets(lambda window: calls.append(len(window)) or tok.decode(window), ids)
+    assert decoded == text and len(calls) <= 2 * len(ids) + 1 and max(calls[:-1]) <= 6
     spans = segment_sentences(text)
-    # Each token's first character lies in the sentence it is assigned (no sentence is skipped here).
-    assert len(spans) == ids[-1] + 1
-    for offset, sentence in zip(offsets, ids):
-        assert spans[sentence][0] <= offset < spans[sentence][1]
+    assert texts(text, spans) == ["先算十。", "再算二，", "答案3.14"]
+    # Each token's sentence holds the character its bytes begin (the tokenizer's own offsets); EOS is last.
+    expected = [next(k for k, (a, b) in enumerate(spans) if a <= start < b) for start, _ in encoding.offsets] + [2]
+    assert offsets[-1] == len(text) and sentence_ids(decoded, offsets) == expected

@@ -1,10 +1,16 @@
-"""Rollouts (SPEC §5): fp8 vs fp32 rollout precision, C3PO++ groups, budget, carry-over, resume after sync, purge."""
+"""Rollouts (SPEC §5): fp8 vs fp32 rollout precision (FP8 weights and activations), EOS as a trained token, C3PO++
+groups, budget, carry-over, resume after sync, purge."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_config
 
+from linglab.checkpoint import dequantize_hf_state_dict, load_state_into, to_hf_state_dict
+from linglab.fp8 import TILE, dequantize_blockwise, dequantize_tilewise, quantize_blockwise, quantize_tilewise
+from linglab.fp8_convert import fp8_weight_names
 from linglab.model import build_model
+from linglab.rl.losses import grpo_loss
 from linglab.rl.rollout import Rollout, RolloutEngine, RolloutGroup, RolloutPool
 from linglab.rl.trainer import policy_logprobs, rollout_batch
 
@@ -58,10 +64,88 @@ def test_sync_copies_into_a_separate_model_and_fp8_quantises_only_the_gemm_weigh
     assert torch.equal(rollout.mlp.gate.weight, train.mlp.gate.weight)
 
 
+def test_eos_is_a_trained_token_with_the_logprob_it_was_sampled_with():
+    model = build_model(tiny_config(num_hidden_layers=2, initializer_range=0.05).model, seed=0)
+    with torch.no_grad():  # EOS likely at every step: some responses end, some are truncated
+        model.model.word_embeddings.weight[:, 0] = 1.0
+        model.lm_head.weight[EOS, 0] = 2.5
+    engine = RolloutEngine(model.cfg, EOS, max_new_tokens=6, precision="fp32")
+    engine.sync_weights(model)
+    groups = engine.generate_groups(prompts_of([4, 5, 4, 6]), 4, torch.Generator().manual_seed(0))
+    rollouts = [r for g in groups for r in g.rollouts]
+    ended, truncated = [r for r in rollouts if r.eos], [r for r in rollouts if r.truncated]
+    assert ended and truncated and len(ended) + len(truncated) == len(rollouts)
+    for r in rollouts:
+        assert len(r.tokens) == len(r.logprobs) == len(r.versions) == r.cost
+        assert EOS not in r.text_tokens and r.tokens[-1:] == ([EOS] if r.eos else r.tokens[-1:])
+    assert all(len(r.tokens) == 6 and EOS not in r.tokens for r in truncated)
+
+    batch = rollout_batch(rollouts, PAD)
+    for b, r in enumerate(rollouts):  # the loss mask covers every sampled token, EOS included, with its log pi_infer
+        assert batch.targets[b][batch.mask[b]].tolist() == r.tokens
+        assert torch.equal(batch.infer_logp[b][batch.mask[b]], torch.tensor(r.logprobs))
+
+    logits = model(batch.inputs)
+    logits.retain_grad()
+    logp = torch.log_softmax(logits, -1).gather(-1, batch.targets[..., None]).squeeze(-1)
+    torch.testing.assert_close(logp[batch.mask], batch.infer_logp[batch.mask], rtol=1e-4, atol=1e-4)  # fp32: same policy
+    grpo_loss(logp, logp.detach(), torch.ones(len(rollouts)), batch.mask).backward()
+    for b, r in enumerate(rollouts):
+        last = int(batch.mask[b].nonzero().max())  # the position that predicts the response's last token
+        eos_grad = logits.grad[b, last, EOS]
+        # A positive advantage raises the sampled EOS (the loss falls as its logit rises); a truncated row's last
+        # target is an ordinary token, whose gain lowers EOS.
+        assert (eos_grad < 0) if r.eos else (eos_grad > 0)
+        assert batch.mask[b].sum() == len(r.tokens)
+
+
+def test_fp8_rollouts_quantise_the_activations_of_every_fp8_gemm_too(model):
+    engine = RolloutEngine(model.cfg, EOS, max_new_tokens=4, precision="fp8")
+    engine.sync_weights(model)
+    weight_only = build_model(model.cfg)  # the FP8 export's weights in a plain model: what rollouts used to run
+    load_state_into(weight_only, dequantize_hf_state_dict(to_hf_state_dict(model, fp8=True), TILE, "test"), "test")
+    assert all(torch.equal(a, b) for a, b in zip(engine.model.parameters(), weight_only.parameters(), strict=True))
+    ids = torch.tensor(prompts_of([12, 12]))
+    with torch.no_grad():
+        fp8, weights, train = engine.model(ids), weight_only(ids), model(ids)
+    assert (fp8 - weights).abs().max() > 1e-3 and (weights - train).abs().max() > 1e-3
+    converted = {name for name, layer in engine.model.named_modules() if type(layer).__name__.startswith("Fp8Inference")}
+    assert {f"{name}.{param}" for name in converted for param, _ in
+            dict(engine.model.named_modules())[name].named_parameters()} == set(fp8_weight_names(model))
+
+    g = torch.Generator().manual_seed(0)
+    layer, x = engine.model.model.layers[1].attention.query_key_value, torch.randn(2, 5, 128, generator=g)
+    w = dequantize_blockwise(*quantize_blockwise(model.model.layers[1].attention.query_key_value.weight.detach()))
+    assert torch.equal(layer.weight, w)
+    with torch.no_grad():
+        assert torch.equal(layer(x), dequantize_tilewise(*quantize_tilewise(x)) @ w.T)
+
+    experts, counts = engine.model.model.layers[1].mlp.experts, torch.tensor([3, 0, 5] + [1] * 13)
+    x, routing = torch.randn(int(counts.sum()), 128, generator=g), torch.rand(int(counts.sum()), generator=g)
+    reference, start = [], 0
+    for e, n in enumerate(counts.tolist()):  # one expert at a time: tile-quantised input, its SwiGLU, then down
+        xe = dequantize_tilewise(*quantize_tilewise(x[start:start + n]))
+        gate, up = (xe @ experts.gate_up_proj[e].T).chunk(2, dim=-1)
+        h = F.silu(gate) * up * routing[start:start + n, None]
+        reference.append(dequantize_tilewise(*quantize_tilewise(h)) @ experts.down_proj[e].T)
+        start += n
+    with torch.no_grad():
+        torch.testing.assert_close(experts(x, routing, counts), torch.cat(reference), rtol=1e-6, atol=1e-6)
+
+
+def test_an_fp32_engine_is_the_trainer_bit_for_bit(model):
+    engine = RolloutEngine(model.cfg, EOS, max_new_tokens=4, precision="fp32")
+    engine.sync_weights(model)
+    assert all(type(m).__module__ != "linglab.fp8_convert" for m in engine.model.modules())
+    ids = torch.tensor(prompts_of([12, 12]))
+    with torch.no_grad():
+        assert torch.equal(engine.model(ids), model(ids))
+
+
 class StubEngine:
     """Stands in for RolloutEngine on a pool whose payloads are the G response lengths of each group: one token
-    per step for every active rollout, EOS the step after its length; token 7 with log-prob -version marks the
-    version that sampled it. Like the engine, it asks `stop()` after every step."""
+    per step for every active rollout, EOS the step after its length; token 7 (and EOS) with log-prob -version marks
+    the version that sampled it. Like the engine, it asks `stop()` after every step."""
 
     def __init__(self, pool, max_new_tokens=100):
         self.pool, self.version, self.max_new_tokens, self.steps = pool, 0, max_new_tokens, 0
@@ -75,6 +159,9 @@ class StubEngine:
             for r in (r for r in active if not r.done):
                 sampled += 1
                 if len(r.tokens) == target[id(r)]:
+                    r.tokens.append(EOS)
+                    r.logprobs.append(-float(self.version))
+                    r.versions.append(self.version)
                     r.eos = True
                     continue
                 r.tokens.append(7)
@@ -105,7 +192,7 @@ def test_c3po_returns_only_complete_groups_within_capacity():
 
 
 def test_c3po_budget_stops_generation_once_completed_tokens_reach_it():
-    # Two groups end after 2 and 6 tokens. The first costs 2 x (2 + EOS) = 6 tokens, done at step 3: a budget of 6
+    # Two groups end after 2 tokens + EOS and 6 + EOS. The first costs 2 x 3 = 6 tokens, done at step 3: a budget of 6
     # stops there (the other group carried over with 3 tokens each), a budget of 7 samples on until step 7.
     for budget, steps, finished in ((6, 3, 1), (7, 7, 2)):
         pool = RolloutPool(capacity=4, budget=budget, max_retention=5, group_size=2)

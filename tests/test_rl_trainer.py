@@ -14,6 +14,8 @@ from linglab.datasets import example_from_problem
 from linglab.errors import LinglabError
 from linglab.generate import GenerationResult
 from linglab.model import build_model
+from linglab.rl import trainer as trainer_module
+from linglab.rl.rollout import Rollout, RolloutGroup
 from linglab.rl.sft import load_prompts
 from linglab.rl.trainer import STATE_NAME, RLTrainer, run_rl
 from linglab.run import RunDir
@@ -66,7 +68,10 @@ def biases(model):
     ("grpo", "none", "fp32"), ("dapo", "icepop", "fp8"), ("drgrpo", "tis", "fp8"), ("gspo", "icepop", "fp8"),
     ("lpo", "tis", "fp8"), ("lpo", "icepop", "fp32"),
 ])
-def test_three_steps_of_every_loss_and_correction(start, tmp_path, algo, correction, precision):
+def test_three_steps_of_every_loss_and_correction(start, tmp_path, monkeypatch, algo, correction, precision):
+    if algo == "dapo":  # the random model is never right, and DAPO trains only on groups both right and wrong
+        monkeypatch.setattr(trainer_module, "rollout_rewards", lambda cfg, texts, answers, lengths, kind: (
+            (lengths % 2).float(), lengths % 2 == 1, {}))
     trainer = trainer_for(start, tmp_path / "run", algo=algo, correction=correction, rollout_precision=precision)
     bias_before, head_before = biases(trainer.model), trainer.model.lm_head.weight.clone()
     trainer.fit()
@@ -76,7 +81,8 @@ def test_three_steps_of_every_loss_and_correction(start, tmp_path, algo, correct
         assert METRIC_KEYS <= row.keys()
         assert 0 <= row["accuracy"] <= 1 and 0 <= row["mask_fraction"] <= 1 and row["response_length"] <= 16
         assert 0 < row["rollout_time"] < row["step_time"]
-        assert row["response_tokens"] == round(row["response_length"] * 2 * 4)  # 2 prompts x 4 samples
+        assert row["response_tokens"] == round(row["response_length"] * row["groups_sampled"] * 4)  # 4 samples
+        assert row["groups_sampled"] == 2 or algo == "dapo"  # DAPO refills groups all right or all wrong
     assert any(not r["skipped"] for r in rows) and any(r["grad_norm"] for r in rows if not r["skipped"])
     if precision == "fp32":  # same weights: only the KV-cache path and the batch shape differ
         assert all(r["max_abs_logdiff"] < 1e-5 for r in rows)
@@ -87,11 +93,67 @@ def test_three_steps_of_every_loss_and_correction(start, tmp_path, algo, correct
     assert [p.name for p in RunDir(tmp_path / "run", "rl", STATE_NAME).checkpoints()] == ["step_000002", "step_000003"]
 
 
+class ScriptedEngine:
+    """Stands in for the rollout engine: round i's groups answer as `script[i]` says, one entry per group:
+    "right"/"wrong" (every response), or "mixed" (the first response right, the others wrong). Right responses get
+    different lengths, so an all-right group still has unequal Evo-CoT length terms."""
+
+    def __init__(self, engine, tokenizer, script):
+        self.engine, self.tokenizer, self.script, self.rounds = engine, tokenizer, list(script), []
+
+    def generate_groups(self, prompts, group_size, generator, payloads):
+        answers = self.script.pop(0)
+        assert len(answers) == len(prompts), "the trainer asks for exactly the missing groups"
+        self.rounds.append(len(prompts))
+        groups = []
+        for prompt, payload, kind in zip(prompts, payloads, answers, strict=True):
+            rollouts = []
+            for i in range(group_size):
+                right = kind == "right" or (kind == "mixed" and i == 0)
+                text = "ok\n" * i + f"answer: {payload.answer if right else -1}"
+                tokens = self.tokenizer.encode(text) + [self.tokenizer.eos_id]
+                rollouts.append(Rollout(list(prompt), tokens, [-1.0] * len(tokens), [1] * len(tokens), eos=True))
+            groups.append(RolloutGroup(list(prompt), rollouts, payload))
+        return groups
+
+    def __getattr__(self, name):  # sync_weights, work, version: the real engine's
+        return getattr(self.engine, name)
+
+
+@pytest.mark.parametrize("script, rounds, trained", [
+    # Uniform groups every round: the refills stop at rl.dapo_max_rounds = 2, and nothing trains.
+    ([["right", "wrong"], ["wrong", "right"], ["right", "right"]], [2, 2, 2], 0),
+    # One mixed group first: one group is missing, then found in the first refill.
+    ([["mixed", "right"], ["mixed"]], [2, 1], 2),
+])
+def test_dapo_refills_groups_whose_responses_are_all_right_or_all_wrong(start, tmp_path, script, rounds, trained):
+    trainer = trainer_for(start, tmp_path / "run", algo="dapo", dapo_max_rounds=2, length_alpha=0.5)
+    trainer.engine = ScriptedEngine(trainer.engine, trainer.tokenizer, script)
+    groups, stats = trainer.collect()
+    scored = trainer.score(groups)
+    assert trainer.engine.rounds == rounds and stats["dapo_rounds"] == len(rounds) - 1
+    assert scored.row["groups_sampled"] == sum(rounds) and scored.row["groups_trained"] == trained
+    keep, rewards = scored.keep.view(-1, 4), scored.rewards.view(-1, 4)
+    kinds = [kind for answers in script for kind in answers]
+    assert keep[:, 0].tolist() == [kind == "mixed" for kind in kinds]
+    # An all-right group's rewards differ (the length term) and it is dropped all the same: correctness decides.
+    right = kinds.index("right")
+    assert len(set(rewards[right].tolist())) == 4 and not keep[right].any()
+    updated = trainer.update(scored)
+    assert (updated["loss"] is None) == (trained == 0)
+
+
+def test_dapo_refills_need_synchronous_rollouts():
+    with pytest.raises(ConfigError, match="rl.dapo_max_rounds"):
+        rl_config(algo="dapo", c3po=True)
+    assert rl_config(algo="dapo", c3po=True, dapo_max_rounds=0).rl.c3po
+
+
 def test_c3po_steps_train_on_whole_groups_with_stale_tokens(start, tmp_path):
     trainer = trainer_for(start, tmp_path / "run", c3po=True, c3po_capacity=12, c3po_budget=40,
                           c3po_max_retention=1)
     rows = [trainer.train_step() for _ in range(3)]
-    assert all(r["completed_tokens"] >= 40 and r["groups"] >= 1 for r in rows)
+    assert all(r["completed_tokens"] >= 40 and r["groups_sampled"] >= 1 for r in rows)
     assert any(r["carried_groups"] for r in rows) and any(r["stale_token_fraction"] > 0 for r in rows)
     assert all(len(g.rollouts) == 4 and not g.done for g in trainer.pool.groups)
 

@@ -2,7 +2,8 @@
 
     algo      GRPO vs GSPO vs LPO (SPEC §5) at the same budget, 2 PPO epochs per rollout batch so that each
               loss's clipping acts (with one epoch pi_theta = pi_old and no ratio is ever clipped)
-    mismatch  FP8 rollouts (the engine quantises its weights at every sync) with no correction vs TIS vs IcePop
+    mismatch  FP8 rollouts (the engine runs its FP8 GEMMs on the FP8 export's weights, loaded at every sync, and on
+              activations quantised at every call) with no correction vs TIS vs IcePop
     c3po      C3PO++ budget-controlled partial rollouts vs synchronous rollouts: time per step and reward
 
 Every arm keeps the RL defaults (GRPO + IcePop, FP8 rollouts, 40 steps, lr 1e-4, tiers 1-2) except what it
@@ -15,6 +16,7 @@ each; `c3po` starts the two arms of a seed together so that their times are meas
     .venv/bin/python experiments/rl/compare.py --experiment c3po [--seeds 3] [--steps 40] [--jobs 2]
     .venv/bin/python experiments/rl/compare.py --experiment mismatch --arms none,IcePop --steps 200 --name mismatch-200
     .venv/bin/python experiments/rl/compare.py --pooled    # every distinct run of the 40-step results, together
+    .venv/bin/python experiments/rl/compare.py --mismatch-sources   # weight-only vs weight + activation FP8, same tokens
 
 Writes results/<name>.json (per-arm curves, held-out accuracy before/after per tier, timings, per-seed values
 and their spread) and results/<name>.png; the name is the experiment's unless --name gives another.
@@ -225,9 +227,13 @@ def main() -> None:
     p.add_argument("--pretrained", help="HF checkpoint to start from (default: train the tiny preset here)")
     p.add_argument("--arms", help="comma-separated subset of the experiment's arms (default: all)")
     p.add_argument("--name", help="results file stem (default: the experiment's name)")
+    p.add_argument("--mismatch-sources", action="store_true", help="weight-only vs weight + activation FP8 mismatch "
+                   "on the same rollouts from the start checkpoint, into results/mismatch_sources.json")
     args = p.parse_args()
     if args.pooled:
         return pooled()
+    if args.mismatch_sources:
+        return mismatch_sources(pretrained(args.pretrained).resolve(), args.seeds)
     if args.experiment is None:
         p.error("give --experiment or --pooled")
     exp = EXPERIMENTS[args.experiment]
@@ -267,6 +273,48 @@ def main() -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(exp, arms, RESULTS / f"{name}.png")
     print_table(result)
+
+
+def mismatch_sources(start: Path, seeds: int) -> None:
+    """Where FP8 rollouts' mismatch comes from, on one set of tokens: rollouts sampled from `start` by an fp32 engine
+    (the default prompts, 8 x 8 per seed), scored by the trainer's fp32 model, by the same model with the FP8
+    export's weights (weight-only FP8) and by the FP8 rollout engine (those weights and FP8 activations)."""
+    import torch
+
+    from linglab.checkpoint import dequantize_hf_state_dict, from_pretrained, load_state_into, to_hf_state_dict
+    from linglab.fp8 import TILE
+    from linglab.model import build_model
+    from linglab.rl.losses import mismatch_stats
+    from linglab.rl.rollout import RolloutEngine
+    from linglab.rl.trainer import policy_logprobs, rollout_batch
+    from linglab.tasks import generate_problems
+    from linglab.tokenizer import load_tokenizer
+
+    rl = load_config("tiny").rl
+    model, tok = from_pretrained(start).eval(), load_tokenizer(start / "tokenizer.json")
+    weight_only = build_model(model.cfg).eval()
+    load_state_into(weight_only, dequantize_hf_state_dict(to_hf_state_dict(model, fp8=True), TILE, str(start)), str(start))
+    sampler, fp8 = (RolloutEngine(model.cfg, tok.eos_id, rl.max_new_tokens, precision) for precision in ("fp32", "fp8"))
+    sampler.sync_weights(model)
+    fp8.sync_weights(model)
+    rows: dict[str, list[dict]] = {"weight-only FP8": [], "FP8 weights + activations": []}
+    for seed in range(seeds):
+        prompts = tok.encode_batch([p.prompt for p in generate_problems(rl.prompts_per_step, rl.tiers, seed, "train")])
+        groups = sampler.generate_groups(prompts, rl.group_size, torch.Generator().manual_seed(seed))
+        batch = rollout_batch([r for g in groups for r in g.rollouts], tok.pad_id)
+        with torch.no_grad():
+            train = policy_logprobs(model, batch, rl.temperature)[0]
+            for name, engine_model in (("weight-only FP8", weight_only), ("FP8 weights + activations", fp8.model)):
+                stats = mismatch_stats(train, policy_logprobs(engine_model, batch, rl.temperature)[0], batch.mask,
+                                       rl.icepop_alpha, rl.icepop_beta)
+                rows[name].append({**stats, "tokens": int(batch.mask.sum())})
+    out = {"pretrained": str(start), "seeds": seeds, "per_seed": rows,
+           "mean": {name: {k: statistics.fmean(r[k] for r in runs) for k in runs[0]} for name, runs in rows.items()},
+           "command": "experiments/rl/compare.py " + " ".join(sys.argv[1:])}
+    (RESULTS / "mismatch_sources.json").write_text(json.dumps(out, indent=2) + "\n")
+    for name, m in out["mean"].items():
+        print(f"{name:26s} mean |dlogp| {m['mean_abs_logdiff']:.4f}  max {m['max_abs_logdiff']:.2f}  "
+              f"outside [alpha, beta] {1000 * m['icepop_mask_fraction']:.2f} per mille")
 
 
 def pooled() -> None:

@@ -13,7 +13,7 @@ The optional `token_weights` [B, T] multiplies each token's psi term, so a misma
 with any loss:
 
     adv = group_advantages(rewards, group_size=8)
-    ids = sentence_ids_for_tokens([tok.decode([t]) for t in response])    # one response; -1 elsewhere in sentence_ids
+    ids = sentence_ids(*token_offsets(tok.decode, response))    # one response's tokens; -1 elsewhere in sentence_ids
     loss = lpo_loss(logp, old_logp, adv, mask, sentence_ids, token_weights=icepop_mask(old_logp, rollout_logp))
 
 For GSPO and LPO the ratio belongs to a sequence or sentence, but the objective is still a sum of one
@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 SENTENCE_DELIMITERS = frozenset(".!?;:,\n。！？；：，、")
+REPLACEMENT_CHARACTER = "\ufffd"
 
 
 def _lengths(mask: Tensor) -> Tensor:
@@ -101,14 +102,15 @@ def dapo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
     return -terms.sum() / _lengths(mask).sum()
 
 
-def dapo_keep_groups(rewards: Tensor, group_size: int) -> Tensor:
-    """DAPO dynamic sampling (SPEC §5): bool [B], False for every response of a group whose rewards are all equal.
+def dapo_keep_groups(correct: Tensor, group_size: int) -> Tensor:
+    """DAPO dynamic sampling (SPEC §5): bool [B], False for every response of a group whose correctness is all equal.
 
-    Such a group has zero advantage everywhere and so no gradient; DAPO drops it and samples more prompts.
+    A group all right or all wrong says nothing about what is right (its correctness advantage is zero; only the
+    length or format terms could still tell its responses apart); DAPO drops it and samples more prompts.
     """
-    if rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    groups = rewards.view(-1, group_size)
+    if correct.numel() % group_size:
+        raise ValueError(f"{correct.numel()} responses do not split into groups of {group_size}")
+    groups = correct.view(-1, group_size)
     varied = (groups != groups[:, :1]).any(-1)
     return varied.repeat_interleave(group_size)
 
@@ -265,20 +267,60 @@ def segment_sentences(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def sentence_ids_for_tokens(token_texts: Sequence[str]) -> list[int]:
-    """The LPO sentence of each token of one response, numbered 0, 1, ... with no gaps.
+def _continues_a_character(text: str) -> bool:
+    """Whether decoded text ends in an incomplete character: byte-level decoders render it as U+FFFD."""
+    return text.endswith(REPLACEMENT_CHARACTER)
 
-    `token_texts` are the per-token decoded strings; their concatenation is the response text, so this works
-    with any tokenizer. A token belongs to the sentence holding its first character; an empty piece (EOS)
-    to the sentence of the character after it, the last sentence at the end. A sentence that no token starts
-    in (a token spanning two sentences) gets no id, so ids stay contiguous.
+
+def token_offsets(decode: Callable[[Sequence[int]], str], ids: Sequence[int]) -> tuple[str, list[int]]:
+    """(decode(ids), the character offset in it of each token): where each token's text begins.
+
+    Works with any tokenizer's `decode`, as streaming detokenisers do: each step decodes a short window (the
+    tokens since the last piece that was written, after the piece before it as context, so that tokenizers
+    which drop a leading space at the start of a text see it) and writes the new text once it does not end in
+    an incomplete character. A multi-byte character split across byte-level tokens therefore decodes whole,
+    and each token of it begins at that character: a token belongs to the first character it holds bytes of,
+    also where it only completes one begun by the token before it. A token that decodes to nothing (EOS) begins
+    where the next character will. O(len(ids)) decode calls of a few tokens each.
+
+    Should the written pieces not add up to `decode(ids)` (a tokenizer whose decode rewrites across tokens, such
+    as a cleanup of " ." into "."), the offsets come from decoding every prefix instead: O(len(ids)^2) characters.
     """
-    starts = [start for start, _ in segment_sentences("".join(token_texts))]
+    ids = list(ids)
+    written, offsets = "", []
+    context = start = 0  # the window ids[context:start] is context, ids[start:] is not written yet
+    context_text = ""
+    for end in range(1, len(ids) + 1):
+        window = decode(ids[context:end])
+        if _continues_a_character(window) and end < len(ids):
+            continue
+        for j in range(start, end):  # the tokens of this piece, each at the first character it adds to
+            before = decode(ids[context:j]) if j > start else context_text
+            within = len(before) - len(context_text) - int(j > start and _continues_a_character(before))
+            offsets.append(len(written) + within)
+        written += window[len(context_text):]
+        context, start = start, end
+        context_text = decode(ids[context:start])
+    text = decode(ids)
+    if written == text:
+        return text, offsets
+    prefixes = [decode(ids[:j]) for j in range(len(ids))]
+    return text, [len(p) - int(_continues_a_character(p)) for p in prefixes]
+
+
+def sentence_ids(text: str, offsets: Sequence[int]) -> list[int]:
+    """The LPO sentence (`segment_sentences` of `text`) of each token of one response, numbered 0, 1, ... with no gaps.
+
+    `offsets` are where the tokens begin in `text` (`token_offsets`); a token belongs to the sentence holding its
+    first character, one at the end of the text (EOS) to the last sentence. A sentence that no token begins in
+    (a token spanning two sentences) gets no id, so ids stay contiguous.
+    """
+    starts = [start for start, _ in segment_sentences(text)]
     ids: list[int] = []
-    offset, previous = 0, 0
-    for piece in token_texts:
-        sentence = max(bisect.bisect_right(starts, offset) - 1, 0)
+    previous = 0
+    for offset in offsets:
+        sentence = max(bisect.bisect_right(starts, offset) - 1, previous)
         # Sentences never go back along the response, so counting changes numbers them without gaps.
         ids.append(ids[-1] + int(sentence != previous) if ids else 0)
-        offset, previous = offset + len(piece), sentence
+        previous = sentence
     return ids

@@ -2,9 +2,10 @@
 
 The engine samples with `linglab.generate` and keeps each token's log-prob as it was sampled: that is
 log pi_infer, which the trainer compares with its own log pi_train for IcePop/TIS. Its weights are a copy
-of the trainer's, refreshed by `sync_weights`; with `precision="fp8"` the FP8 GEMM weights of SPEC §3 are
-replaced by their 128x128-block E4M3 quantise -> dequantise (the FP8 export's tensors, loaded: the weights and
-blocks FP8 training uses, `linglab.fp8_convert`), so pi_infer really differs from pi_train, as it does between
+of the trainer's, refreshed by `sync_weights`. With `precision="fp8"` it runs the FP8 GEMMs of SPEC §3 as an
+FP8 inference engine does: their weights are the FP8 export's 128x128-block E4M3 tensors, loaded (the weights and
+blocks FP8 training uses), and their activations are quantised at every call, dynamically, in 1x128 E4M3 tiles
+(`linglab.fp8_convert.convert_to_fp8_inference`). So pi_infer really differs from pi_train, as it does between
 a real inference engine and its trainer.
 
     engine = RolloutEngine(model.cfg, eos_id=tok.eos_id, max_new_tokens=64, precision="fp8")
@@ -14,8 +15,10 @@ a real inference engine and its trainer.
     pool = RolloutPool(capacity=128, budget=2560, max_retention=2, group_size=8)
     groups, stats = pool.collect(engine, next_prompts, g)   # C3PO++: whole groups, >= budget tokens
 
-A response is the sampled tokens without the EOS that ended it: `generate` reports no log-prob for EOS,
-so EOS is not a trained token (the pretrained model already knows when to stop).
+A response is every token sampled for it, the EOS that ended it included, each with its log pi_infer: EOS
+is a trained token, so the policy learns when to stop, and IcePop/TIS and the mismatch statistics see it like
+any other. A truncated response (max_new_tokens without EOS) has no EOS. A rollout that holds its EOS is done
+and never resumed.
 """
 
 from __future__ import annotations
@@ -27,15 +30,17 @@ import torch
 
 from linglab import checkpoint as ckpt
 from linglab.config import ModelConfig
-from linglab.fp8 import TILE
+from linglab.fp8 import TILE, Fp8Recipe
+from linglab.fp8_convert import convert_to_fp8_inference
 from linglab.generate import generate
 from linglab.model import LingForCausalLM, build_model
 
 
 @dataclass
 class Rollout:
-    """One response: the prompt ids, the tokens sampled so far with their log pi_infer and the policy version
-    (engine sync count) that sampled each, how it ended, and how often it was carried over unfinished."""
+    """One response: the prompt ids, the tokens sampled so far (ending with EOS once `eos`) with their log pi_infer
+    and the policy version (engine sync count) that sampled each, how it ended, and how often it was carried over
+    unfinished."""
 
     prompt: list[int]
     tokens: list[int] = field(default_factory=list)
@@ -51,8 +56,14 @@ class Rollout:
 
     @property
     def cost(self) -> int:
-        """Tokens the engine sampled for it, EOS included (so a response that is only EOS still costs one)."""
-        return len(self.tokens) + int(self.eos)
+        """Tokens the engine sampled for it, EOS included (so a response that is only EOS still costs one): the
+        response length the rewards see and the number of its tokens that train."""
+        return len(self.tokens)
+
+    @property
+    def text_tokens(self) -> list[int]:
+        """The tokens without the EOS: what the completion text is decoded from."""
+        return self.tokens[:len(self.tokens) - int(self.eos)]
 
 
 @dataclass
@@ -76,6 +87,8 @@ class RolloutEngine:
         if precision not in ("fp32", "fp8"):
             raise ValueError(f"rollout precision must be 'fp32' or 'fp8', got {precision!r}")
         self.model = build_model(model_cfg, device=device).eval().requires_grad_(False)
+        if precision == "fp8":
+            convert_to_fp8_inference(self.model, Fp8Recipe())
         self.eos_id, self.max_new_tokens = eos_id, max_new_tokens
         self.precision, self.temperature, self.top_p = precision, temperature, top_p
         self.version = 0  # number of syncs: the policy version that samples new tokens
@@ -83,7 +96,8 @@ class RolloutEngine:
 
     @torch.no_grad()
     def sync_weights(self, train_model: LingForCausalLM) -> None:
-        """Copy the trainer's weights in; with fp8, through the HF FP8 export's quantise -> dequantise (SPEC §1.6, §3)."""
+        """Copy the trainer's weights in; with fp8, through the HF FP8 export's quantise -> dequantise (SPEC §1.6, §3):
+        the weights an FP8 checkpoint holds."""
         fp8 = self.precision == "fp8"
         tensors = ckpt.to_hf_state_dict(train_model, fp8=fp8)
         if fp8:
@@ -98,7 +112,7 @@ class RolloutEngine:
         already hold what was sampled, so it can count completed groups (C3PO++'s budget).
 
         Earlier tokens keep the log-probs recorded when they were sampled, possibly by an older policy version.
-        Returns the tokens sampled (EOS included).
+        An ending EOS is appended with its log-prob. Returns the tokens sampled (EOS included).
         """
         active = [r for r in rollouts if not r.done]
         if not active:
@@ -106,13 +120,14 @@ class RolloutEngine:
         start = [len(r.tokens) for r in active]
 
         def record(result) -> None:
-            for r, n0, tokens, logprobs, eos in zip(active, start, result.tokens, result.logprobs, result.finished,
-                                                    strict=True):
+            for r, n0, tokens, logprobs, eos, eos_logprob in zip(active, start, result.tokens, result.logprobs,
+                                                                 result.finished, result.eos_logprobs, strict=True):
+                if r.eos:  # recorded, EOS included, by an earlier call of `stop`
+                    continue
                 k = len(r.tokens) - n0  # tokens of this call already recorded
-                if len(tokens) > k:
-                    r.tokens += tokens[k:]
-                    r.logprobs += logprobs[k:]
-                    r.versions += [self.version] * (len(tokens) - k)
+                r.tokens += tokens[k:] + [self.eos_id] * int(eos)
+                r.logprobs += logprobs[k:] + [eos_logprob] * int(eos)
+                r.versions += [self.version] * (len(tokens) - k + int(eos))
                 r.eos = eos
                 r.truncated = not eos and len(r.tokens) >= self.max_new_tokens
 
@@ -127,7 +142,7 @@ class RolloutEngine:
         self.work["prefill_tokens"] += result.prefill_tokens
         self.work["decode_steps"] += result.decode_steps
         self.work["decode_rows"] += result.decode_steps * len(active)
-        return sum(len(r.tokens) - n0 + int(r.eos) for r, n0 in zip(active, start, strict=True))
+        return sum(len(r.tokens) - n0 for r, n0 in zip(active, start, strict=True))
 
     def generate_groups(self, prompts: Sequence[Sequence[int]], group_size: int, generator: torch.Generator,
                         payloads: Sequence[object] | None = None) -> list[RolloutGroup]:

@@ -5,7 +5,8 @@
 
 Per step: sync the rollout engine to the trainer's weights; sample whole groups of G responses (all to the
 end, or C3PO++ with `rl.c3po`); reward them (`linglab.verify.verify` plus optional Evo-CoT length/format terms);
-group advantages (DAPO drops groups whose rewards are all equal, without sampling more); recompute
+group advantages (DAPO drops groups whose responses are all right or all wrong, and samples new prompts in their
+place for up to `rl.dapo_max_rounds` rounds); recompute
 log pi_train(theta_old) of the rollout tokens without gradient; then `rl.ppo_epochs` AdamW steps on the
 selected loss (grpo, dapo, drgrpo, gspo, lpo) times the selected correction (none, tis, icepop; k_t =
 pi_train(theta_old) / pi_infer from the log-probs the engine recorded), plus the optional k3 KL to the policy
@@ -119,7 +120,10 @@ class PromptStream:
 def rollout_rewards(cfg: RLConfig, completions: list[str], answers: list[str], lengths: Tensor,
                     kind: str = "numeric") -> tuple[Tensor, Tensor, dict[str, int]]:
     """(reward [B], correct [B], verifier problem counts) of SPEC §5: correctness (`verify.verify_batch` of `kind`)
-    + alpha * Evo-CoT length term + format term (read in `rl.mode`) + DAPO overlong."""
+    + alpha * Evo-CoT length term + format term (read in `rl.mode`) + DAPO overlong.
+
+    `lengths` are the tokens sampled for each response, its EOS included (`Rollout.cost`): what trains.
+    """
     verdicts, problems = verify_batch(completions, answers, kind)
     correct = torch.tensor(verdicts, dtype=torch.bool)
     reward = correct.float()
@@ -134,7 +138,8 @@ def rollout_rewards(cfg: RLConfig, completions: list[str], answers: list[str], l
 
 @dataclass
 class RolloutBatch:
-    """Rollouts as padded next-token tensors [B, L]: response tokens are the targets where `mask` is set."""
+    """Rollouts as padded next-token tensors [B, L]: response tokens, an ending EOS included, are the targets where
+    `mask` is set."""
 
     inputs: Tensor
     targets: Tensor
@@ -153,7 +158,8 @@ class RolloutBatch:
 
 
 def rollout_batch(rollouts: list[Rollout], pad_id: int, tokenizer: Tokenizer | None = None) -> RolloutBatch:
-    """Pad prompt + response of each rollout; with a tokenizer, number LPO sentences from per-token decoded text."""
+    """Pad prompt + response of each rollout; with a tokenizer, number the LPO sentences of each decoded response
+    and give each token the sentence its text begins in (`losses.token_offsets`; the EOS joins the last one)."""
     length = max(len(r.prompt) + len(r.tokens) for r in rollouts) - 1
     inputs = torch.full((len(rollouts), max(length, 1)), pad_id, dtype=torch.long)
     targets, mask = inputs.clone(), torch.zeros(inputs.shape, dtype=torch.bool)
@@ -165,7 +171,7 @@ def rollout_batch(rollouts: list[Rollout], pad_id: int, tokenizer: Tokenizer | N
         mask[b, response] = True
         infer_logp[b, response] = torch.tensor(r.logprobs)
         if tokenizer is not None and r.tokens:
-            sentence_ids[b, response] = torch.tensor(losses.sentence_ids_for_tokens([tokenizer.decode([t]) for t in r.tokens]))
+            sentence_ids[b, response] = torch.tensor(losses.sentence_ids(*losses.token_offsets(tokenizer.decode, r.tokens)))
     return RolloutBatch(inputs, targets, mask, infer_logp, sentence_ids if tokenizer is not None else None)
 
 
@@ -232,7 +238,7 @@ class ScoredRollouts:
     trainer's log-probs at theta_old and the reference's, and the step's metrics so far."""
 
     rewards: Tensor
-    keep: Tensor  # bool per rollout: its group trains (DAPO drops groups whose rewards are all equal)
+    keep: Tensor  # bool per rollout: its group trains (DAPO drops groups all right or all wrong)
     batch: RolloutBatch
     old_logp: Tensor
     ref_logp: Tensor
@@ -309,17 +315,52 @@ class RLTrainer:
 
     def collect(self) -> tuple[list[RolloutGroup], dict]:
         """Sync the engine to the trainer's weights, then this step's groups: C3PO++ from the pool, or
-        `prompts_per_step` groups generated to completion. Returns them with the engine's work counters."""
+        `prompts_per_step` groups generated to completion (with DAPO, refilled: `dynamic_sampling`). Returns every
+        group sampled, with the engine's work counters."""
         self.engine.sync_weights(self.model)
         work_before = dict(self.engine.work)
         if self.pool is not None:
             groups, stats = self.pool.collect(self.engine, self._new_prompts, self.generator)
         else:
-            prompts, problems = zip(*self._new_prompts(self.cfg.prompts_per_step))
-            groups = self.engine.generate_groups(prompts, self.cfg.group_size, self.generator, problems)
-            stats = {"tokens_generated": sum(r.cost for g in groups for r in g.rollouts)}
+            groups, stats = self._generate_groups(self.cfg.prompts_per_step), {}
+            if self.cfg.algo == "dapo":
+                groups, stats = self.dynamic_sampling(groups)
+            stats["tokens_generated"] = sum(r.cost for g in groups for r in g.rollouts)
         stats.update({k: v - work_before[k] for k, v in self.engine.work.items()})
         return groups, stats
+
+    def _generate_groups(self, n: int) -> list[RolloutGroup]:
+        prompts, payloads = zip(*self._new_prompts(n))
+        return self.engine.generate_groups(prompts, self.cfg.group_size, self.generator, payloads)
+
+    def dynamic_sampling(self, groups: list[RolloutGroup]) -> tuple[list[RolloutGroup], dict]:
+        """DAPO dynamic sampling (SPEC §5): while fewer than `prompts_per_step` groups have responses both right and
+        wrong, generate as many new groups as are missing, for at most `rl.dapo_max_rounds` rounds.
+
+        Correctness decides, not the total reward: a group all right or all wrong has no signal about what is right,
+        even when its length or format terms differ. Returns every group sampled (`score` keeps the mixed ones)
+        and the rounds spent.
+        """
+        mixed = int(self._mixed_correctness(groups).sum())
+        rounds = 0
+        while mixed < self.cfg.prompts_per_step and rounds < self.cfg.dapo_max_rounds:
+            more = self._generate_groups(self.cfg.prompts_per_step - mixed)
+            mixed += int(self._mixed_correctness(more).sum())
+            groups, rounds = groups + more, rounds + 1
+        return groups, {"dapo_rounds": rounds}
+
+    def _mixed_correctness(self, groups: list[RolloutGroup]) -> Tensor:
+        """Per group: whether its responses are neither all right nor all wrong (the verifier's verdict)."""
+        _, correct, _ = self._rewards(groups)
+        return losses.dapo_keep_groups(correct, self.cfg.group_size).view(-1, self.cfg.group_size)[:, 0]
+
+    def _rewards(self, groups: list[RolloutGroup]) -> tuple[Tensor, Tensor, dict[str, int]]:
+        """`rollout_rewards` of every rollout of `groups`, in order: (reward, correct, verifier problem counts)."""
+        rollouts = [r for g in groups for r in g.rollouts]
+        completions = [self.tokenizer.decode(r.text_tokens) for r in rollouts]
+        lengths = torch.tensor([r.cost for r in rollouts])  # EOS included: the tokens that train
+        return rollout_rewards(self.cfg, completions, [g.payload.answer for g in groups for _ in g.rollouts], lengths,
+                               self.verifier)
 
     @torch.no_grad()
     def score(self, groups: list[RolloutGroup]) -> ScoredRollouts:
@@ -327,12 +368,9 @@ class RLTrainer:
         and log pi_ref of every rollout token; the step's reward, accuracy and mismatch metrics."""
         cfg, model = self.cfg, self.model
         rollouts = [r for g in groups for r in g.rollouts]
-        completions = [self.tokenizer.decode(r.tokens) for r in rollouts]
-        lengths = torch.tensor([len(r.tokens) for r in rollouts])
-        rewards, correct, problems = rollout_rewards(cfg, completions,
-                                                     [g.payload.answer for g in groups for _ in g.rollouts], lengths,
-                                                     self.verifier)
-        keep = (losses.dapo_keep_groups(rewards, cfg.group_size) if cfg.algo == "dapo"
+        lengths = torch.tensor([r.cost for r in rollouts])
+        rewards, correct, problems = self._rewards(groups)
+        keep = (losses.dapo_keep_groups(correct, cfg.group_size) if cfg.algo == "dapo"
                 else torch.ones(len(rollouts), dtype=torch.bool))
         batch = rollout_batch(rollouts, self.tokenizer.pad_id,
                               self.tokenizer if cfg.algo == "lpo" else None).to(self.device)
@@ -349,7 +387,7 @@ class RLTrainer:
                "entropy": entropy[batch.mask].mean().item() if batch.mask.any() else 0.0,
                "kl": losses.k3_kl(old_logp, ref_logp, batch.mask).item(),
                "mask_fraction": mismatch["icepop_mask_fraction"], "mean_abs_logdiff": mismatch["mean_abs_logdiff"],
-               "max_abs_logdiff": mismatch["max_abs_logdiff"], "groups": len(groups),
+               "max_abs_logdiff": mismatch["max_abs_logdiff"], "groups_sampled": len(groups),
                "groups_trained": int(keep.sum()) // cfg.group_size, **problems}
         return ScoredRollouts(rewards, keep, batch, old_logp, ref_logp, row)
 
