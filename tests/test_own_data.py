@@ -81,13 +81,21 @@ def test_sft_rl_and_eval_on_gsm8k_and_math_files(start, files, tmp_path):
                  "--verifier", "math", "--samples", "2", "--ks", "1,2", "--problems", "4",
                  "--eval.max_new_tokens=8", "--out", str(ev)]) == 0
     summary = json.loads((ev / "summary.json").read_text())
-    assert set(summary["checkpoints"]) == {"start", "final"} or len(summary["checkpoints"]) == 2
+    assert list(summary["checkpoints"]) == [start.name, "final"]  # labelled by directory name
     assert summary["best_apex"] in summary["checkpoints"] and summary["settings"]["verifier"] == "math"
     for label in summary["checkpoints"]:
         record = json.loads((ev / f"{label}.json").read_text())
         assert record["subsets"]["all"]["n_problems"] == 4
         assert set(record["all"]["apex"]["variants"]) >= {"instant", "instant+system", "thinking"}
     assert main(["eval", "--ckpt", str(start), "--data", str(files / "math.jsonl"), "--out", str(ev)]) == 2  # exists
+    # As if killed before the second checkpoint finished: --resume keeps the first one's file and redoes the other.
+    first, second = (ev / f"{label}.json" for label in summary["checkpoints"])
+    kept = first.read_text()
+    second.unlink()
+    assert main(["eval", "--ckpt", str(start), "--ckpt", str(rl / "final"), "--data", str(files / "math.jsonl"),
+                 "--verifier", "math", "--samples", "2", "--ks", "1,2", "--problems", "4",
+                 "--eval.max_new_tokens=8", "--out", str(ev), "--resume"]) == 0
+    assert first.read_text() == kept and second.is_file()
 
 
 def _killed_then_resumed(args, out, stop_at, env):

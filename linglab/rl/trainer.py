@@ -1,10 +1,16 @@
 """RL post-training (SPEC §5) from an HF checkpoint: optional SFT, then rollouts -> rewards -> policy loss.
 
     linglab rl --ckpt runs/tiny/pretrain/final --out runs/tiny-rl --rl.algo=lpo --rl.correction=icepop
-    linglab rl --ckpt runs/tiny/pretrain/final --out runs/tiny-rl --resume      # continue bit-exactly
+    linglab rl --out runs/tiny-rl --resume                                      # continue bit-exactly
+    linglab rl --ckpt CKPT --out runs/rl --data gsm8k.jsonl --verifier numeric   # your own prompt file (SPEC §10)
+
+Prompts come from a prompt set (`sft.load_prompts`: `rl.data`, or the embedded tiers through the same path),
+drawn in a new seeded order each epoch (`PromptStream`) and rendered through the tokenizer's chat template in
+`rl.mode` (`chat.render_prompt`).
 
 Per step: sync the rollout engine to the trainer's weights; sample whole groups of G responses (all to the
-end, or C3PO++ with `rl.c3po`); reward them (`linglab.verify.verify` plus optional Evo-CoT length/format terms);
+end, or C3PO++ with `rl.c3po`); reward them (`verify.verify_batch` with the run's verifier, plus optional Evo-CoT
+length/format terms);
 group advantages (DAPO drops groups whose responses are all right or all wrong, and samples new prompts in their
 place for up to `rl.dapo_max_rounds` rounds); recompute
 log pi_train(theta_old) of the rollout tokens without gradient; then `rl.ppo_epochs` AdamW steps on the
@@ -22,10 +28,11 @@ whole step; `rollout_time` its rollout phase (weight sync + generation), the fig
 `prefill_tokens`, `decode_steps` and `decode_rows` the engine's work in it (padded prompt positions prefilled,
 decode forwards, rows summed over them).
 
-A run directory holds `config.toml`, `tokenizer.json`, `metrics.jsonl` (`sft` rows, one `train` row per RL
+A run directory holds `config.toml`, the tokenizer files, `metrics.jsonl` (`sft` rows, one `train` row per RL
 step, `eval` rows before and after), `rl_start/` (the policy RL starts from, after SFT: the KL reference),
 `checkpoints/step_NNNNNN/` (HF checkpoint + `rl_state.pt`: optimizer, step, RNGs, prompt stream, C3PO++
-pool), `final/`, `rl_eval.json` (greedy accuracy, pass@k and ApexEval per tier, before vs after), `plots/`,
+pool), `final/`, `rl_eval.json` (greedy accuracy, pass@k and ApexEval per subset: the embedded tiers or a file's
+`subset` field, before vs after), `plots/`,
 `report.md` and `summary.json`.
 """
 
