@@ -225,7 +225,7 @@ def cmd_generate(args, overrides) -> None:
         pieces.append(token)
         print(tokenizer.decode(pieces)[len(before):], end="", flush=True)
 
-    generate(model, [tokenizer.encode(prompt)], args.max_new_tokens, tokenizer.eos_id, temperature=args.temperature,
+    generate(model, [tokenizer.encode(prompt)], args.max_new_tokens, tokenizer.stop_ids, temperature=args.temperature,
              top_p=args.top_p, seed=args.seed, use_cache=True, on_token=stream)
     print()
 

@@ -195,7 +195,7 @@ def _completions(model: LingForCausalLM, tokenizer: Tokenizer, prompts: Sequence
     texts = []
     for c, start in enumerate(range(0, len(prompts), per_call)):
         ids = [row for row in tokenizer.encode_batch(list(prompts[start:start + per_call])) for _ in range(n)]
-        result = generate(model, ids, max_new_tokens, tokenizer.eos_id, temperature=temperature, seed=seed + c)
+        result = generate(model, ids, max_new_tokens, tokenizer.stop_ids, temperature=temperature, seed=seed + c)
         texts += [tokenizer.decode(t) for t in result.tokens]
     return texts
 

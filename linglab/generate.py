@@ -15,8 +15,10 @@ per prompt length, is what keeps resumed C3PO++ rollouts (every one of its own l
 Each generated token comes with its log-prob under the temperature-scaled distribution BEFORE top-p
 truncation: the quantity a policy-gradient update (RL) differentiates. At temperature 0 (greedy) that
 distribution is degenerate, so the log-prob is reported under the model's own (temperature 1) softmax.
-The EOS that ends a row is not one of its tokens, but its log-prob is kept apart (`eos_logprobs`): deciding
-to stop is an action RL trains too.
+The EOS that ends a row is not one of its tokens, but it and its log-prob are kept apart (`eos_tokens`,
+`eos_logprobs`): deciding to stop is an action RL trains too. `eos_id` may be several ids
+(`Tokenizer.stop_ids`: EOS and the chat template's end-of-turn marker, e.g. Ling's `<|role_end|>`); any of them
+ends a row.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from linglab.tokenizer import Tokenizer
 
 @dataclass
 class GenerationResult:
-    """Per prompt, in input order: generated ids (no prompt, no EOS), their log-probs, whether EOS ended it and
-    the log-prob EOS was sampled with (None without EOS); and the work done: prompt positions prefilled (padding
-    included) and decode forwards of the whole batch."""
+    """Per prompt, in input order: generated ids (no prompt, no EOS), their log-probs, whether EOS ended it, and
+    the EOS id and log-prob it was sampled with (None without EOS); and the work done: prompt positions prefilled
+    (padding included) and decode forwards of the whole batch."""
 
     tokens: list[list[int]]
     logprobs: list[list[float]]
@@ -44,6 +46,7 @@ class GenerationResult:
     prefill_tokens: int = 0
     decode_steps: int = 0
     eos_logprobs: list[float | None] = field(default_factory=list)
+    eos_tokens: list[int | None] = field(default_factory=list)
 
 
 def _check_sampling(temperature: float, top_p: float) -> None:
@@ -81,7 +84,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 
 
 def _generate_batch(model: LingForCausalLM, prompts: torch.Tensor, pad: torch.Tensor | None, limits: list[int],
-                    eos_id: int, temperature: float, top_p: float, generator: torch.Generator | None, use_cache: bool,
+                    stop_ids: frozenset[int], temperature: float, top_p: float, generator: torch.Generator | None, use_cache: bool,
                     on_token: Callable[[int, int], None] | None, stop: Callable[[GenerationResult], bool] | None,
                     result: GenerationResult) -> None:
     """Generate for left-padded prompts [B, P] (pad [B] slots each, or None) as one batch into `result`; row b
@@ -99,8 +102,8 @@ def _generate_batch(model: LingForCausalLM, prompts: torch.Tensor, pad: torch.Te
         for row, (token, lp) in enumerate(zip(ids.tolist(), logp.tolist(), strict=True)):
             if result.finished[row] or step >= limits[row]:
                 continue
-            if token == eos_id:
-                result.finished[row], result.eos_logprobs[row] = True, lp
+            if token in stop_ids:
+                result.finished[row], result.eos_logprobs[row], result.eos_tokens[row] = True, lp, token
                 continue
             result.tokens[row].append(token)
             result.logprobs[row].append(lp)
@@ -121,7 +124,7 @@ def _generate_batch(model: LingForCausalLM, prompts: torch.Tensor, pad: torch.Te
 
 @torch.no_grad()
 def generate(model: LingForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
-             eos_id: int, temperature: float = 1.0, top_p: float = 1.0, seed: int | torch.Generator | None = None,
+             eos_id: int | Sequence[int], temperature: float = 1.0, top_p: float = 1.0, seed: int | torch.Generator | None = None,
              use_cache: bool = True, on_token: Callable[[int, int], None] | None = None,
              stop: Callable[[GenerationResult], bool] | None = None) -> GenerationResult:
     """Sample up to `max_new_tokens` tokens after each prompt (one limit, or one per prompt); see the module
@@ -159,7 +162,7 @@ def generate(model: LingForCausalLM, prompts: Sequence[Sequence[int]], max_new_t
 
     n = len(prompts)
     result = GenerationResult(tokens=[[] for _ in range(n)], logprobs=[[] for _ in range(n)], finished=[False] * n,
-                              eos_logprobs=[None] * n)
+                              eos_logprobs=[None] * n, eos_tokens=[None] * n)
     if n == 0 or max(limits) == 0:
         return result
     width = max(len(p) for p in prompts)
@@ -171,7 +174,8 @@ def generate(model: LingForCausalLM, prompts: Sequence[Sequence[int]], max_new_t
     was_training = model.training
     model.eval()
     try:
-        _generate_batch(model, batch, pad, limits, eos_id, temperature, top_p, generator, use_cache, on_token, stop,
+        stop_ids = frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
+        _generate_batch(model, batch, pad, limits, stop_ids, temperature, top_p, generator, use_cache, on_token, stop,
                         result)
     finally:
         model.train(was_training)
@@ -181,5 +185,5 @@ def generate(model: LingForCausalLM, prompts: Sequence[Sequence[int]], max_new_t
 def generate_text(model: LingForCausalLM, tokenizer: Tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
                   **kw) -> list[str]:
     """Completions (prompt excluded, stopped at EOS) for text prompts; `kw` as for `generate`."""
-    result = generate(model, tokenizer.encode_batch(prompts), max_new_tokens, tokenizer.eos_id, **kw)
+    result = generate(model, tokenizer.encode_batch(prompts), max_new_tokens, tokenizer.stop_ids, **kw)
     return [tokenizer.decode(ids) for ids in result.tokens]

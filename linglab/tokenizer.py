@@ -22,6 +22,7 @@ with linglab's template. A `tokenizer.json` alone is linglab's own: `<|eos|>`, `
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -31,7 +32,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from linglab.chat import LINGLAB_CHAT_TEMPLATE, compile_template, render_template
+from linglab.chat import LINGLAB_CHAT_TEMPLATE, compile_template, render_conversation, render_template
 from linglab.errors import LinglabError
 
 EOS = "<|eos|>"
@@ -208,6 +209,22 @@ class Tokenizer:
             raise LinglabError("the tokenizer has no chat template (add chat_template to its tokenizer_config.json)")
         text = render_template(self.chat_template, messages, add_generation_prompt, **{**self.special_tokens, **kwargs})
         return self.encode(text) if tokenize else text
+
+    @functools.cached_property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end a generated reply: EOS, and the chat template's end-of-turn marker when that is another
+        single token (Ling-style templates close a turn with `<|role_end|>`, not EOS). The marker is what the
+        template writes after a reply's text (`chat.render_conversation` of a one-turn conversation)."""
+        marker = None
+        if self.chat_template is not None:
+            try:
+                pieces = render_conversation(self, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}])
+                reply = next(text for text, is_assistant in pieces if is_assistant)
+                marker = reply[reply.index("r") + 1:].strip() if "r" in reply else None
+            except LinglabError:  # a template that cannot render a plain turn: EOS alone
+                marker = None
+        marker_id = None if not marker else self.hf_tokenizer.token_to_id(marker)
+        return (self.eos_id,) if marker_id in (None, self.eos_id) else (self.eos_id, marker_id)
 
     @property
     def vocab_size(self) -> int:

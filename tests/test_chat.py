@@ -253,3 +253,26 @@ def test_bad_chat_template_jinja_names_its_file(ling_dir, tmp_path):
     (directory / "chat_template.jinja").write_text("{% if messages %}unclosed")
     with pytest.raises(LinglabError, match=r"chat_template.jinja: the chat template does not parse \(line 1"):
         load_tokenizer(directory)
+
+
+def test_generation_stops_at_the_templates_end_of_turn_marker(linglab_tok, ling_dir):
+    """A Ling-style template closes a turn with <|role_end|>, not EOS: both end a generated reply (stop_ids), and the
+    rollout keeps the one sampled."""
+    import torch
+    from conftest import tiny_config
+
+    from linglab.generate import generate
+    from linglab.model import build_model
+
+    assert linglab_tok.stop_ids == (linglab_tok.eos_id,)
+    ling = load_tokenizer(ling_dir)
+    role_end = ling.hf_tokenizer.token_to_id("<|role_end|>")
+    assert ling.stop_ids == (ling.eos_id, role_end) and role_end != ling.eos_id
+    model = build_model(tiny_config(num_hidden_layers=1, vocab_size=ling.vocab_size).model, seed=0)
+    with torch.no_grad():  # make <|role_end|> the greedy choice at every step
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[role_end] = 1.0
+        model.model.word_embeddings.weight.fill_(1.0)
+    result = generate(model, [[1, 2, 3]], 8, ling.stop_ids, temperature=0.0)
+    assert result.tokens == [[]] and result.finished == [True] and result.eos_tokens == [role_end]
+    assert generate(model, [[1, 2, 3]], 4, ling.eos_id, temperature=0.0).finished == [False]  # EOS alone does not stop it

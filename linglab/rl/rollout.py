@@ -82,7 +82,7 @@ class RolloutGroup:
 class RolloutEngine:
     """The inference side: its own model, synced from the trainer's, sampling with recorded log pi_infer."""
 
-    def __init__(self, model_cfg: ModelConfig, eos_id: int, max_new_tokens: int, precision: str = "fp32",
+    def __init__(self, model_cfg: ModelConfig, eos_id: int | Sequence[int], max_new_tokens: int, precision: str = "fp32",
                  temperature: float = 1.0, top_p: float = 1.0, device: str | torch.device = "cpu"):
         if precision not in ("fp32", "fp8"):
             raise ValueError(f"rollout precision must be 'fp32' or 'fp8', got {precision!r}")
@@ -120,12 +120,13 @@ class RolloutEngine:
         start = [len(r.tokens) for r in active]
 
         def record(result) -> None:
-            for r, n0, tokens, logprobs, eos, eos_logprob in zip(active, start, result.tokens, result.logprobs,
-                                                                 result.finished, result.eos_logprobs, strict=True):
+            for r, n0, tokens, logprobs, eos, eos_logprob, eos_token in zip(
+                    active, start, result.tokens, result.logprobs, result.finished, result.eos_logprobs,
+                    result.eos_tokens, strict=True):
                 if r.eos:  # recorded, EOS included, by an earlier call of `stop`
                     continue
                 k = len(r.tokens) - n0  # tokens of this call already recorded
-                r.tokens += tokens[k:] + [self.eos_id] * int(eos)
+                r.tokens += tokens[k:] + [eos_token] * int(eos)
                 r.logprobs += logprobs[k:] + [eos_logprob] * int(eos)
                 r.versions += [self.version] * (len(tokens) - k + int(eos))
                 r.eos = eos

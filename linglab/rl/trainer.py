@@ -264,7 +264,7 @@ class RLTrainer:
         self.cfg, self.run, self.model, self.tokenizer, self.log = cfg, run, model, tokenizer, log
         self.reference = reference.eval().requires_grad_(False)
         self.device = model.lm_head.weight.device
-        self.engine = RolloutEngine(model.cfg, tokenizer.eos_id, cfg.max_new_tokens, cfg.rollout_precision,
+        self.engine = RolloutEngine(model.cfg, tokenizer.stop_ids, cfg.max_new_tokens, cfg.rollout_precision,
                                     cfg.temperature, cfg.top_p, device=self.device)
         self.pool = (RolloutPool(cfg.c3po_capacity, cfg.c3po_budget, cfg.c3po_max_retention, cfg.group_size)
                      if cfg.c3po else None)
