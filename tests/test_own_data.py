@@ -66,6 +66,7 @@ def test_sft_rl_and_eval_on_gsm8k_and_math_files(start, files, tmp_path):
     sft, rl, ev = tmp_path / "sft", tmp_path / "rl", tmp_path / "eval"
     assert main(["sft", "--ckpt", str(start), "--out", str(sft), "--data", str(files / "gsm8k.jsonl"), *SFT_FAST]) == 0
     assert [r["step"] for r in rows_of(sft / "metrics.jsonl") if r["kind"] == "sft"] == [1, 2, 3]
+    assert "## Evaluation before vs after" in (sft / "report.md").read_text() and (sft / "plots" / "sft_loss.png").is_file()
     summary = json.loads((sft / "summary.json").read_text())
     split = load_prompt_set(files / "gsm8k.jsonl")  # the train rows SFT sees: all but those held out by hash
     assert summary["examples"] == len(split.train) and 0 < len(split.heldout) < 40 and summary["data"] == str(files / "gsm8k.jsonl")

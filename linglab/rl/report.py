@@ -1,4 +1,5 @@
-"""Plots and a Markdown report for one RL run directory (see `linglab.rl.trainer`).
+"""Plots and a Markdown report for one RL run directory (see `linglab.rl.trainer`), and for an SFT run
+(`write_sft_report`: the loss curve, the before/after evaluation of sft_eval.json).
 
 Reads `metrics.jsonl` (one `train` row per RL step, via `linglab.report.read_metrics`), `rl_eval.json`,
 `summary.json` and `config.toml`; writes `plots/{reward,accuracy,mismatch,mask_fraction,response_length}.png`
@@ -16,6 +17,7 @@ from matplotlib.ticker import MaxNLocator
 
 from linglab.plots import figure, save
 from linglab.report import read_json, read_metrics
+from linglab.run import read_jsonl
 
 
 def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -31,8 +33,8 @@ def smooth(values: np.ndarray, window: int = 5) -> np.ndarray:
     return (cumulative[1:] - cumulative[np.maximum(np.arange(1, len(values) + 1) - window, 0)]) / counts
 
 
-def _figure(title: str, ylabel: str):
-    fig, ax = figure(title, "RL step", ylabel)
+def _figure(title: str, ylabel: str, xlabel: str = "RL step"):
+    fig, ax = figure(title, xlabel, ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig, ax
 
@@ -44,11 +46,12 @@ def _first_last(steps: np.ndarray, values: np.ndarray, fmt: str) -> str:
             f"over steps {steps[-n]}-{steps[-1]}")
 
 
-def _plot_curve(train: list[dict], key: str, title: str, ylabel: str, fmt: str, path: Path) -> str | None:
+def _plot_curve(train: list[dict], key: str, title: str, ylabel: str, fmt: str, path: Path,
+                xlabel: str = "RL step") -> str | None:
     steps, values = _series(train, key)
     if not len(steps):
         return None
-    fig, ax = _figure(title, ylabel)
+    fig, ax = _figure(title, ylabel, xlabel)
     ax.plot(steps, values, lw=0.8, alpha=0.5, label="per step")
     ax.plot(steps, smooth(values), lw=1.5, label="5-step mean")
     ax.legend(fontsize=8)
@@ -106,10 +109,11 @@ def _eval_section(rl_eval) -> list[str]:
     stages = list(rl_eval)
     tiers = list(dict.fromkeys(t for s in stages for t in rl_eval[s].get("tiers", {})))
     metrics = [k for k in next(iter(rl_eval[stages[0]]["tiers"].values())) if k.startswith("pass@")]
-    header = ["tier", "metric", *(f"{s} (step {rl_eval[s]['step']})" for s in stages)]
+    header = ["subset", "metric", *(f"{s} (step {rl_eval[s]['step']})" for s in stages)]
     lines = ["## Evaluation before vs after", "",
-             "Held-out problems; greedy exact match, unbiased pass@k of the plain prompt and ApexEval (best pass@k "
-             "over prompt variants, SPEC §6), sampled at the rollout temperature.", "",
+             "Held-out problems per subset (the embedded tiers, or a prompt file's `subset` field); greedy accuracy, "
+             "unbiased pass@k of the first prompt variant and ApexEval (best pass@k over prompt variants, SPEC §6), "
+             "sampled at the rollout temperature, answers checked by the run's verifier.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * len(stages)]
     for tier in tiers:
         for metric in ["greedy_accuracy", *metrics, "apex"]:
@@ -129,16 +133,30 @@ def write_rl_report(run_dir: str | Path, title: str = "linglab RL run") -> Path:
     """Draw the RL plots and write run_dir/report.md; returns its path."""
     run_dir = Path(run_dir)
     train, _ = read_metrics(run_dir / "metrics.jsonl")
-    plots_dir = run_dir / "plots"
-    plots_dir.mkdir(exist_ok=True)
-    drawn = []
-    for stem, draw in (
+    return _write_report(run_dir, title, "rl_eval.json", (
         ("reward", lambda p: _plot_curve(train, "reward", "mean reward", "reward", ".3f", p)),
         ("accuracy", lambda p: _plot_accuracy(train, p)),
         ("mismatch", lambda p: _plot_mismatch(train, p)),
         ("mask_fraction", lambda p: _plot_mask(train, p)),
         ("response_length", lambda p: _plot_curve(train, "response_length", "mean response length", "tokens", ".1f", p)),
-    ):
+    ))
+
+
+def write_sft_report(run_dir: str | Path, title: str = "linglab SFT run") -> Path:
+    """Draw the SFT loss curve and write run_dir/report.md (summary, before/after evaluation, config)."""
+    run_dir = Path(run_dir)
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "sft"]
+    return _write_report(run_dir, title, "sft_eval.json", (
+        ("sft_loss", lambda p: _plot_curve(rows, "loss", "SFT loss on the assistant tokens", "cross-entropy", ".3f", p,
+                                           xlabel="SFT step")),
+    ))
+
+
+def _write_report(run_dir: Path, title: str, eval_name: str, plots) -> Path:
+    plots_dir = run_dir / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    drawn = []
+    for stem, draw in plots:
         caption = draw(plots_dir / f"{stem}.png")
         if caption is not None:
             drawn.append((stem, caption))
@@ -148,7 +166,7 @@ def write_rl_report(run_dir: str | Path, title: str = "linglab RL run") -> Path:
     if summary:
         shown = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in summary.items() if v not in ("", None)}
         lines += ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in shown.items()), ""]
-    lines += _eval_section(read_json(run_dir / "rl_eval.json"))
+    lines += _eval_section(read_json(run_dir / eval_name))
     if drawn:
         lines += ["## Plots", ""]
     for stem, caption in drawn:

@@ -208,6 +208,8 @@ def run_sft(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool 
     """
     from rich.console import Console
 
+    from linglab.rl.report import write_sft_report
+
     rl = cfg.rl
     console = console or Console()
     if rl.sft_steps < 1:
@@ -290,5 +292,6 @@ def run_sft(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool 
                "examples": len(examples), "skipped_rows": prompts.skipped, "rows": len(stage.loader.dataset),
                "wall_time_s": elapsed, "command": command}
     run.write_json("summary.json", summary)
+    console.print(f"report: {write_sft_report(run.path)}")
     console.print(f"SFT checkpoint: {run.path} (linglab rl --ckpt {run.path} ...)")
     return summary
