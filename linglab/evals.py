@@ -5,11 +5,11 @@ set (greedy accuracy, unbiased pass@k and ApexEval, SPEC §6) that SFT, RL and `
     linglab eval --ckpt A --ckpt B --data test.jsonl --verifier math  # greedy, pass@k, ApexEval per checkpoint
     policy_eval(model, tok, examples, n=8, ks=[1, 4, 8], kind="numeric", variants=EMBEDDED_VARIANTS)
 
-Exact match of a pretraining run = the `answer:` line of a greedy completion equals the problem's answer
-(`tasks.is_correct`), the embedded tasks' own format. The policy evaluation checks answers with
-`linglab.verify.verify_batch` (the RL reward's verifier too), which compares values, not strings (SPEC §6), and
-renders prompts through the tokenizer's chat template (`linglab.chat.render_prompt`). Held-out problems are disjoint
-from training by construction (`tasks.is_heldout`, `datasets.split_heldout`).
+Every answer is checked by `linglab.verify` (the RL reward's verifier too), which compares values, not strings
+(SPEC §6): a pretraining run's exact match is the numeric verifier on the `answer:` line of a greedy completion;
+the policy evaluation runs `verify_batch` with the prompt set's verifier and renders prompts through the
+tokenizer's chat template (`linglab.chat.render_prompt`). Held-out problems are disjoint from training by
+construction (`tasks.is_heldout`, `datasets.split_heldout`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from linglab.errors import LinglabError
 from linglab.generate import generate, generate_text
 from linglab.model import LingForCausalLM
 from linglab.passk import pass_at_k_batch, pass_at_k_by_variant
-from linglab.tasks import TIERS, Problem, is_correct
+from linglab.tasks import TIERS, Problem
 from linglab.tokenizer import Tokenizer
-from linglab.verify import verify_batch
+from linglab.verify import verify, verify_batch
 
 MAX_NEW_TOKENS = 64  # the longest worked solution of the embedded tiers is ~35 tokens
 
@@ -60,7 +60,7 @@ def tier_accuracy(model: LingForCausalLM, tokenizer, problems: list[Problem]) ->
     """Greedy exact-match accuracy over problems."""
     completions = generate_text(model, tokenizer, [p.prompt for p in problems], max_new_tokens=MAX_NEW_TOKENS,
                                 temperature=0.0)
-    return sum(is_correct(c, p) for c, p in zip(completions, problems)) / max(len(problems), 1)
+    return sum(verify(c, p.answer, "numeric") for c, p in zip(completions, problems)) / max(len(problems), 1)
 
 
 def evaluate_run(model: LingForCausalLM, data, step: int) -> dict:
@@ -86,7 +86,7 @@ def sample_completions(model: LingForCausalLM, data, n: int) -> list[dict]:
         return []
     completions = generate_text(model, data.tokenizer, [p.prompt for p in chosen], max_new_tokens=MAX_NEW_TOKENS,
                                 temperature=0.0)
-    return [{"prompt": p.prompt, "completion": c, "answer": p.answer, "correct": is_correct(c, p),
+    return [{"prompt": p.prompt, "completion": c, "answer": p.answer, "correct": verify(c, p.answer, "numeric"),
              "tier": TIERS[p.tier].name} for p, c in zip(chosen, completions)]
 
 
