@@ -153,6 +153,9 @@ def test_a_bad_row_is_one_line_and_skip_bad_rows_counts_it(start, files, tmp_pat
     assert summary["skipped_rows"] == 1 and summary["train_prompts"] + summary["heldout_prompts"] == 39
     assert main(["rl", "--ckpt", str(start), "--out", str(tmp_path / "x"), "--data", str(tmp_path / "none.jsonl")]) == 2
     assert "none.jsonl" in capsys.readouterr().err and not (tmp_path / "x").exists()
-    # --resume trusts the run's own config: another data file is refused
+    # --resume trusts the run's own config: another data file is refused, and so is the same file edited
     assert main(["rl", "--out", str(out), "--resume", "--data", str(files / "gsm8k.jsonl")]) == 2
     assert "rl.data" in capsys.readouterr().err
+    bad.write_text(bad.read_text().replace("apples", "pears"))
+    assert main(["rl", "--out", str(out), "--resume", "--rl.steps=3"]) == 2
+    assert "differ from those the run was started with" in capsys.readouterr().err

@@ -88,6 +88,10 @@ class PromptStream:
         self.examples, self.rng = list(examples), random.Random(seed)
         self.epoch, self.position = 0, 0
         self.order = self._shuffled()
+        digest = hashlib.blake2b(digest_size=16)
+        for e in self.examples:
+            digest.update(repr((e.messages, e.answer)).encode())
+        self.fingerprint = digest.hexdigest()
 
     def _shuffled(self) -> list[int]:
         order = list(range(len(self.examples)))
@@ -103,18 +107,12 @@ class PromptStream:
             self.position += 1
         return out
 
-    def fingerprint(self) -> str:
-        digest = hashlib.blake2b(digest_size=16)
-        for e in self.examples:
-            digest.update(repr((e.messages, e.answer)).encode())
-        return digest.hexdigest()
-
     def state_dict(self) -> dict:
         return {"rng": self.rng.getstate(), "order": self.order, "position": self.position, "epoch": self.epoch,
-                "fingerprint": self.fingerprint()}
+                "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["fingerprint"] != self.fingerprint():
+        if state["fingerprint"] != self.fingerprint:
             raise LinglabError("rl: the train prompts differ from those the run was started with (was rl.data edited?); "
                                "start a new run")
         self.rng.setstate(state["rng"])
