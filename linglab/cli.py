@@ -190,7 +190,7 @@ def _dir_mb(path: Path) -> float:
 
 
 def cmd_export(args, overrides) -> None:
-    """Re-save a checkpoint as fp32 HF, or with --fp8 as the HF FP8 format (SPEC §1.6), with its tokenizer.json."""
+    """Re-save a checkpoint as fp32 HF, or with --fp8 as the HF FP8 format (SPEC §1.6), with its tokenizer files."""
     from linglab.checkpoint import export_checkpoint, load_config_json
 
     if overrides:
@@ -213,9 +213,13 @@ def cmd_generate(args, overrides) -> None:
     if overrides:
         raise LinglabError(f"generate: unexpected arguments {' '.join(overrides)}")
     model = from_pretrained(args.ckpt)
-    tokenizer = load_tokenizer(Path(args.ckpt) / "tokenizer.json")
+    tokenizer = load_tokenizer(args.ckpt)
     prompt = args.prompt.replace("\\n", "\n")
-    if not prompt.endswith("\n") and not args.raw:
+    if args.chat:  # a user message through the tokenizer's chat template, as RL and eval render prompts
+        from linglab.chat import render_prompt
+
+        prompt = render_prompt(tokenizer, [{"role": "user", "content": prompt}], args.mode, args.system_prompt or "")
+    elif not prompt.endswith("\n") and not args.raw:
         prompt += "\n"  # the embedded tasks put the answer after the prompt's newline
     print(prompt, end="", flush=True)
     pieces: list[int] = []
@@ -285,7 +289,7 @@ def _embedded_eval(args) -> None:
     if args.seq_len > model.cfg.max_position_embeddings:
         raise LinglabError(f"eval: --seq-len {args.seq_len} exceeds the model's max_position_embeddings "
                            f"({model.cfg.max_position_embeddings})")
-    tokenizer = load_tokenizer(Path(args.ckpt) / "tokenizer.json")
+    tokenizer = load_tokenizer(args.ckpt)
     data = heldout_data(tokenizer, heldout_problems(args.problems, range(len(TIERS)), args.data_seed), args.seq_len)
     row = evals.evaluate_run(model, data, step=0)
     table = Table(title=f"held-out evaluation of {args.ckpt}")
@@ -549,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="re-save a checkpoint as fp32 HF, or with --fp8 in the HF FP8 format")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory to read (its tokenizer.json is copied along)")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory to read (its tokenizer files are copied along)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--fp8", action="store_true",
                    help="store the FP8 GEMM weights as E4M3 with 128x128-block fp32 scale_inv (SPEC §1.6); "
@@ -558,8 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="sample from a checkpoint, streaming (KV cache)")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory with tokenizer.json")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory with its tokenizer files")
     p.add_argument("--prompt", required=True, help="prompt text (\\n for newlines), e.g. '47+58=?'")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message through the tokenizer's "
+                   "chat template (with --mode, --system-prompt)")
+    p.add_argument("--mode", choices=CHAT_MODES, default="instant", help="chat template mode with --chat")
+    p.add_argument("--system-prompt", help="system message with --chat")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)

@@ -159,3 +159,9 @@ def test_a_bad_row_is_one_line_and_skip_bad_rows_counts_it(start, files, tmp_pat
     bad.write_text(bad.read_text().replace("apples", "pears"))
     assert main(["rl", "--out", str(out), "--resume", "--rl.steps=3"]) == 2
     assert "differ from those the run was started with" in capsys.readouterr().err
+
+
+def test_generate_chat_renders_the_prompt_through_the_template(start, capsys):
+    assert main(["generate", "--ckpt", str(start), "--prompt", "1+1=?", "--chat", "--mode", "thinking",
+                 "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("1+1=?\n<think>\n")  # linglab's template opens the thinking block
