@@ -329,11 +329,11 @@ class RLConfig(PromptDataConfig):
     sft_lr: float = 1e-4
     sft_batch_size: int = 16  # packed rows of sft_seq_len tokens
     sft_seq_len: int = 128
-    tiers: list[int] = field(default_factory=lambda: [1, 2])  # task tiers to train on (repeats weight a tier)
+    tiers: list[int] = field(default_factory=lambda: [1, 2])  # embedded tiers to train on (rl.data = ""; repeats weight a tier)
     ckpt_every: int = 10  # steps between checkpoints
     keep_last: int = 3  # checkpoints kept
     seed: int = 0  # prompts, sampling and evaluation
-    eval_problems: int = 32  # held-out problems per tier for the before/after evaluation (0 = skip it)
+    eval_problems: int = 32  # held-out problems per subset (tier) for the before/after evaluation (0 = skip it)
     eval_samples: int = 8  # samples per problem (n) for pass@k and ApexEval
     eval_ks: list[int] = field(default_factory=lambda: [1, 4, 8])  # k of pass@k; ApexEval uses the largest
     # DAPO dynamic sampling: rounds of new prompts that may replace the groups whose responses are all right or all

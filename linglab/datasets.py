@@ -37,7 +37,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from linglab import tasks
+import linglab.tasks as tasks
 from linglab.errors import LinglabError
 from linglab.verify import last_boxed
 
