@@ -4,4 +4,5 @@ import sys
 
 from linglab.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a spawned worker process imports it (`linglab pipeline`'s parallel RL seeds)
+    sys.exit(main())

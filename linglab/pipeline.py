@@ -10,10 +10,14 @@ One config drives both stages: `[model]`, `[data]`, `[train]` and `[fp8]` the pr
     <out>/rl/           the `linglab rl` run from pretrain/final: per-step RL metrics, before/after evaluation
                         (with --rl-seeds N > 1: rl-seed<s>/ for rl.seed = s, s+1, ..., each its own prompts,
                         samples and held-out problems, so the gain comes with its spread over seeds)
-    <out>/summary.json  wall time of each stage and of the whole pipeline (evaluations and reports included)
+    <out>/summary.json  wall time of each stage, of the RL phase and of the whole pipeline (evaluations and
+                        reports included)
     <out>/report.md     the one report: the before/after table per tier (greedy, pass@k, ApexEval; mean,
                         spread and per-seed changes), both stages' headline numbers and plots, and links to
                         each stage's full report
+
+On the CPU, several RL seeds train side by side, one process and one thread per core (`rl_workers`: faster than
+one after the other at this scale), each logging to <out>/<run>.log; on a GPU one after the other.
 
 With --resume a finished stage (its summary.json is written last) is kept and an unfinished one resumes from
 its last checkpoint, bit-exactly as `linglab train --resume` and `linglab rl --resume` do.
@@ -23,10 +27,14 @@ from __future__ import annotations
 
 import copy
 import json
+import multiprocessing as mp
 import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+
+import torch
 
 from linglab.config import Config
 from linglab.errors import LinglabError
@@ -58,7 +66,6 @@ def run_pipeline(cfg: Config, out: str | Path, resume: bool = False, overwrite: 
     rl_seeds None: as many as the pipeline being resumed has, else 1."""
     from rich.console import Console
 
-    from linglab.rl.trainer import run_rl
     from linglab.run import RunDir
     from linglab.train import run_training
 
@@ -76,9 +83,14 @@ def run_pipeline(cfg: Config, out: str | Path, resume: bool = False, overwrite: 
     if rl_seeds is None:
         rl_seeds = len(previous.get("rl_runs", [RL]))
     stages = dict(previous.get("stages", {}))
+    rl_before, rl_t0 = previous.get("rl_wall_time_s", 0.0), None
+
+    def rl_wall() -> float:  # the RL phase's wall time so far, over every process that ran it
+        return rl_before + (0.0 if rl_t0 is None else time.perf_counter() - rl_t0)
+
     pretrain_dir = out / PRETRAIN
     runs = rl_runs(rl_seeds, cfg.rl.seed)
-    _write_summary(out, stages, command, runs)  # the RL runs are on record before anything can be interrupted
+    _write_summary(out, stages, command, runs, rl_wall())  # the RL runs are on record before anything can be interrupted
 
     state = _stage_state(pretrain_dir)
     if state != "done":
@@ -87,30 +99,84 @@ def run_pipeline(cfg: Config, out: str | Path, resume: bool = False, overwrite: 
         run_training(cfg, pretrain_dir, resume=state == "started", command=command, console=console)
         stages[PRETRAIN] = {"wall_time_s": time.perf_counter() - t0 + stages.get(PRETRAIN, {}).get("wall_time_s", 0.0),
                             "resumed": state == "started"}
-        _write_summary(out, stages, command, runs)
+        _write_summary(out, stages, command, runs, rl_wall())
 
+    todo = []
     for name, seed in runs:
-        rl_dir, state = out / name, _stage_state(out / name)
-        if state == "done":
-            continue
-        console.rule(f"[bold]2/2 RL (rl.seed={seed}) from {pretrain_dir / 'final'} -> {rl_dir}")
-        rl_cfg = copy.deepcopy(cfg)
-        rl_cfg.rl.seed = seed
-        t0 = time.perf_counter()
-        started = state == "started" and (rl_dir / "rl_start").is_dir()
-        run_rl(rl_cfg, pretrain_dir / "final", rl_dir, resume=started, overwrite=not started, command=command,
-               console=console)
-        stages[name] = {"wall_time_s": time.perf_counter() - t0 + stages.get(name, {}).get("wall_time_s", 0.0),
+        state = _stage_state(out / name)
+        if state != "done":
+            rl_cfg = copy.deepcopy(cfg)
+            rl_cfg.rl.seed = seed
+            started = state == "started" and (out / name / "rl_start").is_dir()
+            todo.append((name, seed, rl_cfg, started))
+    workers = rl_workers(cfg, len(todo))
+    rl_t0 = time.perf_counter() if todo else None
+    if workers > 1:
+        console.rule(f"[bold]2/2 RL x {len(todo)} from {pretrain_dir / 'final'}: {workers} at a time, "
+                     f"{_threads(workers)} thread(s) each; logs in {out}/<run>.log")
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
+                                 initargs=(_threads(workers),)) as pool:
+            futures = {pool.submit(_rl_stage, rl_cfg, pretrain_dir / "final", out / name, started, command,
+                                   out / f"{name}.log"): (name, seed, started) for name, seed, rl_cfg, started in todo}
+            for future in as_completed(futures):
+                name, seed, started = futures[future]
+                wall = future.result()
+                console.print(f"{name} (rl.seed={seed}) finished in {wall:.0f} s: {out / name / 'report.md'}")
+                stages[name] = {"wall_time_s": wall + stages.get(name, {}).get("wall_time_s", 0.0),
+                                "resumed": started, "rl_seed": seed, "parallel_runs": workers}
+                _write_summary(out, stages, command, runs, rl_wall())
+    for name, seed, rl_cfg, started in todo if workers == 1 else []:
+        console.rule(f"[bold]2/2 RL (rl.seed={seed}) from {pretrain_dir / 'final'} -> {out / name}")
+        wall = _rl_stage(rl_cfg, pretrain_dir / "final", out / name, started, command, console=console)
+        stages[name] = {"wall_time_s": wall + stages.get(name, {}).get("wall_time_s", 0.0),
                         "resumed": started, "rl_seed": seed}
-        _write_summary(out, stages, command, runs)
+        _write_summary(out, stages, command, runs, rl_wall())
 
-    summary = _write_summary(out, stages, command, runs)
+    summary = _write_summary(out, stages, command, runs, rl_wall())
     console.print(f"pipeline report: {write_pipeline_report(out)}")
     return summary
 
 
-def _write_summary(out: Path, stages: dict, command: str, runs: list[tuple[str, int]]) -> dict:
-    summary = {"stages": stages, "total_wall_time_s": sum(s["wall_time_s"] for s in stages.values()),
+def rl_workers(cfg: Config, runs: int) -> int:
+    """RL runs to train at once: on the CPU one per core (up to the runs), one thread each; else one at a time.
+
+    Why: at the tiny scale an RL step is many small ops that two threads share poorly. Measured on the 2-core
+    machine (10 RL steps + a small evaluation, two seeds): 64 s one after the other with 2 threads, 35 s side by side
+    with 1 thread each. A GPU run keeps one process."""
+    if cfg.train.device != "cpu" or runs < 2:
+        return 1
+    return max(1, min(runs, os.cpu_count() or 1))
+
+
+def _threads(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def _rl_stage(rl_cfg: Config, start: Path, rl_dir: Path, started: bool, command: str, log: Path | None = None,
+              console=None) -> float:
+    """One RL run of the pipeline (`linglab rl`, resumed if it had started); its wall time. With `log`, its console
+    output goes to that file (a worker process of parallel RL seeds)."""
+    from rich.console import Console
+
+    from linglab.rl.trainer import run_rl
+
+    handle = None
+    if log is not None:
+        handle = open(log, "a", encoding="utf-8")
+        console = Console(file=handle, width=120)
+    try:
+        t0 = time.perf_counter()
+        run_rl(rl_cfg, start, rl_dir, resume=started, overwrite=not started, command=command, console=console)
+        return time.perf_counter() - t0
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _write_summary(out: Path, stages: dict, command: str, runs: list[tuple[str, int]], rl_wall: float) -> dict:
+    """summary.json: each stage's wall time, the RL phase's (its runs may overlap: `rl_workers`) and the total."""
+    pretrain = stages.get(PRETRAIN, {}).get("wall_time_s", 0.0)
+    summary = {"stages": stages, "rl_wall_time_s": rl_wall, "total_wall_time_s": pretrain + rl_wall,
                "rl_runs": [name for name, _ in runs], "command": command}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -188,6 +254,10 @@ def write_pipeline_report(out: str | Path) -> Path:
                          f"{rl_summary.get('steps', '?')} steps of {rl_summary.get('algo', '?')} + "
                          f"{rl_summary.get('correction', '?')}, {rl_summary.get('rollout_precision', '?')} rollouts"
                          f"{', C3PO++' if rl_summary.get('c3po') else ''} | {stages[name]['wall_time_s']:.0f} s |")
+    parallel = max((s.get("parallel_runs", 1) for s in stages.values()), default=1)
+    if parallel > 1:
+        lines.append(f"| RL phase | the RL runs, {parallel} at a time (one thread each) | "
+                     f"{summary.get('rl_wall_time_s', 0):.0f} s |")
     if stages:
         lines.append(f"| total | | {summary.get('total_wall_time_s', 0):.0f} s |")
     lines += ["", "Wall times include data, evaluation and report writing, not the package install.", ""]
