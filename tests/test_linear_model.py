@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from reference_bailing import forward_ref
+from safetensors.torch import load_file
 
 from linglab.checkpoint import CheckpointError, from_pretrained, hf_config_dict, save_pretrained, to_hf_state_dict
 from linglab.cli import main
@@ -210,7 +211,13 @@ def test_train_tiny_linear_through_the_cli_and_load_its_checkpoint(tmp_path):
     assert torch.isfinite(model(torch.randint(0, model.cfg.vocab_size, (1, 8)))).all()
 
 
-def test_fp8_covers_the_linear_layers_and_a_step_trains():
+def test_fp8_covers_the_linear_layers_and_a_step_trains(tmp_path):
+    save_pretrained(random_hybrid(), tmp_path / "fp8", fp8=True)  # the export quantises what training runs in FP8
+    names = set(load_file(str(tmp_path / "fp8" / "model.safetensors")))
+    assert {f"model.layers.0.attention.{p}.weight_scale_inv" for p in ("query_key_value", "g_proj", "dense")} <= names
+    assert "model.layers.0.attention.g_norm.weight_scale_inv" not in names
+    assert from_pretrained(tmp_path / "fp8").cfg.is_linear
+
     model = random_hybrid().train()
     names = convert_to_fp8(model, Fp8Recipe(), "emulate")
     for i in (0, 2):
