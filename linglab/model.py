@@ -216,8 +216,8 @@ class LinearAttention(nn.Module):
         if self.use_qk_norm:
             q, k = self.query_layernorm(q), self.key_layernorm(k)
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
-        start = cache.pos if cache is not None else 0
         if pad is not None:
+            start = cache.pos if cache is not None else 0
             real = torch.arange(start, start + t, device=x.device)[None, :] >= pad[:, None]  # [B, T]
             k = k * real[:, :, None, None].to(k.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
