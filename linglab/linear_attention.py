@@ -48,12 +48,13 @@ def alibi_slopes(n_heads: int) -> Tensor:
 def layer_decays(n_heads: int, layer_idx: int, num_layers: int) -> Tensor:
     """Per-head log-decay g_h = -slope_h * (1 - (l - 1) / (L - 1) + 1e-5) of layer l (0-based) of L, SPEC §8.
 
-    Layer 0 follows the HF reference: l - 1 = -1 is NOT clamped, so layer 0 decays 1 + 1/(L-1) times as fast as
-    layer 1. A released checkpoint was trained with exactly these decays, and its logits must match the public
-    implementations (issue 16); clamping at 0, as one port does, would change layer 0 of every released model.
+    Layer 0 follows the HF reference: l - 1 = -1 is NOT clamped, so layer 0 (linear in any hybrid with
+    layer_group_size > 1 and one whole group) decays about 1 + 1/(L-1) times as fast as layer 1. linglab's checkpoints
+    must give the same logits in the public implementations (issue 16), whose HF modeling code loads the released
+    Ring-linear models; clamping at 0, as one port does, would change layer 0's decays by that factor there.
     L = 1: the denominator is floored at 1 instead of dividing by zero. §8's layer rule makes the only layer of
     a one-layer model softmax, so no model uses that value; the floor only keeps the function total.
-    The computation (float32 slopes times a Python float) is the reference's, so the decays match it bit for bit.
+    As in the reference, float32 slopes are multiplied by a Python float.
     """
     if not 0 <= layer_idx < num_layers:
         raise LinglabError(f"layer_decays: layer_idx must be in [0, {num_layers}), got {layer_idx}")

@@ -1,5 +1,8 @@
 """The three forms of SPEC §8's linear attention against each other and against plain causal attention; the decays."""
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -158,3 +161,10 @@ def test_bad_shapes_are_one_line_errors(call):
     q, k, v, state = _inputs(with_state=True)
     with pytest.raises(LinglabError):
         call(q, k, v, state)
+
+
+def test_the_kernel_imports_nothing_of_ours_but_errors():
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "linglab" / "linear_attention.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert {m for m in imported if m.startswith("linglab")} == {"linglab.errors"}
