@@ -1,4 +1,5 @@
-"""Checkpoints are Hugging Face BailingMoeV2 checkpoints (SPEC §1.6).
+"""Checkpoints are Hugging Face BailingMoeV2 checkpoints (SPEC §1.6), or BailingMoeLinearV2 for a Ring-linear hybrid
+(SPEC §8: its own architectures and model_type, the three hybrid keys, the linear layers' g_proj and g_norm).
 
 A model directory holds `config.json` (the exact HF keys) and `model.safetensors` (the exact HF tensor
 names and nn.Linear layouts, MTP at layer index num_hidden_layers). linglab stacks routed experts as
@@ -43,7 +44,14 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
-# Keys whose values are fixed by the architecture (SPEC §1.6); written always, checked on load.
+# The two families and their class names (SPEC §1.6, §8); model_type decides which one a config.json describes.
+ARCHITECTURES = {"bailing_moe": "BailingMoeV2ForCausalLM", "bailing_moe_linear": "BailingMoeLinearV2ForCausalLM"}
+# The hybrid's keys (SPEC §8): written and required for bailing_moe_linear only, so a BailingMoeV2 config.json is
+# exactly what it was before the hybrid existed.
+LINEAR_KEYS = ("layer_group_size", "group_norm_size", "linear_silu")
+
+# Keys whose values are fixed by the architecture (SPEC §1.6); written always, checked on load. The first two name
+# the family: see ARCHITECTURES.
 _FIXED_KEYS = {
     "architectures": ["BailingMoeV2ForCausalLM"],
     "model_type": "bailing_moe",
@@ -70,9 +78,13 @@ class CheckpointError(LinglabError):
 
 
 def hf_config_dict(cfg: ModelConfig) -> dict:
-    """config.json contents: the fixed architecture keys plus every ModelConfig field."""
+    """config.json contents: the fixed architecture keys plus every ModelConfig field (the LINEAR_KEYS only for a
+    hybrid, under its own architectures and model_type)."""
     d = dict(_FIXED_KEYS)
-    d.update({k: getattr(cfg, k) for k in ModelConfig.__dataclass_fields__})
+    if cfg.is_linear:
+        d["model_type"] = "bailing_moe_linear"
+        d["architectures"] = [ARCHITECTURES["bailing_moe_linear"]]
+    d.update({k: getattr(cfg, k) for k in ModelConfig.__dataclass_fields__ if cfg.is_linear or k not in LINEAR_KEYS})
     return d
 
 
@@ -100,11 +112,16 @@ def _json_value(d: dict, key: str, typ: type, source: str):
 
 
 def config_from_hf(d: dict, source: str = CONFIG_NAME) -> ModelConfig:
-    """ModelConfig from a config.json dict, checked against the schema of SPEC §1.6: every key it names must be
-    present with its JSON type (and the fixed keys with their one value); unknown HF extras are ignored."""
-    if "model_type" in d and d["model_type"] not in ("bailing_moe", "bailing_moe_v2"):  # another architecture first
-        raise CheckpointError(f"{source}: model_type is {d['model_type']!r}, expected 'bailing_moe'")
-    fields = typing.get_type_hints(ModelConfig)
+    """ModelConfig from a config.json dict, checked against the schema of SPEC §1.6 (and §8 for bailing_moe_linear):
+    every key it names must be present with its JSON type (and the fixed keys with their one value); unknown HF
+    extras are ignored, the hybrid's keys too in a bailing_moe file."""
+    model_type = d.get("model_type", "bailing_moe")
+    if model_type == "bailing_moe_v2":
+        model_type = "bailing_moe"
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:  # another architecture first
+        raise CheckpointError(f"{source}: model_type is {model_type!r}, expected 'bailing_moe' or 'bailing_moe_linear'")
+    linear = model_type == "bailing_moe_linear"
+    fields = {k: t for k, t in typing.get_type_hints(ModelConfig).items() if linear or k not in LINEAR_KEYS}
     required = [k for k in (*_FIXED_KEYS, *fields) if k not in OPTIONAL_CONFIG_KEYS]
     rotary_dim = None
     if "partial_rotary_factor" not in d and "rotary_dim" in d:  # Ling-1T writes rotary_dim instead (SPEC §1.1)
@@ -114,16 +131,20 @@ def config_from_hf(d: dict, source: str = CONFIG_NAME) -> ModelConfig:
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{source}: missing key {missing[0]}{more}; SPEC §1.6 requires it")
-    for key, value in _FIXED_KEYS.items():
+    family = ARCHITECTURES[model_type]
+    for key, value in {**_FIXED_KEYS, "architectures": [family]}.items():
         if key != "model_type" and (d[key] != value or type(d[key]) is not type(value)):
-            raise CheckpointError(f"{source}: {key} is {json.dumps(d[key])}; BailingMoeV2 as linglab implements it "
-                                  f"has {json.dumps(value)}")
+            raise CheckpointError(f"{source}: {key} is {json.dumps(d[key])}; {family.removesuffix('ForCausalLM')} as "
+                                  f"linglab implements it has {json.dumps(value)}")
     cfg = ModelConfig()
     for key, typ in fields.items():
         if key in d:
             setattr(cfg, key, _json_value(d, key, typ, source))
     if rotary_dim is not None and cfg.head_dim >= 1:
         cfg.partial_rotary_factor = rotary_dim / cfg.head_dim
+    if linear and cfg.layer_group_size < 1:
+        raise CheckpointError(f"{source}: layer_group_size is {cfg.layer_group_size}; bailing_moe_linear needs >= 1 "
+                              "(one softmax layer per group, SPEC §8)")
     try:
         cfg.validate()
     except ConfigError as e:
@@ -275,7 +296,8 @@ def write_model_files(model: LingForCausalLM, directory: Path, fp8: bool = False
 
 
 def save_pretrained(model: LingForCausalLM, out: str | Path, fp8: bool = False) -> None:
-    """Write an HF BailingMoeV2 checkpoint directory atomically; `fp8` writes the FP8 export of SPEC §1.6."""
+    """Write an HF BailingMoeV2 (or BailingMoeLinearV2) checkpoint directory atomically; `fp8` writes the FP8 export
+    of SPEC §1.6."""
     write_atomically(Path(out), lambda tmp: write_model_files(model, tmp, fp8))
 
 
@@ -447,7 +469,7 @@ def to_hf_name(internal: str, cfg: ModelConfig) -> str:
 
 
 def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> LingForCausalLM:
-    """Load an HF BailingMoeV2 checkpoint directory into a LingForCausalLM.
+    """Load an HF BailingMoeV2 or BailingMoeLinearV2 checkpoint directory into a LingForCausalLM.
 
     The model is built on the meta device and materialised empty, so no random init runs before the load
     overwrites every weight; the one non-persistent buffer, the MoE's `tokens_per_expert`, starts at zero.

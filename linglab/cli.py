@@ -1,6 +1,7 @@
 """`linglab <subcommand>`: the one command-line entry point.
 
     linglab params --preset ling-mini-2.0           # total / active / non-embedding active parameters
+    linglab params --preset ring-mini-linear-2.0    # ... of the Ring-linear hybrid (SPEC §8; tiny-linear on a CPU)
     linglab init --preset tiny --out ckpt/tiny       # a randomly initialised HF BailingMoeV2 checkpoint
     linglab check --preset tiny                      # build, print the parameter table, forward + backward
     linglab export --ckpt ckpt/tiny --out ckpt/tiny-fp8 --fp8   # the HF FP8 format (SPEC §1.6)
@@ -103,7 +104,7 @@ def _refuse_meta_preset(command: str, preset: str | None, cfg) -> None:
     if preset in META_PRESETS:
         n = count_parameters(build_model(cfg.model, device="meta")).total
         raise LinglabError(f"{command}: preset {preset} has {_fmt(n)} parameters ({n * 4 / 2**30:.0f} GiB in fp32), "
-                           "too large to materialise here; use tiny or small (linglab params counts any preset)")
+                           "too large to materialise here; use tiny, small or tiny-linear (linglab params counts any preset)")
 
 
 def _at_least(value: int, minimum: int, flag: str, command: str) -> int:

@@ -9,8 +9,9 @@ every section and raises `ConfigError` with one line naming the key and what is 
 Sections: [model], [data], [train], [fp8], [rl], [eval] and [parallel] (the ranks of a `torchrun` launch: `dp` and `ep`,
 with dp * ep = the number of ranks, or pipeline parallel alone with `pp` ranks; see ParallelConfig).
 
-Presets: `tiny` (the CPU default), `small` (hidden 512, for benchmarks) and the exact released shapes
-`ling-mini-2.0`, `ling-flash-2.0`, `ling-1t` (SPEC §1.1), which are built on the meta device.
+Presets: `tiny` (the CPU default), `small` (hidden 512, for benchmarks), the exact released shapes
+`ling-mini-2.0`, `ling-flash-2.0`, `ling-1t` (SPEC §1.1), and the Ring-linear hybrids (SPEC §8) `tiny-linear` (CPU),
+`ring-mini-linear-2.0` and `ring-flash-linear-2.0`; the released shapes are built on the meta device.
 """
 
 from __future__ import annotations
@@ -77,10 +78,28 @@ class ModelConfig:
     initializer_range: float = 0.006
     pad_token_id: int = 1
     eos_token_id: int = 0
+    # Ring-linear (SPEC §8): 0 = every layer softmax (BailingMoeV2); N = one softmax layer closing each group of N.
+    # Last in the dataclass and written to config.json only for a hybrid, so BailingMoeV2 files stay as they were.
+    layer_group_size: int = 0
+    group_norm_size: int = 1  # groups of the linear layers' GroupRMSNorm over nh * head_dim
+    linear_silu: bool = False  # SiLU on the linear layers' q, k, v before QK-norm
 
     @property
     def rope_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def is_linear(self) -> bool:
+        """A Ring-linear hybrid (BailingMoeLinearV2, SPEC §8) rather than the all-softmax BailingMoeV2."""
+        return self.layer_group_size > 0
+
+    def layer_kind(self, i: int) -> str:
+        """"softmax" or "linear" for layer i (SPEC §8): softmax closes each group of layer_group_size and fills a
+        trailing partial group. Index num_hidden_layers (the MTP layer) always falls in that tail: softmax."""
+        g = self.layer_group_size
+        if g == 0 or (i + 1) % g == 0 or i >= (self.num_hidden_layers // g) * g:
+            return "softmax"
+        return "linear"
 
     def validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -113,6 +132,17 @@ class ModelConfig:
         _check(self.router_z_loss_coef >= 0, "model.router_z_loss_coef", "must be >= 0")
         for name in ("pad_token_id", "eos_token_id"):
             _check(0 <= getattr(self, name) < self.vocab_size, f"model.{name}", f"must be in [0, vocab_size={self.vocab_size})")
+        _check(self.layer_group_size >= 0, "model.layer_group_size",
+               f"must be >= 0 (0 = all softmax attention), got {self.layer_group_size}")
+        _check(self.group_norm_size >= 1, "model.group_norm_size", f"must be >= 1, got {self.group_norm_size}")
+        if self.is_linear:
+            # SPEC §8: linear layers use head_dim = hidden / nh; one head width for both kinds keeps one RoPE table.
+            _check(self.num_attention_heads * self.head_dim == self.hidden_size, "model.head_dim",
+                   f"({self.head_dim}) x num_attention_heads ({self.num_attention_heads}) must equal hidden_size "
+                   f"({self.hidden_size}) in a hybrid (layer_group_size > 0): linear layers use hidden / heads")
+            width = self.num_attention_heads * self.head_dim
+            _check(width % self.group_norm_size == 0, "model.group_norm_size",
+                   f"({self.group_norm_size}) must divide num_attention_heads * head_dim ({width})")
 
 
 MIN_SEQ_LEN = 8  # the shortest row of data.seq_len and rl.sft_seq_len, and of eval / scaling suggest --seq-len
@@ -472,10 +502,25 @@ PRESETS: dict[str, dict[str, dict]] = {
     "ling-1t": {"model": dict(
         _LING_COMMON, num_hidden_layers=80, hidden_size=8192, num_attention_heads=64,
         num_key_value_heads=8, intermediate_size=18432, moe_intermediate_size=2048, first_k_dense_replace=4)},
+    # Ring-linear hybrids (SPEC §8): the tiny CPU model with layers 0, 2 linear and 1, 3 softmax (groups of 2).
+    "tiny-linear": {"model": dict(rope_theta=10000.0, partial_rotary_factor=1.0, layer_group_size=2,
+                                  group_norm_size=2)},
+    # Ling-mini-2.0 converted as SPEC §8 states: 16 linear layers, softmax at 4, 9, 14, 19.
+    "ring-mini-linear-2.0": {"model": dict(
+        _LING_COMMON, num_hidden_layers=20, hidden_size=2048, num_attention_heads=16,
+        num_key_value_heads=4, intermediate_size=5120, moe_intermediate_size=512, first_k_dense_replace=1,
+        layer_group_size=5, group_norm_size=4, linear_silu=False)},
+    # Ling-flash-2.0 converted the same way. The group size is not in SPEC: 8 (28 linear layers, softmax at 7, 15, 23,
+    # 31) is the one that gives the published 104B total and 6.1B active non-embedding; group_norm_size 8 keeps mini's
+    # 4 heads per norm group (open). docs/linear.md derives both.
+    "ring-flash-linear-2.0": {"model": dict(
+        _LING_COMMON, num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
+        num_key_value_heads=4, intermediate_size=9216, moe_intermediate_size=1024, first_k_dense_replace=1,
+        layer_group_size=8, group_norm_size=8, linear_silu=False)},
 }
 
 # Presets too large to materialise on a laptop: built on the meta device (shapes and counts only).
-META_PRESETS = ("ling-mini-2.0", "ling-flash-2.0", "ling-1t")
+META_PRESETS = ("ling-mini-2.0", "ling-flash-2.0", "ling-1t", "ring-mini-linear-2.0", "ring-flash-linear-2.0")
 
 
 def _coerce(value, typ, key: str):

@@ -1,9 +1,13 @@
 """FP8 training applied to a built model from outside (SPEC §3), as torchtitan's float8 converter does.
 
 `convert_to_fp8` picks the layers SPEC §3 runs in FP8 by their type and turns each, in place, into an FP8
-subclass of that type: attention's query_key_value and dense (`Fp8Linear`), every SwiGLU, i.e. the dense FFN
+subclass of that type: attention's query_key_value and dense (`Fp8Linear`), and a hybrid's linear layers' (SPEC §8)
+query_key_value, g_proj and dense, every SwiGLU, i.e. the dense FFN
 and the shared expert (`Fp8SwiGLU`), and the routed experts (`Fp8GroupedExperts`), the MTP layer's included.
-What is none of these stays in high precision: embedding, lm_head, router gate, norms, MTP eh_proj. A converted
+What is none of these stays in high precision: embedding, lm_head, router gate, norms, MTP eh_proj, and the
+linear attention itself (its decayed state is a sum over the whole sequence, kept in fp32 as the softmax is).
+g_proj is one more H x H projection on the layer input, the shape of dense, so it runs in FP8 like the other
+attention GEMMs (Ring-linear reports FP8 training of the whole model, SPEC §8). A converted
 layer is the same object with the same Parameters, so optimizer state and checkpoints are unchanged; the
 model code (`linglab.model`, `linglab.moe`) knows nothing of FP8 and the numerics (`linglab.fp8`) nothing of
 the model.
@@ -40,7 +44,7 @@ from linglab.fp8 import (
     quantize_dequantize,
     resolve_backend,
 )
-from linglab.model import Attention
+from linglab.model import Attention, LinearAttention
 from linglab.moe import GroupedExperts, SwiGLU, grouped_mm
 
 
@@ -124,6 +128,10 @@ def fp8_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if isinstance(module, Attention):
             yield f"{name}.query_key_value", module.query_key_value
+            yield f"{name}.dense", module.dense
+        elif isinstance(module, LinearAttention):
+            yield f"{name}.query_key_value", module.query_key_value
+            yield f"{name}.g_proj", module.g_proj
             yield f"{name}.dense", module.dense
         elif isinstance(module, (SwiGLU, GroupedExperts)):
             yield name, module

@@ -1,4 +1,5 @@
-"""BailingMoeV2 (Ling 2.0) as single-device PyTorch, exact to SPEC §1.
+"""BailingMoeV2 (Ling 2.0) and its Ring-linear hybrid BailingMoeLinearV2 as single-device PyTorch, exact to SPEC §1
+and §8.
 
 Module and parameter names follow the HF checkpoint (SPEC §1.6), so the state dict maps onto a
 BailingMoeV2 checkpoint with one change: routed experts are stacked ([E, out, in]) for the grouped GEMM
@@ -13,6 +14,11 @@ The forward is a chain of named steps, one per pipeline unit: `embed`, `decoder_
 router z-loss, summed in model order), `head_loss`, `mtp_transformer`, `mtp_loss`, then `total_loss`.
 Parallelism (FSDP2, expert/pipeline parallel) wraps this model from outside (`linglab/parallel/`); a pipeline
 stage is this model pruned to its units, running these same steps.
+
+A hybrid (`cfg.layer_group_size > 0`, SPEC §8) swaps the attention of its linear layers for `LinearAttention`
+(decayed linear attention from `linglab.linear_attention`); everything else, the MTP layer's softmax attention
+included, is the BailingMoeV2 above. Its `KVCache` holds K/V for the softmax layers and a fixed-size state for each
+linear layer.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from torch import nn
 
 from linglab.config import ModelConfig
 from linglab.errors import LinglabError
+from linglab.linear_attention import layer_decays, linear_attention_chunked, linear_attention_step
 from linglab.moe import MoE, SwiGLU
 
 
@@ -42,6 +49,22 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+class GroupRMSNorm(nn.Module):
+    """RMSNorm of each of `groups` equal slices of the last dim, in fp32, then one learned weight over the whole
+    width (SPEC §8 g_norm): the linear layers' output norm, groups = group_norm_size."""
+
+    def __init__(self, dim: int, groups: int, eps: float):
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype, shape = x.dtype, x.shape
+        x = x.float().reshape(*shape[:-1], self.groups, shape[-1] // self.groups)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.reshape(shape).to(dtype)
 
 
 def rope_cos_sin(rope_dim: int, theta: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,24 +101,45 @@ def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
 
 
 class KVCache:
-    """Preallocated keys/values for incremental decoding: [layers, B, kv_heads, max_len, head_dim]."""
+    """The cache for incremental decoding, per layer kind (SPEC §8's "mixed cache"): keys and values
+    [B, kv_heads, max_len, head_dim] for each softmax layer, growing with the sequence, and one fixed-size state
+    [B, heads, head_dim, head_dim] for each linear layer, kept in fp32 as the recurrence computes it. An all-softmax
+    model holds keys and values only."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        kinds = [cfg.layer_kind(i) for i in range(cfg.num_hidden_layers)]
+        softmax = [i for i, kind in enumerate(kinds) if kind == "softmax"]
+        linear = [i for i, kind in enumerate(kinds) if kind == "linear"]
+        self.slot = {layer: j for j, layer in enumerate(softmax)} | {layer: j for j, layer in enumerate(linear)}
+        shape = (len(softmax), batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        state = (len(linear), batch_size, cfg.num_attention_heads, cfg.head_dim, cfg.head_dim)
+        self.state = torch.zeros(state, device=device, dtype=torch.float32)
         self.pos = 0  # tokens already cached
         self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v [B, kv_heads, T, hd] at the current position; return everything cached so far."""
-        t = k.shape[2]
+        """Softmax layer `layer`: write k/v [B, kv_heads, T, hd] at the current position; return everything cached
+        so far."""
+        t, j = k.shape[2], self.slot[layer]
         end = self.pos + t
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} tokens > max_len {self.max_len}")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[j, :, :, self.pos:end] = k
+        self.v[j, :, :, self.pos:end] = v
+        return self.k[j, :, :, :end], self.v[j, :, :, :end]
+
+    def linear_state(self, layer: int) -> torch.Tensor:
+        """Linear layer `layer`'s state after the tokens cached so far (zeros before the first)."""
+        return self.state[self.slot[layer]]
+
+    def set_linear_state(self, layer: int, state: torch.Tensor) -> None:
+        self.state[self.slot[layer]] = state
+
+    def nbytes(self) -> int:
+        """Bytes the cache holds: what decoding at this max_len costs in memory beyond the weights."""
+        return self.k.nbytes + self.v.nbytes + self.state.nbytes
 
 
 class Attention(nn.Module):
@@ -138,8 +182,62 @@ class Attention(nn.Module):
         return self.dense(y.transpose(1, 2).reshape(b, t, self.nh * self.hd))
 
 
+class LinearAttention(nn.Module):
+    """A Ring-linear layer's attention (SPEC §8), in this order: fused MHA qkv -> optional SiLU on q, k, v ->
+    QK-norm -> partial RoPE as §1.3 -> per-head decayed linear attention (`linglab.linear_attention`, decay
+    `layer_decays`, scale head_dim^-0.5) -> GroupRMSNorm -> times sigmoid(g_proj(x)) -> dense.
+
+    Without a cache (training, scoring) and for a prefill it runs the chunked form; a one-token decode step with a
+    cache runs the recurrent step on the cache's state. `pad` [B]: the first pad[b] positions of row b are left
+    padding; their keys are zeroed, so they add nothing to the state and real tokens never see them.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.num_layers = layer_idx, cfg.num_hidden_layers
+        self.nh, self.hd = cfg.num_attention_heads, cfg.head_dim  # nh * hd = hidden (ModelConfig.validate)
+        width = self.nh * self.hd
+        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * width, bias=False)
+        self.linear_silu = cfg.linear_silu
+        self.use_qk_norm = cfg.use_qk_norm
+        if cfg.use_qk_norm:
+            self.query_layernorm = RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.key_layernorm = RMSNorm(self.hd, cfg.rms_norm_eps)
+        self.g_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+        self.g_norm = GroupRMSNorm(width, cfg.group_norm_size, cfg.rms_norm_eps)
+        self.dense = nn.Linear(width, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                pad: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.query_key_value(x).view(b, t, 3 * self.nh, self.hd).split(self.nh, dim=2)
+        if self.linear_silu:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        if self.use_qk_norm:
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
+        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+        if pad is not None:
+            start = cache.pos if cache is not None else 0
+            real = torch.arange(start, start + t, device=x.device)[None, :] >= pad[:, None]  # [B, T]
+            k = k * real[:, :, None, None].to(k.dtype)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
+
+        g = layer_decays(self.nh, self.layer_idx, self.num_layers).to(x.device)
+        scale = self.hd ** -0.5
+        if cache is None:
+            o, _ = linear_attention_chunked(q, k, v, g, scale)
+        else:
+            state = cache.linear_state(self.layer_idx)
+            step = linear_attention_step if t == 1 else linear_attention_chunked
+            o, state = step(q, k, v, g, scale, state)
+            cache.set_linear_state(self.layer_idx, state)
+        o = o.to(x.dtype).transpose(1, 2).reshape(b, t, self.nh * self.hd)
+        return self.dense(self.g_norm(o) * torch.sigmoid(self.g_proj(x)))
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + Attention(norm(x)), then x + FFN(norm(x)); FFN dense below first_k_dense_replace.
+    The attention is `Attention` or, for a hybrid's linear layers, `LinearAttention` (`ModelConfig.layer_kind`).
 
     Returns (x, z_loss): the MoE FFN's router z-loss (SPEC §1.4), None for a dense FFN or when none is computed.
     """
@@ -147,13 +245,21 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, moe: bool):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attention = Attention(cfg, layer_idx)
+        linear = cfg.layer_kind(layer_idx) == "linear"
+        self.attention = LinearAttention(cfg, layer_idx) if linear else Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = x + self.attention(self.input_layernorm(x), cos, sin, cache, mask)
+                mask: torch.Tensor | None = None,
+                pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`mask` (softmax layers) and `pad` (linear layers) describe the same left padding (see `forward` of
+        LingForCausalLM)."""
+        h = self.input_layernorm(x)
+        if isinstance(self.attention, LinearAttention):
+            x = x + self.attention(h, cos, sin, cache, pad)
+        else:
+            x = x + self.attention(h, cos, sin, cache, mask)
         if isinstance(self.mlp, MoE):
             y, z_loss = self.mlp(self.post_attention_layernorm(x))
         else:
@@ -164,6 +270,7 @@ class DecoderLayer(nn.Module):
 class MTPLayer(DecoderLayer):
     """Multi-token prediction, depth 1 (SPEC §1.5): predicts t_{i+2} from H_i and Emb(t_{i+1}).
 
+    Its attention is softmax in a hybrid too: index num_hidden_layers falls in SPEC §8's trailing group.
     h = eh_proj([enorm(Emb(t_{i+1})), hnorm(H_i)]), then a full MoE decoder layer and its own final norm;
     the caller applies the shared lm_head. Stored at HF layer index num_hidden_layers. Returns (h, z_loss).
     """
@@ -271,10 +378,10 @@ class LingForCausalLM(nn.Module):
         return self.model.word_embeddings(input_ids)
 
     def decoder_layer(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, z_loss: torch.Tensor | None,
-                      cache: KVCache | None = None,
-                      mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Decoder layer i (SPEC §1.2-1.4) -> (x, z_loss): its router z-loss added to the running `z_loss`."""
-        x, z = self.model.layers[i](x, cos, sin, cache, mask)
+                      cache: KVCache | None = None, mask: torch.Tensor | None = None,
+                      pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decoder layer i (SPEC §1.2-1.4, §8) -> (x, z_loss): its router z-loss added to the running `z_loss`."""
+        x, z = self.model.layers[i](x, cos, sin, cache, mask, pad)
         return x, add_z_loss(z_loss, z)
 
     def head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,8 +422,9 @@ class LingForCausalLM(nn.Module):
         targets[:, i] is the token after input_ids[:, i]; the MTP head at position i predicts
         targets[:, i + 1] from Emb(targets[:, i]) = Emb(t_{i+1}) and the main hidden state H_i.
         pad [B] (inference): the first pad[b] positions of row b (of the whole sequence, cached ones included)
-        are left padding. Real tokens never attend to them and count their positions from the first real token,
-        so each row computes what it would alone, and prompts of several lengths decode as one batch.
+        are left padding. Real tokens never attend to them (a linear layer zeroes their keys, so its state never
+        holds them) and count their positions from the first real token, so each row computes what it would alone,
+        and prompts of several lengths decode as one batch.
         A sequence longer than max_position_embeddings is refused; with `pad`, rows decode past their own limits
         (their samples discarded), so `generate` checks each row's prompt + new tokens instead.
         """
@@ -335,7 +443,7 @@ class LingForCausalLM(nn.Module):
         cos, sin = self.rope(positions)
         x, z_loss = self.embed(input_ids), None
         for i in range(len(self.model.layers)):
-            x, z_loss = self.decoder_layer(i, x, cos, sin, z_loss, cache, mask)
+            x, z_loss = self.decoder_layer(i, x, cos, sin, z_loss, cache, mask, pad)
         if cache is not None:
             cache.pos += t
         if targets is None:
@@ -354,7 +462,7 @@ class LingForCausalLM(nn.Module):
 @dataclass
 class ParamCounts:
     total: int  # without the MTP layer, as the released totals are stated (SPEC §1.1)
-    active: int  # per token: embedding + head + attention + dense FFN + k routed + shared experts + routers
+    active: int  # per token: embedding + head + attention (either kind) + dense FFN + k routed + shared experts + routers
     active_non_embedding: int  # active without embedding and lm_head
     mtp: int  # the MTP layer, reported apart
 

@@ -1,8 +1,10 @@
-"""A deliberately plain BailingMoeV2 forward written from SPEC §1, used only as a test oracle.
+"""A deliberately plain BailingMoeV2 forward written from SPEC §1, used only as a test oracle; with SPEC §8's linear
+layers when the config is a Ring-linear hybrid (BailingMoeLinearV2).
 
 It reads nothing from linglab: only a config.json dict and HF-named tensors (SPEC §1.6). Tokens and
 experts are handled one at a time with explicit loops, so it shares no dispatch, masking or RoPE code
-with the real model.
+with the real model; the linear layers run the naive per-token recurrence, with decays built here from the SPEC
+formula (layer 0 unclamped, linglab's documented choice).
 """
 
 from __future__ import annotations
@@ -60,12 +62,12 @@ def moe_ref(x, sd, prefix, cfg):
     return y
 
 
-def layer_ref(h, sd, p, cfg, moe):
-    T, H = h.shape
+def softmax_attention_ref(x, sd, p, cfg):
+    """SPEC §1.3 over a whole sequence x [T, H]: GQA, causal softmax."""
+    T, _ = x.shape
     nh, nkv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     eps = cfg["rms_norm_eps"]
     rope_dim = int(hd * cfg["partial_rotary_factor"])
-    x = rms(h, sd[f"{p}.input_layernorm.weight"], eps)
     qkv = x @ sd[f"{p}.attention.query_key_value.weight"].T
     q = qkv[:, : nh * hd].reshape(T, nh, hd)
     k = qkv[:, nh * hd:(nh + nkv) * hd].reshape(T, nkv, hd)
@@ -81,7 +83,64 @@ def layer_ref(h, sd, p, cfg, moe):
         for t in range(T):
             scores = (k[: t + 1, kh] @ q[t, head]) / math.sqrt(hd)
             out[t, head] = torch.softmax(scores.float(), dim=0) @ v[: t + 1, kh]
-    h = h + out.reshape(T, nh * hd) @ sd[f"{p}.attention.dense.weight"].T
+    return out.reshape(T, nh * hd) @ sd[f"{p}.attention.dense.weight"].T
+
+
+def is_softmax_layer(i, cfg):
+    """SPEC §8: softmax closes each group of layer_group_size and fills a trailing partial group."""
+    g, L = cfg.get("layer_group_size", 0), cfg["num_hidden_layers"]
+    return g == 0 or (i + 1) % g == 0 or i >= (L // g) * g
+
+
+def alibi_slopes_ref(n):
+    """SPEC §8: start = 2^(-2^-(log2 n - 3)), slope_h = start^(h+1); other n: the nearest lower power of two's
+    slopes, then every other slope of twice that power."""
+    if math.log2(n).is_integer():
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+        return [start ** (h + 1) for h in range(n)]
+    p = 2 ** math.floor(math.log2(n))
+    return alibi_slopes_ref(p) + alibi_slopes_ref(2 * p)[0::2][: n - p]
+
+
+def linear_attention_ref(x, sd, p, cfg, layer):
+    """SPEC §8 over a whole sequence x [T, H], token by token: S_t = exp(g_h) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t."""
+    T, H = x.shape
+    nh = cfg["num_attention_heads"]
+    hd = H // nh
+    eps = cfg["rms_norm_eps"]
+    rope_dim = int(hd * cfg["partial_rotary_factor"])
+    L = cfg["num_hidden_layers"]
+    qkv = x @ sd[f"{p}.attention.query_key_value.weight"].T
+    q, k, v = (qkv[:, j * nh * hd:(j + 1) * nh * hd].reshape(T, nh, hd) for j in range(3))
+    if cfg["linear_silu"]:
+        q, k, v = (a * torch.sigmoid(a) for a in (q, k, v))
+    q = rms(q, sd[f"{p}.attention.query_layernorm.weight"], eps)
+    k = rms(k, sd[f"{p}.attention.key_layernorm.weight"], eps)
+    q = torch.stack([rope(q[t], t, rope_dim, cfg["rope_theta"]) for t in range(T)])
+    k = torch.stack([rope(k[t], t, rope_dim, cfg["rope_theta"]) for t in range(T)])
+    out = torch.zeros(T, nh, hd)
+    for head, slope in enumerate(alibi_slopes_ref(nh)):
+        g = -slope * (1 - (layer - 1) / (L - 1) + 1e-5)
+        S = torch.zeros(hd, hd, dtype=torch.float64)
+        for t in range(T):
+            S = math.exp(g) * S + torch.outer(k[t, head].double(), v[t, head].double())
+            out[t, head] = (hd ** -0.5 * q[t, head].double() @ S).float()
+    o = out.reshape(T, nh * hd)
+    groups = cfg["group_norm_size"]
+    normed = torch.cat([rms(part, torch.ones(1), eps) for part in o.split(nh * hd // groups, dim=-1)], dim=-1)
+    o = sd[f"{p}.attention.g_norm.weight"] * normed
+    o = o * torch.sigmoid(x @ sd[f"{p}.attention.g_proj.weight"].T)
+    return o @ sd[f"{p}.attention.dense.weight"].T
+
+
+def layer_ref(h, sd, p, cfg, moe, layer):
+    T, H = h.shape
+    eps = cfg["rms_norm_eps"]
+    x = rms(h, sd[f"{p}.input_layernorm.weight"], eps)
+    if is_softmax_layer(layer, cfg):
+        h = h + softmax_attention_ref(x, sd, p, cfg)
+    else:
+        h = h + linear_attention_ref(x, sd, p, cfg, layer)
     x = rms(h, sd[f"{p}.post_attention_layernorm.weight"], eps)
     if moe:
         ffn = torch.stack([moe_ref(x[t], sd, f"{p}.mlp", cfg) for t in range(T)])
@@ -96,7 +155,7 @@ def forward_ref(input_ids: list[int], sd: dict, cfg: dict) -> tuple[torch.Tensor
     h = sd["model.word_embeddings.weight"][ids]
     L = cfg["num_hidden_layers"]
     for i in range(L):
-        h = layer_ref(h, sd, f"model.layers.{i}", cfg, moe=i >= cfg["first_k_dense_replace"])
+        h = layer_ref(h, sd, f"model.layers.{i}", cfg, moe=i >= cfg["first_k_dense_replace"], layer=i)
     hidden = rms(h, sd["model.norm.weight"], cfg["rms_norm_eps"])
     logits = hidden @ sd["lm_head.weight"].T
     mtp_logits = None
@@ -105,7 +164,7 @@ def forward_ref(input_ids: list[int], sd: dict, cfg: dict) -> tuple[torch.Tensor
         e = rms(sd["model.word_embeddings.weight"][ids[1:]], sd[f"{p}.enorm.weight"], cfg["rms_norm_eps"])
         hh = rms(hidden[:-1], sd[f"{p}.hnorm.weight"], cfg["rms_norm_eps"])
         m = torch.cat([e, hh], dim=-1) @ sd[f"{p}.eh_proj.weight"].T
-        m = layer_ref(m, sd, p, cfg, moe=True)
+        m = layer_ref(m, sd, p, cfg, moe=True, layer=L)
         m = rms(m, sd[f"{p}.final_layernorm.weight"], cfg["rms_norm_eps"])
         mtp_logits = m @ sd["lm_head.weight"].T
     return logits, mtp_logits
