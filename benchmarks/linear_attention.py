@@ -155,7 +155,7 @@ def decode_at_long_context(rounds: int) -> tuple[dict, dict]:
 
 def plot_decode(rows: list[dict], path: Path) -> None:
     """Decode step time and cache MiB against the context, softmax vs hybrid, log-log."""
-    from linglab.plots import FIGSIZE, plt, save
+    from linglab.plots import FIGSIZE, log_axes, plt, save
 
     contexts = [r["context"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(2 * FIGSIZE[0], FIGSIZE[1]), layout="constrained")
@@ -163,7 +163,8 @@ def plot_decode(rows: list[dict], path: Path) -> None:
                                   (axes[1], "cache_bytes", 2**-20, "cache (MiB)")):
         for name in ("softmax", "hybrid"):
             ax.plot(contexts, [r[f"{name}_{key}"] * scale for r in rows], marker="o", label=name)
-        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel=label)
+        log_axes(ax)
+        ax.set(xlabel="context (tokens)", ylabel=label)
         ax.set_xticks(contexts, [str(c) for c in contexts])
         ax.grid(alpha=0.3, which="both")
         ax.legend()
