@@ -1,4 +1,5 @@
-"""Ring-linear's linear attention (SPEC §8, issue 16): the chunked training form over the naive recurrence.
+"""Ring-linear's linear attention (SPEC §8, issue 16): the chunked training form over the naive recurrence, and the
+long-context payoff of the hybrid model (decode step time and cache bytes against the softmax model).
 
 chunked_over_recurrent: forward+backward throughput of `linear_attention_chunked` (chunks of 64, its default) over
 `linear_attention_recurrent`, on the q, k, v that one linear layer sees when the `tiny` and `small` presets train:
@@ -7,8 +8,18 @@ benchmarks/train_step.py, g the fastest-decaying layer's (layer 0). The two form
 in one process and the medians compared; their outputs are checked equal first. The headline is `small` (longer
 rows, more chunks per row); `tiny` is printed with it.
 
-Each figure of the issue is one function returning its RESULT entries and JSON fields; the model-level figures
-(decode step time and cache bytes at 16K context, hybrid vs softmax) need the hybrid model and join as their own.
+decode_speedup_at_16k, cache_bytes_ratio_at_16k: one decode step (batch 1, one new token, no grad) of the softmax
+model and of the hybrid at contexts 512 .. 16384, timed in alternating rounds, and the bytes of the `KVCache` each
+needs for that context (`KVCache.nbytes`: K/V of the softmax layers, fp32 state of the linear layers). Both models
+have `small`'s widths (hidden 512, 8 heads of 64, 2 K/V heads, 16 experts, top-4) and 10 layers instead of 6, so
+that Ring-mini-linear's group of 5 (SPEC §8: 1 softmax per 4 linear) fits twice: the hybrid is the same shape with
+layer_group_size 5 (layers 4 and 9 softmax, 8 linear; group_norm_size 2 keeps mini's 4 heads per norm group). At
+this width the attention over a long context outweighs the layer's GEMMs, which is where the payoff shows; the run
+stays within minutes on one thread. The cache is not filled by a prefill (a 16K prefill per context and model would
+dominate the run): its K/V and states are random values of the right shapes and its position is set to the context,
+since a decode step's time depends on the shapes and the position, not on the values.
+
+Each figure of the issue is one function returning its RESULT entries and JSON fields.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/linear_attention.py [--rounds 3]
 """
@@ -16,6 +27,7 @@ Each figure of the issue is one function returning its RESULT entries and JSON f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -23,14 +35,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report, time_it  # noqa: E402
+from common import RESULTS_DIR, report, time_it  # noqa: E402
 
 from linglab.config import load_config  # noqa: E402
 from linglab.linear_attention import layer_decays, linear_attention_chunked, linear_attention_recurrent  # noqa: E402
+from linglab.model import KVCache, build_model  # noqa: E402
 
 # (batch, seq_len) per preset: the shapes training uses (benchmarks/train_step.py).
 SHAPES = {"tiny": (32, 128), "small": (4, 512)}
 CHUNK_SIZE = 64  # linear_attention_chunked's default
+CONTEXTS = [512 * 2**i for i in range(6)]  # 512 .. 16384
+DECODE_LAYERS, LAYER_GROUP_SIZE = 10, 5
 
 
 def training_form_step(form, preset: str):
@@ -76,12 +91,95 @@ def chunked_over_recurrent(rounds: int) -> tuple[dict, dict]:
     return results, {"chunked_over_recurrent": {"rounds": rounds, "presets": rows}}
 
 
+def decode_models() -> dict[str, torch.nn.Module]:
+    """The softmax model and the hybrid of the same shape (see the module docstring), eval mode."""
+    softmax = dataclasses.replace(load_config("small").model, num_hidden_layers=DECODE_LAYERS)
+    hybrid = dataclasses.replace(softmax, layer_group_size=LAYER_GROUP_SIZE, group_norm_size=2)
+    hybrid.validate()
+    return {name: build_model(cfg, seed=0).eval() for name, cfg in (("softmax", softmax), ("hybrid", hybrid))}
+
+
+def filled_cache(cfg, context: int) -> KVCache:
+    """A batch-1 cache holding `context` tokens of random K/V and states (what a prefill would leave, in shape)."""
+    cache = KVCache(cfg, 1, context + 1)
+    generator = torch.Generator().manual_seed(0)
+    cache.k[:, :, :, :context] = torch.randn(cache.k[:, :, :, :context].shape, generator=generator)
+    cache.v[:, :, :, :context] = torch.randn(cache.v[:, :, :, :context].shape, generator=generator)
+    cache.state.copy_(0.1 * torch.randn(cache.state.shape, generator=generator))
+    cache.pos = context
+    return cache
+
+
+def decode_step(model, context: int):
+    """One decode step at `context` cached tokens; the position is reset each call so every call times the same step."""
+    cache = filled_cache(model.cfg, context)
+    token = torch.zeros(1, 1, dtype=torch.long)
+
+    @torch.no_grad()
+    def step():
+        cache.pos = context
+        return model(token, cache=cache)
+
+    return step
+
+
+def decode_at_long_context(rounds: int) -> tuple[dict, dict]:
+    models = decode_models()
+    rows = []
+    for context in CONTEXTS:
+        steps = {name: decode_step(model, context) for name, model in models.items()}
+        times = {name: [] for name in models}
+        for _ in range(rounds):
+            for name, step in steps.items():
+                times[name].append(time_it(step, repeats=5))
+        row = {"context": context}
+        for name, model in models.items():
+            row[f"{name}_step_s"] = statistics.median(times[name])
+            row[f"{name}_cache_bytes"] = KVCache(model.cfg, 1, context, device="meta").nbytes()
+        row["decode_speedup"] = row["softmax_step_s"] / row["hybrid_step_s"]
+        row["cache_bytes_ratio"] = row["softmax_cache_bytes"] / row["hybrid_cache_bytes"]
+        print(f"context {context:6d}  step softmax {row['softmax_step_s'] * 1e3:7.2f} ms  hybrid "
+              f"{row['hybrid_step_s'] * 1e3:7.2f} ms  ({row['decode_speedup']:.2f}x)  cache softmax "
+              f"{row['softmax_cache_bytes'] / 2**20:7.2f} MiB  hybrid {row['hybrid_cache_bytes'] / 2**20:6.2f} MiB  "
+              f"({row['cache_bytes_ratio']:.2f}x)")
+        rows.append(row)
+        del steps  # free this context's caches before the next, larger ones are filled
+    at_16k = rows[-1]
+    results = {"decode_speedup_at_16k": (at_16k["decode_speedup"], 2),
+               "cache_bytes_ratio_at_16k": (at_16k["cache_bytes_ratio"], 3)}
+    shape = {"widths": "small", "num_hidden_layers": DECODE_LAYERS, "layer_group_size": LAYER_GROUP_SIZE,
+             "softmax_layers": [i for i in range(DECODE_LAYERS) if models["hybrid"].cfg.layer_kind(i) == "softmax"],
+             "batch": 1, "cache_filled_with": "random K/V and states, position set to the context"}
+    return results, {"decode": {"rounds": rounds, **shape, "contexts": rows}}
+
+
+def plot_decode(rows: list[dict], path: Path) -> None:
+    """Decode step time and cache MiB against the context, softmax vs hybrid, log-log."""
+    from linglab.plots import FIGSIZE, log_axes, plt, save
+
+    contexts = [r["context"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(2 * FIGSIZE[0], FIGSIZE[1]), layout="constrained")
+    for ax, key, scale, label in ((axes[0], "step_s", 1e3, "decode step (ms, batch 1)"),
+                                  (axes[1], "cache_bytes", 2**-20, "cache (MiB)")):
+        for name in ("softmax", "hybrid"):
+            ax.plot(contexts, [r[f"{name}_{key}"] * scale for r in rows], marker="o", label=name)
+        log_axes(ax)
+        ax.set(xlabel="context (tokens)", ylabel=label)
+        ax.set_xticks(contexts, [str(c) for c in contexts])
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.suptitle(f"small widths, {DECODE_LAYERS} layers: softmax vs hybrid (layer_group_size {LAYER_GROUP_SIZE})")
+    save(fig, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of (chunked, recurrent)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of each comparison")
     args = parser.parse_args()
     results, extra = chunked_over_recurrent(args.rounds)
-    report("linear_attention", results, extra)
+    decode_results, decode_extra = decode_at_long_context(args.rounds)
+    report("linear_attention", {**results, **decode_results}, {**extra, **decode_extra})
+    plot_decode(decode_extra["decode"]["contexts"], RESULTS_DIR / "linear_attention_decode.png")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from linglab.parallel.planner import (
     pipeline_units,
     plan_to_dict,
     uniform_partition,
+    unit_layout,
 )
 
 SEQ = 4096
@@ -80,6 +81,37 @@ def test_analytic_costs_match_linglab_flops():
     recompute = analytic_unit_costs(cfg, SEQ, recompute_mtp=True)
     assert recompute["mtp_transformer"] == pytest.approx(costs["mtp_transformer"] * 4 / 3)  # one extra forward
     assert costs["head"] > 6 * costs["moe"]  # a 157K vocabulary against hidden 2048: the head is the heavy unit
+
+
+def test_a_hybrids_units_name_their_attention_and_add_up_to_linglab_flops():
+    cfg = load_config("ring-mini-linear-2.0").model  # softmax at 4, 9, 14, 19; layer 0 dense
+    units = pipeline_units(cfg, analytic_unit_costs(cfg, SEQ, flop_per_byte=0))
+    kinds = [u.kind for u in units[1:21]]
+    assert kinds[0] == "linear_dense" and [i for i, k in enumerate(kinds) if k == "moe"] == [4, 9, 14, 19]
+    assert kinds.count("linear_moe") == 15
+    assert sum(u.cost for u in units) == pytest.approx(flops_per_token(cfg, SEQ), rel=1e-12)
+
+
+def test_linear_layers_are_priced_without_a_sequence_term():
+    cfg = load_config("ring-mini-linear-2.0").model
+    short, long = analytic_unit_costs(cfg, 128), analytic_unit_costs(cfg, 32768)
+    assert short["linear_moe"] == long["linear_moe"] and short["linear_dense"] == long["linear_dense"]
+    assert long["moe"] > short["moe"]
+    # Full-head K/V rows and g_proj cost more than softmax attention over short sequences (below ~5.4K tokens for
+    # Ring-mini); the softmax scores outgrow them at long ones.
+    assert short["linear_moe"] > short["moe"] and long["linear_moe"] < 0.5 * long["moe"]
+
+
+def test_a_hybrid_plan_gives_the_cheaper_linear_layers_longer_stages():
+    # At 32K tokens a softmax layer costs ~2x a linear one: the all-softmax Ling-mini splits its 20 layers 8/8/4 with
+    # the head on the third rank, the hybrid of the same shape 9/9/2, and its bottleneck is lower.
+    seq, stages = 32768, 4
+    softmax = balanced_partition(pipeline_units(_mini(), analytic_unit_costs(_mini(), seq)), stages)
+    hybrid_cfg = load_config("ring-mini-linear-2.0").model
+    hybrid = balanced_partition(pipeline_units(hybrid_cfg, analytic_unit_costs(hybrid_cfg, seq)), stages)
+    layers = [[sum(name.startswith("layers.") for name in stage) for stage in plan.stages] for plan in (softmax, hybrid)]
+    assert layers == [[8, 8, 4, 0], [9, 9, 2, 0]]
+    assert hybrid.bottleneck < 0.7 * softmax.bottleneck
 
 
 @pytest.mark.parametrize("virtual", [1, 2, 3])
@@ -173,14 +205,15 @@ def test_bad_shapes_are_user_errors():
         compare_plans(load_config("tiny"), 2, 1, 0, False)
 
 
-def test_measured_costs_on_a_tiny_config():
-    cfg = load_config("tiny").model
+@pytest.mark.parametrize("preset", ["tiny", "tiny-linear"])
+def test_measured_costs_on_a_tiny_config(preset):
+    cfg = load_config(preset).model
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a CPU shared with other jobs, OpenMP threads stall each other on these tiny ops
     try:
         costs = measure_unit_costs(cfg, batch=1, seq_len=8, repeats=1)
     finally:
         torch.set_num_threads(threads)
-    assert set(costs) == set(UNIT_KINDS) and all(t > 0 for t in costs.values())
+    assert set(costs) == {kind for _, kind in unit_layout(cfg)} and all(t > 0 for t in costs.values())
     plan = balanced_partition(pipeline_units(cfg, costs), 2, 2)
     assert plan.optimal and len(plan.stages) == 4

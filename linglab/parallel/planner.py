@@ -10,6 +10,10 @@ embedding is nearly free while the LM head + loss and MTP's loss part are GEMMs 
     uniform, planned, unit = compare_plans(cfg, stages=4, virtual=2, micro_batches=8, measured=False)
     print(format_comparison(uniform, planned, 8, unit, "ling-mini-2.0"))   # what `linglab plan` prints
 
+A decoder layer's kind names its FFN and, in a Ring-linear hybrid (SPEC §8), its attention: "dense" and "moe" are
+softmax layers, "linear_dense" and "linear_moe" linear ones, priced by `linglab.flops` (a linear layer's attention
+costs the same at any sequence length, a softmax layer's grows with it).
+
 Unit order is the model's dataflow: embedding, layers.0 .. layers.{L-1}, head, mtp_transformer, mtp_loss.
 `head` (final norm, lm_head, loss) comes before MTP because MTP reads H_i after the final norm (SPEC §1.5);
 the stage holding `head` passes H_i on. MTP's Emb(t_{i+1}) lookup and its lm_head GEMM use weights shared
@@ -33,13 +37,14 @@ from dataclasses import asdict, dataclass
 
 from linglab.config import Config, ModelConfig
 from linglab.errors import LinglabError
-from linglab.flops import attention_flops, layer_matmul_params
+from linglab.flops import decoder_layer_flops
 
 # FLOPs an accelerator could have done in the time it moves one byte: H100 SXM, 989 TFLOP/s dense bf16
 # over 3.35 TB/s of HBM3. Prices the memory-bound units (embedding lookup, softmax) on the GEMM FLOP scale.
 MACHINE_BALANCE = 295.0
 BF16_BYTES, FP32_BYTES = 2, 4
-UNIT_KINDS = ("embedding", "dense", "moe", "head", "mtp_transformer", "mtp_loss")
+LAYER_KINDS = ("dense", "moe", "linear_dense", "linear_moe")
+UNIT_KINDS = ("embedding", *LAYER_KINDS, "head", "mtp_transformer", "mtp_loss")
 
 
 @dataclass(frozen=True)
@@ -51,9 +56,16 @@ class Unit:
     cost: float
 
 
+def layer_unit_kind(cfg: ModelConfig, i: int) -> str:
+    """Decoder layer i's unit kind: its FFN ("dense" below first_k_dense_replace, else "moe"), prefixed "linear_"
+    for a hybrid's linear layers (`ModelConfig.layer_kind`)."""
+    ffn = "dense" if i < cfg.first_k_dense_replace else "moe"
+    return f"linear_{ffn}" if cfg.layer_kind(i) == "linear" else ffn
+
+
 def unit_layout(cfg: ModelConfig) -> list[tuple[str, str]]:
     """(name, kind) of every pipeline unit in dataflow order (see the module docstring for why this order)."""
-    layers = [(f"layers.{i}", "dense" if i < cfg.first_k_dense_replace else "moe") for i in range(cfg.num_hidden_layers)]
+    layers = [(f"layers.{i}", layer_unit_kind(cfg, i)) for i in range(cfg.num_hidden_layers)]
     mtp = [("mtp_transformer", "mtp_transformer"), ("mtp_loss", "mtp_loss")] if cfg.num_nextn_predict_layers else []
     return [("embedding", "embedding"), *layers, ("head", "head"), *mtp]
 
@@ -71,18 +83,14 @@ def embedding_lookup_flops(cfg: ModelConfig, flop_per_byte: float = MACHINE_BALA
     return cfg.hidden_size * BF16_BYTES * flop_per_byte
 
 
-def decoder_layer_flops(cfg: ModelConfig, seq_len: int, moe: bool) -> float:
-    """Forward FLOPs per token of one decoder layer, as `linglab.flops` counts them (norms are not GEMMs)."""
-    return 2 * layer_matmul_params(cfg, moe) + attention_flops(cfg, seq_len)
-
-
 def lm_head_loss_flops(cfg: ModelConfig, flop_per_byte: float = MACHINE_BALANCE) -> float:
     """Forward FLOPs per token of lm_head (2HV) + softmax cross-entropy, the latter one memory-bound pass over V fp32 logits."""
     return 2 * cfg.hidden_size * cfg.vocab_size + cfg.vocab_size * FP32_BYTES * flop_per_byte
 
 
 def mtp_transformer_flops(cfg: ModelConfig, seq_len: int, flop_per_byte: float = MACHINE_BALANCE) -> float:
-    """Forward FLOPs per token of MTP's transformer part (SPEC §1.5): Emb(t_{i+1}) lookup, eh_proj 2H -> H, a MoE layer."""
+    """Forward FLOPs per token of MTP's transformer part (SPEC §1.5): Emb(t_{i+1}) lookup, eh_proj 2H -> H, a MoE
+    layer (softmax in a hybrid too, SPEC §8)."""
     eh_proj = 2 * (2 * cfg.hidden_size * cfg.hidden_size)
     return embedding_lookup_flops(cfg, flop_per_byte) + eh_proj + decoder_layer_flops(cfg, seq_len, moe=True)
 
@@ -98,6 +106,8 @@ def analytic_unit_costs(cfg: ModelConfig, seq_len: int, recompute_mtp: bool = Fa
         "embedding": embedding_lookup_flops(cfg, flop_per_byte),
         "dense": decoder_layer_flops(cfg, seq_len, moe=False),
         "moe": decoder_layer_flops(cfg, seq_len, moe=True),
+        "linear_dense": decoder_layer_flops(cfg, seq_len, moe=False, kind="linear"),
+        "linear_moe": decoder_layer_flops(cfg, seq_len, moe=True, kind="linear"),
         "head": lm_head_loss_flops(cfg, flop_per_byte),
         "mtp_transformer": mtp_transformer_flops(cfg, seq_len, flop_per_byte),
         "mtp_loss": lm_head_loss_flops(cfg, flop_per_byte),
@@ -128,8 +138,8 @@ def _time_forward_backward(forward, wrt: list, repeats: int) -> float:
 def measure_unit_costs(cfg: ModelConfig, batch: int, seq_len: int, repeats: int = 5) -> dict[str, float]:
     """Seconds of forward + backward of one micro-batch [batch, seq_len] through each unit kind, on this CPU.
 
-    Builds the real modules (one dense and one MoE DecoderLayer, the MTPLayer, embedding, final norm and
-    lm_head) once each; gradients flow to the unit's input as well, as they must between pipeline stages.
+    Builds the real modules (one DecoderLayer of each layer kind the model has, the MTPLayer, embedding, final
+    norm and lm_head) once each; gradients flow to the unit's input as well, as they must between pipeline stages.
     Full-size presets allocate full-size layers: meant for small configs or a machine with the memory.
     """
     import torch
@@ -145,19 +155,20 @@ def measure_unit_costs(cfg: ModelConfig, batch: int, seq_len: int, repeats: int 
     cos, sin = rope_cos_sin(cfg.rope_dim, cfg.rope_theta, torch.arange(seq_len))
     kinds = {kind for _, kind in unit_layout(cfg)}
     emb, norm, lm_head = nn.Embedding(cfg.vocab_size, h), RMSNorm(h, cfg.rms_norm_eps), nn.Linear(h, cfg.vocab_size, bias=False)
-    dense = DecoderLayer(cfg, 0, moe=False) if "dense" in kinds else nn.Identity()
-    moe = DecoderLayer(cfg, cfg.first_k_dense_replace, moe=True) if "moe" in kinds else nn.Identity()
+    first_of_kind = {}  # the first layer of each kind: the layer index decides softmax or linear attention
+    for i in range(cfg.num_hidden_layers):
+        first_of_kind.setdefault(layer_unit_kind(cfg, i), i)
+    layers = {kind: DecoderLayer(cfg, i, moe=kind.endswith("moe")) for kind, i in first_of_kind.items()}
     mtp = MTPLayer(cfg, cfg.num_hidden_layers) if "mtp_transformer" in kinds else nn.Identity()
     with torch.no_grad():  # the pretraining init (SPEC §1.2): routed experts are allocated uninitialised
-        for module in (emb, lm_head, dense, moe, mtp):
+        for module in (emb, lm_head, *layers.values(), mtp):
             for name, p in module.named_parameters():
                 if not name.endswith("norm.weight"):
                     p.normal_(0.0, cfg.initializer_range, generator=g)
 
     runs = {
         "embedding": (lambda: emb(ids), [emb.weight]),
-        "dense": (lambda: dense(x, cos, sin)[0], [x, *dense.parameters()]),
-        "moe": (lambda: moe(x, cos, sin)[0], [x, *moe.parameters()]),
+        **{kind: (lambda layer=layer: layer(x, cos, sin)[0], [x, *layer.parameters()]) for kind, layer in layers.items()},
         "head": (lambda: masked_cross_entropy(lm_head(norm(x)), targets, None), [x, norm.weight, lm_head.weight]),
         "mtp_transformer": (lambda: mtp(emb(ids), x, cos, sin)[0], [x, emb.weight, *mtp.parameters()]),
         "mtp_loss": (lambda: masked_cross_entropy(lm_head(x), targets, None), [x, lm_head.weight]),
@@ -221,7 +232,7 @@ def uniform_partition(units: list[Unit], stages: int, virtual: int) -> Plan:
     the remainder), the embedding on the first stage, head and MTP units on the last. Units as from `pipeline_units`."""
     _check_shape(units, stages, virtual)
     k = stages * virtual
-    num_layers = sum(u.kind in ("dense", "moe") for u in units)
+    num_layers = sum(u.kind in LAYER_KINDS for u in units)
     per_stage = [num_layers // k + (j < num_layers % k) for j in range(k)]
     cuts = [0, *(1 + c for c in itertools.accumulate(per_stage[:-1])), len(units)]
     return _plan(units, cuts, stages, optimal=False)
