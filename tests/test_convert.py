@@ -134,7 +134,8 @@ def test_train_init_from_converted_then_resume_keeps_its_own_checkpoints(convert
     src, hybrid = converted
     run = tmp_path / "run"
     cfg = load_config("tiny-linear", overrides=[*FAST, "--train.max_steps=2", "--train.ckpt_every=1",
-                                                "--train.lr=1e-9", "--train.bias_update_rate=0"])
+                                                "--train.lr=1e-9", "--train.bias_update_rate=0",
+                                                "--train.schedule=wsm"])  # a WSM run may be extended
     summary = run_training(cfg, run, init_from=hybrid)
     assert summary["steps"] == 2 and summary["init_from"] == str(hybrid)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
