@@ -41,6 +41,7 @@ RUNS, RESULTS = ROOT / "runs", ROOT / "results"
 ARMS = ("converted", "softmax", "scratch")
 PRESET = {"converted": "tiny-linear", "softmax": "tiny", "scratch": "tiny-linear"}
 TIERS = ("easy", "medium", "hard")
+REUSED: list[str] = []  # runs found finished, so this invocation's wall time leaves theirs out
 # tiny-linear's layer rule and norm groups (linglab.config PRESETS): the converted model must have its shape.
 LAYER_GROUP_SIZE, GROUP_NORM_SIZE = 2, 2
 
@@ -75,6 +76,7 @@ def run_arm(arm: str, seed: int, start: Path, converted: Path, pretrain_steps: i
     cfg = arm_config(arm, seed, start, pretrain_steps, args)
     if (out / "summary.json").is_file() and (out / "config.toml").read_text() == to_toml(cfg):
         print(f"reusing {out.relative_to(ROOT)}", flush=True)
+        REUSED.append(str(out.relative_to(ROOT)))
         return out
     init = {"converted": converted, "softmax": start, "scratch": None}[arm]
     t0 = time.time()
@@ -101,6 +103,14 @@ def read_arm_run(out: Path) -> dict:
     return {"heldout_loss": final["heldout_loss"], "heldout_loss_by_tier": final["heldout_loss_by_tier"],
             "accuracy": final["accuracy"], "steps": summary["steps"], "tokens": summary["tokens"],
             "wall_time_s": summary["wall_time_s"], "loss_curve": [[r["step"], r["main_loss"]] for r in train]}
+
+
+def pretrain_curve(start: Path) -> list[list[float]]:
+    """The main loss per step of the run that made `start`, when it is a run's final/ (else none)."""
+    metrics = start.parent / "metrics.jsonl"
+    if start.name != "final" or not metrics.is_file():
+        return []
+    return [[r["step"], r["main_loss"]] for r in read_jsonl(metrics) if r.get("kind") == "train"]
 
 
 def spread(values: list[float]) -> dict:
@@ -130,10 +140,12 @@ def plot(result: dict, path: Path) -> None:
             mean = result["arms"][arm]["heldout_loss"]["mean"]
             left.plot(steps, loss, color=colors[arm], alpha=0.8, lw=1,
                       label=f"{arm} (held-out loss {mean:.3f})" if k == 0 else None)
+    if result["pretrain_curve"]:
+        steps, loss = zip(*result["pretrain_curve"])
+        left.plot(steps, loss, color="grey", lw=1, label="pretraining (softmax, the start of converted and softmax)")
     left.axvline(pretrain_steps, color="grey", ls=":", lw=1)
     left.set(yscale="log", xlabel="total training steps (pretraining + continued)", ylabel="train main loss",
-             title="training loss (continued arms start at the pretrained model)")
-    left.set_xlim(pretrain_steps * 0.5, None)
+             title="training loss (continued arms start where pretraining ends)")
     left.grid(alpha=0.3, which="both")
     left.legend()
     width = 0.25
@@ -183,9 +195,12 @@ def main() -> None:
         "start": {"pretrained": eval_checkpoint(start, start, args.eval_problems),
                   "converted_before_training": eval_checkpoint(converted, start, args.eval_problems)},
         "arms": {arm: summarise(runs[arm]) for arm in ARMS},
+        "pretrain_curve": pretrain_curve(start),
         "runs": runs,
     }
     result["setup"]["wall_time_s"] = time.time() - t0
+    result["setup"]["reused_runs"] = REUSED
+    result["setup"]["run_wall_time_s"] = {arm: [r["wall_time_s"] for r in runs[arm]] for arm in ARMS}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, RESULTS / f"{args.name}.png")
