@@ -35,6 +35,7 @@ bias moves on the rank whose stage holds it.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -468,6 +469,7 @@ def _run(cfg: Config, run: RunDir, dims: ParallelDims, resume: bool, overwrite: 
     if init_from is not None and not (resume and run.checkpoints()):  # the run's own checkpoints win
         init = init_state(cfg.model, init_from)  # checked before --out is touched
         if not cfg.data.tokenizer and (Path(init_from) / "tokenizer.json").is_file():
+            cfg = copy.deepcopy(cfg)  # the caller's config stays as given
             cfg.data.tokenizer = str(Path(init_from) / "tokenizer.json")  # its token ids are the ones it learned
     changes = dims.on_main(check)
     seed_everything(cfg.train.seed)
