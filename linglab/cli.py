@@ -5,6 +5,8 @@
     linglab init --preset tiny --out ckpt/tiny       # a randomly initialised HF BailingMoeV2 checkpoint
     linglab check --preset tiny                      # build, print the parameter table, forward + backward
     linglab export --ckpt ckpt/tiny --out ckpt/tiny-fp8 --fp8   # the HF FP8 format (SPEC §1.6)
+    linglab convert --to linear --ckpt runs/tiny/final --out ckpt/tiny-hybrid --layer-group-size 2   # SPEC §8
+    linglab train --preset tiny-linear --init-from ckpt/tiny-hybrid --out runs/tiny-hybrid   # continue pretraining it
     linglab scaling sweep --out runs/scaling --dry-run  # scaling-law sweep, fit, suggest (SPEC §4; linglab.scaling)
     linglab rl --ckpt runs/tiny/pretrain/final --out runs/tiny-rl --rl.algo=lpo   # RL post-training (SPEC §5)
     linglab rl --ckpt CKPT --out runs/rl --data gsm8k.jsonl --rl.algo=lpo      # ... on your own prompt file (SPEC §10)
@@ -159,7 +161,8 @@ def cmd_train(args, overrides) -> None:
 
     out = Path(args.out or f"runs/{args.preset or 'tiny'}")
     cfg = _run_cfg(args, overrides, out, "train")
-    run_training(cfg, out, resume=args.resume, overwrite=args.overwrite, command=args.command_line)
+    run_training(cfg, out, resume=args.resume, overwrite=args.overwrite, command=args.command_line,
+                 init_from=args.init_from)
 
 
 def cmd_merge(args, overrides) -> None:
@@ -184,6 +187,19 @@ def cmd_merge(args, overrides) -> None:
     for path, w in zip(ckpts, weights):
         print(f"  {w:.4f}  {path}")
     print(f"wrote {args.out} (merge of {len(ckpts)} checkpoints, target decay '{args.decay}')")
+
+
+def cmd_convert(args, overrides) -> None:
+    """A BailingMoeV2 checkpoint as a Ring-linear hybrid (SPEC §8), as Ring-mini-linear was made from Ling-mini."""
+    from linglab.convert import convert_to_linear
+
+    if overrides:
+        raise LinglabError(f"convert: unexpected arguments {' '.join(overrides)}")
+    hybrid = convert_to_linear(args.ckpt, args.out, args.layer_group_size, args.group_norm_size, args.overwrite)
+    kinds = [hybrid.layer_kind(i) for i in range(hybrid.num_hidden_layers)]
+    linear = [i for i, kind in enumerate(kinds) if kind == "linear"]
+    softmax = [i for i, kind in enumerate(kinds) if kind == "softmax"]
+    print(f"wrote {args.out} (BailingMoeLinearV2): linear layers {linear}, softmax layers {softmax}")
 
 
 def _dir_mb(path: Path) -> float:
@@ -543,6 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start over")
+    p.add_argument("--init-from", metavar="CKPT", help="start from this checkpoint's weights (same model shape; "
+                   "fresh optimizer, step 0; its tokenizer unless data.tokenizer is set); a resume ignores it once "
+                   "the run has checkpoints of its own")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("merge", help="WSM: merge checkpoints with weights from a target decay (SPEC §2)")
@@ -561,6 +580,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "embeddings, lm_head, norms, router and MTP eh_proj stay fp32")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("convert", help="a BailingMoeV2 checkpoint as a Ring-linear hybrid BailingMoeLinearV2 (SPEC §8)")
+    p.add_argument("--to", required=True, choices=["linear"], help="target family (linear: BailingMoeLinearV2)")
+    p.add_argument("--ckpt", required=True, help="BailingMoeV2 checkpoint directory (its tokenizer files are copied along)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--layer-group-size", type=int, required=True,
+                   help="one softmax layer closes each group of N layers; the others become linear (SPEC §8)")
+    p.add_argument("--group-norm-size", type=int, default=1, help="groups of the linear layers' GroupRMSNorm (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="sample from a checkpoint, streaming (KV cache)")
     p.add_argument("--ckpt", required=True, help="checkpoint directory with its tokenizer files")

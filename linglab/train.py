@@ -2,6 +2,7 @@
 
     linglab train --preset tiny --out runs/tiny            # the main job (`make run`)
     linglab train --out runs/tiny --resume                  # continue bit-exactly from the last checkpoint
+    linglab train --preset tiny-linear --init-from ckpt/tiny-hybrid --out runs/hybrid   # a new run from given weights
     torchrun --nproc_per_node 2 -m linglab train --preset tiny --out runs/tiny-dp2   # FSDP2 (+ EP) on 2 ranks
 
 A run directory holds the resolved `config.toml`, `tokenizer.json`, `metrics.jsonl`, TensorBoard events
@@ -11,6 +12,11 @@ evaluations, samples, plots and `report.md`.
 
 Per step: a forward/backward per micro-batch, gradient clipping, a skip if the loss or the gradient is
 not finite, the AdamW step, then the expert-bias update from this step's expert loads (SPEC §1.4).
+
+`--init-from CKPT` starts a new run (step 0, fresh AdamW, the run's own LR schedule) from a checkpoint's weights
+and expert biases, e.g. one `linglab convert` made (SPEC §8: continued pretraining after conversion). The run's
+model config must equal the checkpoint's but for the training-only keys (`INIT_FREE_KEYS`), and the run reads the
+checkpoint's tokenizer unless data.tokenizer names one. A resumed run with checkpoints of its own loads those.
 
 Under torchrun (`linglab.parallel.parallel_dims`, layout in `[parallel]`) every rank trains on its own rows of
 the same global batch with the single-process math (global masked mean, global loads, global gradient norm),
@@ -29,6 +35,7 @@ bias moves on the rank whose stage holds it.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -36,7 +43,7 @@ from pathlib import Path
 import torch
 
 from linglab import checkpoint as ckpt
-from linglab.config import Config, FP8Config, TrainConfig
+from linglab.config import Config, FP8Config, ModelConfig, TrainConfig
 from linglab.data import DataLoader, RunData, build_data
 from linglab.errors import LinglabError
 from linglab.flops import flops_per_token, matmul_peak_flops
@@ -51,6 +58,8 @@ from linglab.run import RunDir, build_adamw, releases_locks, resolve_device, rng
 from linglab.tasks import TIERS
 
 STATE_NAME = "train_state.pt"
+# ModelConfig keys that steer training only, so an --init-from checkpoint may differ in them from the run's model.
+INIT_FREE_KEYS = (*ckpt.OPTIONAL_CONFIG_KEYS, "mtp_loss_scaling_factor")
 
 
 class TrainingDiverged(LinglabError):
@@ -391,6 +400,18 @@ def _tensorboard_writer(run_dir: Path):
 # ---------------------------------------------------------------- entry point
 
 
+def init_state(cfg: ModelConfig, path: str | Path) -> dict[str, torch.Tensor]:
+    """--init-from: checkpoint `path`'s tensors as a state dict for a model of `cfg`, refused with one line unless
+    its config equals `cfg` in every key that shapes or computes the model (all but INIT_FREE_KEYS)."""
+    theirs = ckpt.load_config_json(path)
+    for key in ModelConfig.__dataclass_fields__:
+        if key not in INIT_FREE_KEYS and getattr(theirs, key) != getattr(cfg, key):
+            raise LinglabError(f"train: --init-from {path} has model.{key}={getattr(theirs, key)}, the run's model "
+                               f"has {getattr(cfg, key)}; pick the preset or overrides of the checkpoint's shape")
+    expected = build_model(cfg, device="meta").state_dict()
+    return ckpt.checked_state_dict(ckpt.load_hf_tensors(path), cfg, expected, str(path))
+
+
 def build_trainer(cfg: Config, run: RunDir, data: RunData, model: LingForCausalLM, log=print,
                   dims: ParallelDims | None = None) -> Trainer:
     """The job's wiring: FP8 conversion (before sharding), FSDP2/EP from `dims`, the pipeline plan under
@@ -412,19 +433,22 @@ def build_trainer(cfg: Config, run: RunDir, data: RunData, model: LingForCausalL
 
 @releases_locks
 def run_training(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
-                 command: str = "", console=None) -> dict:
+                 command: str = "", console=None, init_from: str | Path | None = None) -> dict:
     """The whole job: data, model, training loop, final checkpoint, evaluation, samples, report.
+
+    `init_from`: a checkpoint whose weights the new model starts from (`init_state`); see the module docstring.
 
     Under torchrun every rank runs this; rank 0 alone prints and writes (SPEC §7, `ParallelDims`).
     """
     dims = init_parallel(cfg.parallel, resolve_device(cfg.train.device))
     try:
-        return _run(cfg, RunDir(run_dir, "train", STATE_NAME), dims, resume, overwrite, command, console)
+        return _run(cfg, RunDir(run_dir, "train", STATE_NAME), dims, resume, overwrite, command, console, init_from)
     finally:
         dims.close()
 
 
-def _run(cfg: Config, run: RunDir, dims: ParallelDims, resume: bool, overwrite: bool, command: str, console) -> dict:
+def _run(cfg: Config, run: RunDir, dims: ParallelDims, resume: bool, overwrite: bool, command: str, console,
+         init_from: str | Path | None) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -441,6 +465,12 @@ def _run(cfg: Config, run: RunDir, dims: ParallelDims, resume: bool, overwrite: 
         run.lock()
         return run.resume_changes(cfg) if resume else {}
 
+    init = None
+    if init_from is not None and not (resume and run.checkpoints()):  # the run's own checkpoints win
+        init = init_state(cfg.model, init_from)  # checked before --out is touched
+        if not cfg.data.tokenizer and (Path(init_from) / "tokenizer.json").is_file():
+            cfg = copy.deepcopy(cfg)  # the caller's config stays as given
+            cfg.data.tokenizer = str(Path(init_from) / "tokenizer.json")  # its token ids are the ones it learned
     changes = dims.on_main(check)
     seed_everything(cfg.train.seed)
     # Every input is read and checked before --out is touched; rank 0 trains the tokenizer, the others load it.
@@ -450,6 +480,9 @@ def _run(cfg: Config, run: RunDir, dims: ParallelDims, resume: bool, overwrite: 
         if data is None:
             data = build_data(cfg.data, run.path, cfg.train.eval_problems, save_tokenizer=False)
         model = build_model(cfg.model, device=dims.device, seed=cfg.train.seed)  # the same weights on every rank
+        if init is not None:
+            model.load_state_dict(init)  # before FP8 conversion and sharding, which keep the weights they find
+            dims.on_main(lambda: run.append_metrics({"kind": "init", "step": 0, "from": str(init_from)}))
         counts = count_parameters(model)
         trainer = build_trainer(cfg, run, data, model, log=console.print, dims=dims)
         if resume:
@@ -489,7 +522,8 @@ def _run(cfg: Config, run: RunDir, dims: ParallelDims, resume: bool, overwrite: 
         trainer.fit(progress, task, evaluate, plain_log=not console.is_terminal)
 
     summary = {"steps": trainer.step, "tokens": trainer.counters["tokens"], "wall_time_s": trainer.counters["elapsed"],
-               "skipped_steps": trainer.counters["skipped"], "final_checkpoint": str(run.final_path), "command": command}
+               "skipped_steps": trainer.counters["skipped"], "final_checkpoint": str(run.final_path), "command": command,
+               "init_from": None if init is None else str(init_from)}
     model = trainer.full_model()  # the run's last collective
     dims.barrier()  # ... finished on every rank: the others may leave while rank 0 evaluates and reports
     if not dims.is_main:
