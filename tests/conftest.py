@@ -21,3 +21,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def decode_in_parts(model, ids, max_len=None):
+    """(logits of a prefill of 7 tokens, a 3-token chunk, then one token at a time, all through one KVCache; the full
+    forward's logits; the cache): decoding with a cache must equal the full forward."""
+    from linglab.model import KVCache
+
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(model.cfg, batch_size=ids.shape[0], max_len=max_len or ids.shape[1])
+        parts = [model(ids[:, :7], cache=cache), model(ids[:, 7:10], cache=cache)]
+        parts += [model(ids[:, t:t + 1], cache=cache) for t in range(10, ids.shape[1])]
+    return torch.cat(parts, dim=1), full, cache

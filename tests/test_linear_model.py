@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import decode_in_parts
 from reference_bailing import forward_ref
 from safetensors.torch import load_file
 
@@ -86,13 +87,8 @@ def test_several_chunks_match_the_reference():
 
 def test_mixed_cache_decoding_equals_full_forward():
     model = random_hybrid()
-    ids = torch.randint(0, model.cfg.vocab_size, (3, 20))
-    with torch.no_grad():
-        full = model(ids)
-        cache = KVCache(model.cfg, batch_size=3, max_len=20)
-        parts = [model(ids[:, :7], cache=cache), model(ids[:, 7:10], cache=cache)]  # prefill, then a chunk
-        parts += [model(ids[:, t:t + 1], cache=cache) for t in range(10, 20)]
-    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+    decoded, full, cache = decode_in_parts(model, torch.randint(0, model.cfg.vocab_size, (3, 20)))
+    assert torch.allclose(decoded, full, atol=1e-5)
     # K/V for the two softmax layers only; a fixed hd x hd state for each of the two linear layers.
     cfg = model.cfg
     assert cache.k.shape == (2, 3, cfg.num_key_value_heads, 20, cfg.head_dim)

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import decode_in_parts, tiny_config
 from reference_bailing import forward_ref
 
 from linglab.checkpoint import hf_config_dict, to_hf_state_dict
-from linglab.model import KVCache, apply_partial_rope, build_model, rope_cos_sin
+from linglab.model import apply_partial_rope, build_model, rope_cos_sin
 
 
 def _random_model(**overrides):
@@ -42,13 +42,8 @@ def test_logits_match_plain_reference_from_hf_tensors(partial_rotary_factor):
 
 def test_kv_cache_decoding_equals_full_forward():
     model = _random_model()
-    ids = torch.randint(0, model.cfg.vocab_size, (3, 20))
-    with torch.no_grad():
-        full = model(ids)
-        cache = KVCache(model.cfg, batch_size=3, max_len=20)
-        parts = [model(ids[:, :7], cache=cache), model(ids[:, 7:10], cache=cache)]  # prefill, then a chunk
-        parts += [model(ids[:, t:t + 1], cache=cache) for t in range(10, 20)]
-    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+    decoded, full, _ = decode_in_parts(model, torch.randint(0, model.cfg.vocab_size, (3, 20)))
+    assert torch.allclose(decoded, full, atol=1e-5)
 
 
 def test_mtp_loss_present_and_weighted():
