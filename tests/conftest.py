@@ -34,3 +34,16 @@ def decode_in_parts(model, ids, max_len=None):
         parts = [model(ids[:, :7], cache=cache), model(ids[:, 7:10], cache=cache)]
         parts += [model(ids[:, t:t + 1], cache=cache) for t in range(10, ids.shape[1])]
     return torch.cat(parts, dim=1), full, cache
+
+
+def randomize(model):
+    """Larger weights and a nonzero expert bias, so that routing, norms and every part of the layer matter."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.1)
+        for m in model.moe_layers():
+            m.gate.expert_bias.normal_(0, 0.05)
+    return model.eval()

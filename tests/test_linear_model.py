@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import decode_in_parts
+from conftest import decode_in_parts, randomize
 from reference_bailing import forward_ref
 from safetensors.torch import load_file
 
@@ -26,16 +26,7 @@ def hybrid_config(*overrides: str):
 
 def random_hybrid(*overrides: str):
     """tiny-linear (layers 0, 2 linear; 1, 3 softmax) with weights large enough that every part matters."""
-    model = build_model(hybrid_config(*overrides), seed=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.1)
-        for m in model.moe_layers():
-            m.gate.expert_bias.normal_(0, 0.05)
-    return model.eval()
+    return randomize(build_model(hybrid_config(*overrides), seed=0))
 
 
 def softmax_layers(cfg) -> list[int]:

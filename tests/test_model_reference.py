@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import decode_in_parts, tiny_config
+from conftest import decode_in_parts, randomize, tiny_config
 from reference_bailing import forward_ref
 
 from linglab.checkpoint import hf_config_dict, to_hf_state_dict
@@ -13,16 +13,7 @@ from linglab.model import apply_partial_rope, build_model, rope_cos_sin
 
 def _random_model(**overrides):
     cfg = tiny_config(num_hidden_layers=2, **overrides).model
-    model = build_model(cfg, seed=0)
-    with torch.no_grad():  # larger weights and a nonzero bias make routing and norms matter
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.1)
-        for m in model.moe_layers():
-            m.gate.expert_bias.normal_(0, 0.05)
-    return model.eval()
+    return randomize(build_model(cfg, seed=0))
 
 
 @pytest.mark.parametrize("partial_rotary_factor", [0.5, 1.0])  # the released half-head RoPE, and tiny's full RoPE
