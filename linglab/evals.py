@@ -329,7 +329,7 @@ def evaluate_checkpoints(cfg, ckpts: Sequence[str | Path], out: str | Path | Non
     if out is not None:
         if out.exists() and not out.is_dir():
             raise LinglabError(f"eval: --out {out} is a file, expected a directory")
-        check_output(out, overwrite or resume, "eval", inputs=ckpts)
+        check_output(out, overwrite or resume, "eval", inputs=[*ckpts, cfg.data, *([cfg.variants] if cfg.variants else [])])
         out.mkdir(parents=True, exist_ok=True)
     elif resume:
         raise LinglabError("eval: --resume needs the --out directory of the evaluation to continue")

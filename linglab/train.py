@@ -460,7 +460,7 @@ def _run(cfg: Config, run: RunDir, dims: ParallelDims, resume: bool, overwrite: 
 
     def check() -> dict:
         # --overwrite would delete user data or a tokenizer kept inside the run being replaced
-        inputs = [] if resume else [p for p in (cfg.data.path, cfg.data.tokenizer) if p]
+        inputs = [] if resume else [p for p in (cfg.data.path, cfg.data.tokenizer, init_from) if p]
         run.check(resume, overwrite, inputs)
         run.lock()
         return run.resume_changes(cfg) if resume else {}

@@ -165,3 +165,14 @@ def test_generate_chat_renders_the_prompt_through_the_template(start, capsys):
     assert main(["generate", "--ckpt", str(start), "--prompt", "1+1=?", "--chat", "--mode", "thinking",
                  "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.startswith("1+1=?\n<think>\n")  # linglab's template opens the thinking block
+
+
+def test_out_holding_the_prompt_file_is_refused_even_with_overwrite(start, files, tmp_path, capsys):
+    """--overwrite deletes the old --out: one that holds the command's own prompt file is refused, the file kept."""
+    data = tmp_path / "work" / "gsm8k.jsonl"
+    data.parent.mkdir()
+    data.write_bytes((files / "gsm8k.jsonl").read_bytes())
+    for args in (["rl", "--ckpt", str(start), *RL_FAST], ["sft", "--ckpt", str(start), *SFT_FAST],
+                 ["eval", "--ckpt", str(start)]):
+        assert main([*args, "--data", str(data), "--out", str(data.parent), "--overwrite"]) == 2
+        assert "overlaps the input" in capsys.readouterr().err and data.read_bytes() == (files / "gsm8k.jsonl").read_bytes()

@@ -93,6 +93,12 @@ def check_prompt_lengths(examples: list[Example], tokenizer: Tokenizer, cfg: RLC
                                f"({max_positions})")
 
 
+def read_inputs(cfg: RLConfig, ckpt: str | Path | None) -> list[str | Path]:
+    """What an RL or SFT run reads from outside its --out: the start checkpoint and the prompt and variants files
+    (`RunDir.check` keeps --out from being, holding or lying inside any of them: --overwrite would delete it)."""
+    return [p for p in (ckpt, cfg.data, cfg.eval_data, cfg.variants) if p]
+
+
 def check_start_checkpoint(ckpt: str | Path, command: str) -> None:
     """A one-line error, before anything is written, unless `ckpt` is an HF checkpoint with a tokenizer.json."""
     checkpoint.load_config_json(ckpt)
@@ -221,7 +227,7 @@ def run_sft(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool 
             raise LinglabError("sft: --ckpt is required to start a run")
         check_start_checkpoint(ckpt, "sft")
     device = resolve_device(cfg.train.device, "sft")
-    run.check(resume, overwrite, inputs=[] if resume else [ckpt])
+    run.check(resume, overwrite, inputs=[] if resume else read_inputs(rl, ckpt))
     run.lock()
     changes = {}
     if resume:

@@ -66,6 +66,7 @@ from linglab.rl.sft import (
     evaluate_policy,
     load_prompts,
     load_start,
+    read_inputs,
     sft,
     sft_examples,
     verifier_kind,
@@ -478,7 +479,7 @@ def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool =
             raise LinglabError("rl: --ckpt is required to start a run")
         check_start_checkpoint(ckpt, "rl")
     device = resolve_device(cfg.train.device, "rl")
-    run.check(resume, overwrite, inputs=[] if resume else [ckpt])
+    run.check(resume, overwrite, inputs=[] if resume else read_inputs(rl, ckpt))
     run.lock()
     changes = {}
     if resume:
