@@ -229,6 +229,7 @@ def policy_eval(model: LingForCausalLM, tokenizer: Tokenizer, examples: Sequence
         answers = [e.answer for e in group]
         counts: dict[str, list[int]] = {}
         rendered: dict[tuple[str, ...], str] = {}
+        first: tuple[str, ...] = ()  # the first variant's prompts, which greedy accuracy reuses
         for variant in variants:
             try:
                 prompts = tuple(variant.prompt(tokenizer, e) for e in group)
@@ -241,12 +242,12 @@ def policy_eval(model: LingForCausalLM, tokenizer: Tokenizer, examples: Sequence
                 counts[variant.name] = counts[rendered[prompts]]
                 continue
             rendered[prompts] = variant.name
+            first = first if variant is not variants[0] else prompts
             if log is not None:
                 log(f"  {name}: variant {variant.name}, {len(group)} prompts x {n} samples")
             ok = score(_completions(model, tokenizer, prompts, n, temperature, seed, max_new_tokens),
                        [a for a in answers for _ in range(n)])
             counts[variant.name] = [sum(ok[i * n:(i + 1) * n]) for i in range(len(group))]
-        first = [variants[0].prompt(tokenizer, e) for e in group]
         greedy = score(_completions(model, tokenizer, first, 1, 0.0, seed, max_new_tokens), answers)
         scores = pass_at_k_by_variant(counts, n, max(ks))
         best = max(scores, key=scores.get)
@@ -254,6 +255,16 @@ def policy_eval(model: LingForCausalLM, tokenizer: Tokenizer, examples: Sequence
                      **{f"pass@{k}": float(pass_at_k_batch(n, counts[variants[0].name], k).mean()) for k in ks},
                      "apex": {"k": max(ks), "apex": scores[best], "best_variant": best, "variants": scores}}
     return {"subsets": out, **problems, "skipped_variants": skipped}
+
+
+def check_prompt_lengths(examples: Sequence[Example], texts: Sequence[str], tokenizer: Tokenizer, max_new_tokens: int,
+                         max_positions: int, command: str, key: str) -> None:
+    """One line naming the first example whose rendered prompt (`texts`) leaves no room for `max_new_tokens` (the
+    config `key` that sets it) within the model's context."""
+    for example, ids in zip(examples, tokenizer.encode_batch(list(texts)), strict=True):
+        if len(ids) + max_new_tokens > max_positions:
+            raise LinglabError(f"{command}: {example.source or 'a prompt'}: the prompt has {len(ids)} tokens; with "
+                               f"{key}={max_new_tokens} it exceeds the model's max_position_embeddings ({max_positions})")
 
 
 def first_per_subset(examples: Sequence[Example], n: int) -> list[Example]:
@@ -330,7 +341,6 @@ def evaluate_checkpoints(cfg, ckpts: Sequence[str | Path], out: str | Path | Non
         if out.exists() and not out.is_dir():
             raise LinglabError(f"eval: --out {out} is a file, expected a directory")
         check_output(out, overwrite or resume, "eval", inputs=[*ckpts, cfg.data, *([cfg.variants] if cfg.variants else [])])
-        out.mkdir(parents=True, exist_ok=True)
     elif resume:
         raise LinglabError("eval: --resume needs the --out directory of the evaluation to continue")
     if skipped:
@@ -353,12 +363,8 @@ def evaluate_checkpoints(cfg, ckpts: Sequence[str | Path], out: str | Path | Non
                 continue
         model = from_pretrained(ckpt)
         tokenizer = load_tokenizer(ckpt)
-        for e in examples:  # the longest rendered prompt must leave room for the completion
-            n = len(tokenizer.encode(variants[0].prompt(tokenizer, e)))
-            if n + cfg.max_new_tokens > model.cfg.max_position_embeddings:
-                raise LinglabError(f"eval: {e.source}: the prompt has {n} tokens; with eval.max_new_tokens="
-                                   f"{cfg.max_new_tokens} it exceeds {ckpt}'s max_position_embeddings "
-                                   f"({model.cfg.max_position_embeddings})")
+        check_prompt_lengths(examples, [variants[0].prompt(tokenizer, e) for e in examples], tokenizer,
+                             cfg.max_new_tokens, model.cfg.max_position_embeddings, "eval", "eval.max_new_tokens")
         console.print(f"{label}: {ckpt}")
         result = policy_eval(model, tokenizer, examples, cfg.samples, cfg.ks, kind, variants, cfg.temperature,
                              cfg.seed, cfg.max_new_tokens, log=console.print)
@@ -369,6 +375,7 @@ def evaluate_checkpoints(cfg, ckpts: Sequence[str | Path], out: str | Path | Non
         results[label] = record
         console.print(_result_table(f"{label} on {cfg.data}", record, cfg.ks, Table))
         if path is not None:
+            out.mkdir(parents=True, exist_ok=True)  # not before: a checkpoint that fails its checks writes nothing
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(record, indent=2) + "\n")
             tmp.replace(path)

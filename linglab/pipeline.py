@@ -140,9 +140,10 @@ def run_pipeline(cfg: Config, out: str | Path, resume: bool = False, overwrite: 
 def rl_workers(cfg: Config, runs: int) -> int:
     """RL runs to train at once: on the CPU one per core (up to the runs), one thread each; else one at a time.
 
-    Why: at the tiny scale an RL step is many small ops that two threads share poorly. Measured on the 2-core
-    machine (10 RL steps + a small evaluation, two seeds): 64 s one after the other with 2 threads, 35 s side by side
-    with 1 thread each. A GPU run keeps one process."""
+    Why: at the tiny scale an RL step is many small ops that two threads share poorly. In the fresh-clone `make run`
+    of docs/results/make-run/summary.json the three RL runs took 93-103 s each, 298 s in all, and the RL phase 198 s
+    (`rl_wall_time_s`); the `make run` before, one run after the other with 2 threads, took 602 s in all against 503 s
+    (its files were not kept). A GPU run keeps one process."""
     if cfg.train.device != "cpu" or runs < 2:
         return 1
     return max(1, min(runs, os.cpu_count() or 1))

@@ -176,3 +176,12 @@ def test_out_holding_the_prompt_file_is_refused_even_with_overwrite(start, files
                  ["eval", "--ckpt", str(start)]):
         assert main([*args, "--data", str(data), "--out", str(data.parent), "--overwrite"]) == 2
         assert "overlaps the input" in capsys.readouterr().err and data.read_bytes() == (files / "gsm8k.jsonl").read_bytes()
+
+
+def test_a_prompt_too_long_for_the_context_is_named_before_anything_is_written(start, files, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", "--ckpt", str(start), "--data", str(files / "gsm8k.jsonl"), "--eval.max_new_tokens=32768",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{files / 'gsm8k.jsonl'}:1" in err and "eval.max_new_tokens=32768" in err
+    assert not out.exists()  # nothing written

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from linglab import checkpoint
+from linglab import checkpoint, evals
 from linglab.chat import render_conversation, render_prompt
 from linglab.config import Config, RLConfig
 from linglab.data import DataLoader, PackedDataset
@@ -86,11 +86,8 @@ def check_prompt_lengths(examples: list[Example], tokenizer: Tokenizer, cfg: RLC
                          command: str) -> None:
     """One line naming the first example whose rendered prompt leaves no room for `rl.max_new_tokens` tokens."""
     texts = [render_prompt(tokenizer, e.chat(), cfg.mode, cfg.system_prompt) for e in examples]
-    for example, ids in zip(examples, tokenizer.encode_batch(texts)):
-        if len(ids) + cfg.max_new_tokens > max_positions:
-            raise LinglabError(f"{command}: {example.source or 'a prompt'}: the prompt has {len(ids)} tokens; with "
-                               f"rl.max_new_tokens={cfg.max_new_tokens} it exceeds the model's max_position_embeddings "
-                               f"({max_positions})")
+    evals.check_prompt_lengths(examples, texts, tokenizer, cfg.max_new_tokens, max_positions, command,
+                               "rl.max_new_tokens")
 
 
 def read_inputs(cfg: RLConfig, ckpt: str | Path | None) -> list[str | Path]:
