@@ -292,7 +292,7 @@ class PromptDataConfig:
     answer_field: str = ""
     solution_field: str = ""
     skip_bad_rows: bool = False  # skip malformed rows (counted in the report) instead of stopping at the first
-    verifier: str = "auto"  # auto | numeric | math | choice | exact
+    verifier: str = "auto"  # auto | numeric | math | choice | exact | code (Python answer + reference tests, sandboxed)
     mode: str = "instant"  # instant | thinking, for chat templates with a thinking switch
     system_prompt: str = ""  # a system message put before every prompt ("" = none)
     variants: str = ""  # ApexEval prompt variants, a JSONL file ("" = the defaults, see linglab.evals)
@@ -369,6 +369,7 @@ class RLConfig(PromptDataConfig):
     # DAPO dynamic sampling: rounds of new prompts that may replace the groups whose responses are all right or all
     # wrong (0 = drop them and train on fewer groups); synchronous rollouts only (C3PO++'s budget sizes its batch)
     dapo_max_rounds: int = 3
+    reward_workers: int = 1  # verifier processes scoring a step's rollouts side by side (SPEC §9 parallel rewards)
 
     def validate(self) -> None:
         self.validate_data("rl")
@@ -383,7 +384,7 @@ class RLConfig(PromptDataConfig):
         _check(self.rollout_precision in ("fp32", "fp8"), "rl.rollout_precision",
                f"must be 'fp32' or 'fp8', got {self.rollout_precision!r}")
         for name in ("c3po_budget", "group_size", "prompts_per_step", "max_new_tokens", "steps",
-                     "ppo_epochs", "sft_batch_size", "ckpt_every", "keep_last", "eval_samples"):
+                     "ppo_epochs", "sft_batch_size", "ckpt_every", "keep_last", "eval_samples", "reward_workers"):
             _check(getattr(self, name) >= 1, f"rl.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(self.c3po_capacity >= self.group_size, "rl.c3po_capacity",
                f"({self.c3po_capacity}) must hold at least one group of group_size={self.group_size}")

@@ -18,6 +18,10 @@
              non-empty line) and the reference: casefolded, whitespace collapsed, `$`, a trailing period and a
              surrounding \\text{...} dropped.
                  verify("answer: \\text{Paris}.", "paris", kind="exact")                         # True
+    code     the answer's Python (the last ```python fenced block, else the whole completion) with the reference
+             appended as its tests (asserts), run by `linglab.sandbox.run_sandboxed` (own directory, time, memory
+             and file limits, no processes, no network, no writes outside): correct iff it exits 0.
+                 verify("```python\\ndef f(x):\\n    return 2 * x\\n```", "assert f(2) == 4", kind="code")  # True
 
 Time limits. `verify` has none. `verify_batch` scores a batch in a forked child process and gives each item
 `timeout_s`: an item that overruns scores False and is counted, the child is killed and a new one forked for the
@@ -30,6 +34,11 @@ is one fork per call and one pipe message per item: 40-100 us per short numeric 
 against 10-20 us for `verify` itself (2 shared CPU cores; tests/test_verify.py holds it under 1 ms), so score a
 whole batch per call. math-verify's own timeouts (signal.alarm: main thread only, and it replaces the caller's
 SIGALRM handler) are turned off; the child's time limit replaces them.
+
+Parallel scoring (SPEC §9: rewards computed in parallel, outside the trainer). `verify_batch(..., workers=N)` splits
+the batch into N contiguous shards, each scored by its own child, all started from the calling thread and watched
+from it with `multiprocessing.connection.wait`. `code` answers spend their time in their sandbox subprocess, so N workers
+run N sandboxes at once. `RewardPool` runs such batches in the background, so rewards overlap generation.
 """
 
 from __future__ import annotations
@@ -39,10 +48,15 @@ import logging
 import multiprocessing
 import operator
 import re
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
+from multiprocessing.connection import wait
 
-VERIFIERS = ("numeric", "math", "choice", "exact")
+from linglab.sandbox import DEFAULT_LIMITS, SandboxLimits, run_sandboxed
+
+VERIFIERS = ("numeric", "math", "choice", "exact", "code")
 
 _BOXED = "\\boxed{"
 _TEXT = "\\text{"
@@ -245,8 +259,27 @@ def verify_exact(completion: str, reference: str) -> bool:
     return bool(final.strip()) and normalise_answer(final) == normalise_answer(reference)
 
 
+_FENCED = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+CODE_TIMEOUT_MARGIN_S = 5.0  # verify_batch's per-item limit for `code` over the sandbox's own wall clock
+
+
+def code_answer(completion: str) -> str:
+    """The answer's program: the last fenced ```python (or ```py, or bare ```) block, else the whole completion."""
+    blocks = _FENCED.findall(completion)
+    return blocks[-1] if blocks else completion
+
+
+def verify_code(completion: str, reference: str, limits: SandboxLimits = DEFAULT_LIMITS) -> bool:
+    """The answer's program followed by the reference's tests (Python asserts), run in `run_sandboxed`: correct iff
+    it exits 0 within the limits. An empty reference is refused (ValueError): with no tests every program passes."""
+    if not reference.strip():
+        raise ValueError("code verifier: the reference holds no tests")
+    return run_sandboxed(f"{code_answer(completion)}\n\n{reference}\n", limits).passed
+
+
 _BY_KIND: dict[str, Callable[[str, str], bool]] = {
-    "numeric": verify_numeric, "math": verify_math, "choice": verify_choice, "exact": verify_exact}
+    "numeric": verify_numeric, "math": verify_math, "choice": verify_choice, "exact": verify_exact,
+    "code": verify_code}
 
 
 def _verifier(kind: str) -> Callable[[str, str], bool]:
@@ -268,60 +301,123 @@ def default_verifier(format: str) -> str:
 # ---------------------------------------------------------------- batches, with a time limit per item
 
 
-def _score_items(sender, verifier: Callable[[str, str], bool], completions: Sequence[str], references: Sequence[str],
-                 start: int) -> None:
-    """The child's loop: one message per item, its score or None when the verifier raised."""
-    for i in range(start, len(completions)):
+def _score_items(sender, verifier: Callable[[str, str], bool], completions: Sequence[str],
+                 references: Sequence[str]) -> None:
+    """A child's loop: one message per item, its score or None when the verifier raised."""
+    for completion, reference in zip(completions, references):
         try:
-            outcome = bool(verifier(completions[i], references[i]))
+            outcome = bool(verifier(completion, reference))
         except Exception:
             outcome = None
         sender.send(outcome)
 
 
-def _score_in_child(verifier, completions, references, start: int, timeout_s: float, scores: list[bool],
-                    counts: dict[str, int]) -> int:
-    """Scores items `start`.. in a forked child into `scores`; returns where to resume: past an item that overran
-    `timeout_s` or took its process down, else the end."""
-    context = multiprocessing.get_context("fork")
-    receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_score_items, args=(sender, verifier, completions, references, start), daemon=True)
-    child.start()
-    sender.close()
-    try:
-        for i in range(start, len(completions)):
-            if not receiver.poll(timeout_s):
-                counts["verifier_timeouts"] += 1
-                return i + 1
-            try:
-                outcome = receiver.recv()
-            except EOFError:
-                counts["verifier_errors"] += 1
-                return i + 1
-            if outcome is None:
-                counts["verifier_errors"] += 1
-            else:
-                scores[i] = outcome
-        return len(completions)
-    finally:
-        child.kill()
-        child.join()
-        receiver.close()
+class _Shard:
+    """Items [next, end) scored by one forked child; `deadline` is when the item it is on runs out of time."""
+
+    def __init__(self, context, verifier, completions, references, start: int, end: int, timeout_s: float):
+        self.next, self.end, self.timeout_s = start, end, timeout_s
+        self.receiver, sender = context.Pipe(duplex=False)
+        self.child = context.Process(target=_score_items, daemon=True,
+                                     args=(sender, verifier, completions[start:end], references[start:end]))
+        self.child.start()
+        sender.close()
+        self.deadline = time.monotonic() + timeout_s
+
+    def close(self) -> None:
+        self.child.kill()
+        self.child.join()
+        self.receiver.close()
 
 
 def verify_batch(completions: Sequence[str], references: Sequence[str], kind: str = "numeric",
-                 timeout_s: float = 5.0) -> tuple[list[bool], dict[str, int]]:
-    """Scores many completions; a verifier that raises or runs past `timeout_s` on an item scores it False and is
-    counted in {"verifier_errors": n, "verifier_timeouts": n}. Raises only ValueError (unknown kind, lengths differ)."""
+                 timeout_s: float | None = None, workers: int = 1,
+                 start_method: str = "fork") -> tuple[list[bool], dict[str, int]]:
+    """Scores many completions in `workers` forked children (see the module docstring); a verifier that raises or
+    runs past `timeout_s` on an item (default 5 s; for `code` the sandbox's wall clock + CODE_TIMEOUT_MARGIN_S) scores
+    it False and is counted in {"verifier_errors": n, "verifier_timeouts": n}, and a new child takes over the rest
+    of that shard. `start_method` "forkserver" starts the children from a clean server process instead of forking the
+    caller: what a call from a background thread needs (`RewardPool`). Raises only ValueError (unknown kind, lengths
+    differ, workers < 1)."""
     verifier = _verifier(kind)
     completions, references = list(completions), list(references)
     if len(completions) != len(references):
         raise ValueError(f"{len(completions)} completions for {len(references)} references")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if timeout_s is None:
+        timeout_s = DEFAULT_LIMITS.timeout_s + CODE_TIMEOUT_MARGIN_S if kind == "code" else 5.0
     if kind == "math":
         _math_verify()  # imported once here, not in every forked child
     scores = [False] * len(completions)
     counts = {"verifier_errors": 0, "verifier_timeouts": 0}
-    start = 0
-    while start < len(completions):
-        start = _score_in_child(verifier, completions, references, start, timeout_s, scores, counts)
+    context = multiprocessing.get_context(start_method)
+    n = len(completions)
+    bounds = [n * w // workers for w in range(workers + 1)]
+
+    def shard(start: int, end: int) -> _Shard:
+        return _Shard(context, verifier, completions, references, start, end, timeout_s)
+
+    active = [shard(a, b) for a, b in zip(bounds, bounds[1:]) if a < b]
+    try:
+        while active:
+            now = time.monotonic()
+            ready = set(wait([s.receiver for s in active], timeout=max(0.0, min(s.deadline for s in active) - now)))
+            for s in list(active):
+                if s.receiver in ready:
+                    try:
+                        outcome = s.receiver.recv()
+                    except EOFError:  # the child died (a verifier that took its process down)
+                        outcome, lost = None, True
+                    else:
+                        lost = False
+                    if outcome is None:
+                        counts["verifier_errors"] += 1
+                    else:
+                        scores[s.next] = outcome
+                    s.next += 1
+                    s.deadline = time.monotonic() + timeout_s
+                elif time.monotonic() >= s.deadline:
+                    counts["verifier_timeouts"] += 1
+                    s.next += 1
+                    lost = True
+                else:
+                    continue
+                if s.next >= s.end or lost:
+                    s.close()
+                    active.remove(s)
+                    if s.next < s.end:
+                        active.append(shard(s.next, s.end))
+    finally:
+        for s in active:
+            s.close()
     return scores, counts
+
+
+class RewardPool:
+    """Scores batches in the background (`verify_batch` with `workers` children), so a trainer can go on generating
+    while the last groups are verified: `pool.submit(completions, answers).result()` -> (scores, counts).
+
+    The batches run in one background thread, so its children start from a forkserver (a clean process started
+    once), never by forking a process whose main thread is busy generating."""
+
+    def __init__(self, kind: str, workers: int = 1, timeout_s: float | None = None):
+        _verifier(kind)
+        # The server imports these once; every child it starts then has them (math-verify takes half a second).
+        multiprocessing.get_context("forkserver").set_forkserver_preload(
+            ["linglab.verify"] + (["math_verify"] if kind == "math" else []))
+        self.kind, self.workers, self.timeout_s = kind, workers, timeout_s
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="linglab-rewards")
+
+    def submit(self, completions: Sequence[str], references: Sequence[str]) -> Future:
+        return self._executor.submit(verify_batch, list(completions), list(references), self.kind, self.timeout_s,
+                                     self.workers, "forkserver")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    def __enter__(self) -> RewardPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -155,7 +155,7 @@ def test_unknown_kind_is_a_value_error():
 def test_default_verifier_per_format():
     assert default_verifier("math") == "math"
     assert [default_verifier(f) for f in ("gsm8k", "generic", "chat", "embedded")] == ["numeric"] * 4
-    assert set(VERIFIERS) == {"numeric", "math", "choice", "exact"}
+    assert set(VERIFIERS) == {"numeric", "math", "choice", "exact", "code"}
 
 
 def test_batch_counts_an_exception_and_scores_the_rest(monkeypatch):

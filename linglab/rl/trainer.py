@@ -130,7 +130,7 @@ def rollout_rewards(cfg: RLConfig, completions: list[str], answers: list[str], l
 
     `lengths` are the tokens sampled for each response, its EOS included (`Rollout.cost`): what trains.
     """
-    verdicts, problems = verify_batch(completions, answers, kind)
+    verdicts, problems = verify_batch(completions, answers, kind, workers=cfg.reward_workers)
     correct = torch.tensor(verdicts, dtype=torch.bool)
     reward = correct.float()
     if cfg.length_alpha > 0:
