@@ -290,7 +290,7 @@ def _embedded_eval(args) -> None:
     from linglab.checkpoint import from_pretrained
     from linglab.config import MIN_SEQ_LEN
     from linglab.data import heldout_data
-    from linglab.tasks import TIERS, heldout_problems
+    from linglab.tasks import CORE_TIERS, TIERS, heldout_problems
     from linglab.tokenizer import load_tokenizer
 
     args.problems = 100 if args.problems is None else args.problems
@@ -307,7 +307,7 @@ def _embedded_eval(args) -> None:
         raise LinglabError(f"eval: --seq-len {args.seq_len} exceeds the model's max_position_embeddings "
                            f"({model.cfg.max_position_embeddings})")
     tokenizer = load_tokenizer(args.ckpt)
-    data = heldout_data(tokenizer, heldout_problems(args.problems, range(len(TIERS)), args.data_seed), args.seq_len)
+    data = heldout_data(tokenizer, heldout_problems(args.problems, CORE_TIERS, args.data_seed), args.seq_len)
     row = evals.evaluate_run(model, data, step=0)
     table = Table(title=f"held-out evaluation of {args.ckpt}")
     for col in ("tier", "description", "exact match", "n", "held-out loss"):
@@ -695,7 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="the .jsonl file to write")
     s.add_argument("--split", choices=["train", "heldout"], default="train",
                    help="train: the prompts linglab rl trains on; heldout: the problems it evaluates on (default train)")
-    s.add_argument("--tiers", help="comma-separated tiers, e.g. 1,2 (default: rl.tiers for train, every tier for heldout)")
+    s.add_argument("--tiers", help="comma-separated tiers, e.g. 1,2; 3 is the opt-in long tier "
+                   "(default: rl.tiers for train, the core tiers 0,1,2 for heldout)")
     s.add_argument("--n", type=int, help="problems (train, default rl.train_problems) or problems per tier (heldout, "
                    "default rl.eval_problems)")
     s.add_argument("--seed", type=int, help="the seed of the problems (default rl.seed)")

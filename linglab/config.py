@@ -27,6 +27,7 @@ from pathlib import Path
 from linglab.chat import MODES
 from linglab.datasets import FORMATS
 from linglab.errors import LinglabError
+from linglab.tasks import TIERS
 from linglab.verify import VERIFIERS
 
 
@@ -165,8 +166,8 @@ class DataConfig:
         _check(self.seq_len >= MIN_SEQ_LEN, "data.seq_len", f"must be >= {MIN_SEQ_LEN}, got {self.seq_len}")
         _check(self.vocab_size >= 258, "data.vocab_size", "must be >= 258 (256 bytes + eos + pad)")
         _check(self.num_documents >= 1, "data.num_documents", "must be >= 1")
-        _check(len(self.tiers) >= 1 and all(t in (0, 1, 2) for t in self.tiers), "data.tiers",
-               f"must be a non-empty list of tiers 0, 1, 2, got {self.tiers}")
+        _check(len(self.tiers) >= 1 and all(t in range(len(TIERS)) for t in self.tiers), "data.tiers",
+               f"must be a non-empty list of tiers 0..{len(TIERS) - 1}, got {self.tiers}")
 
 
 @dataclass
@@ -406,8 +407,8 @@ class RLConfig(PromptDataConfig):
                      "lpo_eps"):
             _check(0 < getattr(self, name) < 1, f"rl.{name}", f"must be in (0, 1), got {getattr(self, name)}")
         _check(self.sft_seq_len >= MIN_SEQ_LEN, "rl.sft_seq_len", f"must be >= {MIN_SEQ_LEN}, got {self.sft_seq_len}")
-        _check(len(self.tiers) >= 1 and all(t in (0, 1, 2) for t in self.tiers), "rl.tiers",
-               f"must be a non-empty list of tiers 0, 1, 2, got {self.tiers}")
+        _check(len(self.tiers) >= 1 and all(t in range(len(TIERS)) for t in self.tiers), "rl.tiers",
+               f"must be a non-empty list of tiers 0..{len(TIERS) - 1}, got {self.tiers}")
         _check(len(self.eval_ks) >= 1 and all(1 <= k <= self.eval_samples for k in self.eval_ks), "rl.eval_ks",
                f"must be a non-empty list of k in [1, eval_samples={self.eval_samples}], got {self.eval_ks}")
 

@@ -1,4 +1,4 @@
-"""The embedded default corpus: synthetic, verifiable arithmetic in three difficulty tiers.
+"""The embedded default corpus: synthetic, verifiable arithmetic in difficulty tiers (three core tiers, and `long`).
 
 Every `Problem` has a `prompt` (what the model is given, ending in a newline), a worked `solution`
 (what the model must write, no EOS) and the canonical `answer`. Solutions are scratchpads whose
@@ -14,6 +14,13 @@ Columns are processed least-significant first. Subtraction writes the borrow-out
 digit (`12-7-0=5` borrows, `05-2-1=2` does not) and restates a negative difference as `-(781-352)`;
 multiplication by one digit writes `7*8+5=61`. The last line is always `answer: <integer>`, which is
 what `extract_answer` and `is_correct` read, so a verifier can check sampled completions.
+
+The `long` tier (issue 15: the long-tail regime C3PO++ exists for, SPEC §5) sums 2 to 12 two-digit numbers
+(`12+34+56=?`) by adding one term at a time to the running total, each addition worked as above: `12+34`, its
+columns, then `46+56`, its columns, ... Its term count is heavy-tailed (P(k) proportional to k^-2.5: about half the
+problems have 2 terms, about 1 in 160 has 12), so its worked solutions run from ~30 to ~380 tokens of the
+default tokenizer (median 30, 90th percentile ~160) with a long right tail. The default corpus, the tokenizer's
+training text and the default evaluations use the CORE_TIERS only; `long` is opt-in (`data.tiers`, `rl.tiers`, `--tiers 3`).
 
     problems = generate_problems(1000, tiers=(0, 1, 2), seed=0, split="train")
     prompt, solution = format_document(problems[0])
@@ -57,7 +64,12 @@ TIERS: tuple[Tier, ...] = (
     Tier("medium", "3-digit addition and subtraction (differences may be negative)", ("add", "sub")),
     Tier("hard", "4-digit add/sub, 2-digit x 1-digit multiplication, one-step word problems",
          ("add", "sub", "mul", "word")),
+    Tier("long", "sums of 2-12 two-digit numbers, term count heavy-tailed (solutions of ~30 to ~380 tokens)",
+         ("chain",)),
 )
+CORE_TIERS = (0, 1, 2)  # the default corpus and evaluations; `long` is opt-in
+LONG_TERMS = range(2, 13)  # the long tier's term counts
+LONG_TAIL_EXPONENT = 2.5  # P(k terms) proportional to k^-2.5
 
 HELDOUT_PERCENT = 10
 SPLITS = ("train", "heldout")
@@ -130,11 +142,24 @@ def _word_problem(rng: random.Random, tier: int) -> Problem:
     return _make(tier, "word", prompt, _subtraction_steps(a, b), a - b)
 
 
+def _chain_sum(rng: random.Random, tier: int) -> Problem:
+    """The long tier: k two-digit terms summed left to right, k heavy-tailed over LONG_TERMS."""
+    k = rng.choices(LONG_TERMS, weights=[n**-LONG_TAIL_EXPONENT for n in LONG_TERMS])[0]
+    terms = [_operand(rng, 2) for _ in range(k)]
+    steps, total = [], terms[0]
+    for term in terms[1:]:
+        steps += _addition_steps(total, term)
+        total += term
+    return _make(tier, "chain", "+".join(map(str, terms)) + "=?\n", steps, total)
+
+
 def generate_problem(rng: random.Random, tier: int) -> Problem:
     """Draw one problem of `tier` (an index into `TIERS`), using only `rng` for randomness."""
     if not 0 <= tier < len(TIERS):
         raise ValueError(f"tier must be in [0, {len(TIERS)}), got {tier}")
     family = rng.choice(TIERS[tier].families)
+    if family == "chain":
+        return _chain_sum(rng, tier)
     width = (2, 3, 4)[tier]
     if family == "add":
         a, b = _operand(rng, width), _operand(rng, width)
@@ -193,8 +218,8 @@ def format_document(problem: Problem) -> tuple[str, str]:
 
 
 def iter_corpus_texts(n: int, seed: int) -> Iterator[str]:
-    """`n` whole training documents (prompt + solution) from every tier, for training the tokenizer."""
-    for problem in generate_problems(n, tuple(range(len(TIERS))), seed, "train"):
+    """`n` whole training documents (prompt + solution) from the core tiers, for training the tokenizer."""
+    for problem in generate_problems(n, CORE_TIERS, seed, "train"):
         yield problem.prompt + problem.solution
 
 

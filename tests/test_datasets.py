@@ -202,7 +202,7 @@ def test_skip_bad_rows_counts_them_and_an_all_bad_file_still_fails(tmp_path):
 
 def test_tasks_export_bad_arguments_exit_2_in_one_line(tmp_path, capsys):
     out = tmp_path / "t.jsonl"
-    for argv, message in [(["--tiers", "1,7"], "--tiers must be comma-separated tiers in 0..2, got '1,7'"),
+    for argv, message in [(["--tiers", "1,7"], "--tiers must be comma-separated tiers in 0..3, got '1,7'"),
                           (["--tiers", "a"], "--tiers must be"), (["--n", "0"], "--n must be >= 1, got 0"),
                           (["--n", "x"], "invalid int value")]:
         assert main(["tasks", "export", "--out", str(out), *argv]) == 2

@@ -8,6 +8,8 @@ import re
 import pytest
 
 from linglab.tasks import (
+    CORE_TIERS,
+    LONG_TERMS,
     TIERS,
     Problem,
     expression,
@@ -60,7 +62,7 @@ def check_solution(problem: Problem) -> None:
     assert int("".join(map(str, reversed(digits)))) + carry * 10 ** len(digits) == abs(value)
 
 
-@pytest.mark.parametrize("tier", range(len(TIERS)))
+@pytest.mark.parametrize("tier", CORE_TIERS)
 def test_solutions_are_correct(tier: int) -> None:
     rng = random.Random(tier)
     families = set()
@@ -72,6 +74,28 @@ def test_solutions_are_correct(tier: int) -> None:
         assert is_correct(problem.solution, problem)
         families.add(problem.family)
     assert families == set(TIERS[tier].families)
+
+
+def test_long_tier_adds_term_by_term_with_a_heavy_tail() -> None:
+    rng, counts = random.Random(7), {k: 0 for k in LONG_TERMS}
+    for _ in range(2000):
+        problem = generate_problem(rng, 3)
+        terms = [int(t) for t in problem.prompt.removesuffix("=?\n").split("+")]
+        counts[len(terms)] += 1
+        assert problem.family == "chain" and int(problem.answer) == sum(terms) and is_correct(problem.solution, problem)
+        *lines, last = problem.solution.split("\n")
+        assert last == f"answer: {sum(terms)}"
+        starts = [i for i, line in enumerate(lines) if re.fullmatch(r"\d+\+\d+", line)]
+        assert len(starts) == len(terms) - 1 and starts[0] == 0
+        total = terms[0]
+        for term, begin, end in zip(terms[1:], starts, [*starts[1:], len(lines)]):
+            block = lines[begin:end]
+            a, b = map(int, block[0].split("+"))
+            assert (a, b) == (total, term)  # each addition starts from the running total
+            check_solution(Problem(3, "add", block[0] + "=?\n", "\n".join([*block, f"answer: {a + b}"]), str(a + b)))
+            total += term
+    # Heavy-tailed: most problems are short, the longest still occur.
+    assert counts[2] > counts[3] > counts[4] > counts[6] > 0 and counts[2] > 900 and counts[max(LONG_TERMS)] > 0
 
 
 def test_negative_differences_occur() -> None:

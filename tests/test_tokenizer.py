@@ -8,7 +8,7 @@ import pytest
 
 from linglab.chat import LINGLAB_CHAT_TEMPLATE
 from linglab.errors import LinglabError
-from linglab.tasks import TIERS, generate_problems, iter_corpus_texts
+from linglab.tasks import CORE_TIERS, generate_problems, iter_corpus_texts
 from linglab.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -45,7 +45,8 @@ def test_round_trip(tokenizer: Tokenizer, text: str) -> None:
 
 
 def test_documents_fit_the_context(tokenizer: Tokenizer) -> None:
-    for tier in range(len(TIERS)):
+    """The core tiers fit the tiny preset's 128-token rows with room; `long` is for longer contexts by design."""
+    for tier in CORE_TIERS:
         for problem in generate_problems(300, (tier,), seed=tier, split="train"):
             assert len(tokenizer.encode(problem.prompt)) + len(tokenizer.encode(problem.solution)) + 1 < 96
 

@@ -43,11 +43,16 @@ from linglab.run import (
     seed_everything,
     set_rng_state,
 )
-from linglab.tasks import generate_problems
+from linglab.tasks import CORE_TIERS, generate_problems
 from linglab.tokenizer import Tokenizer, load_tokenizer
 from linglab.verify import default_verifier
 
-EVAL_TIERS = (0, 1, 2)  # evaluated before and after, whatever rl.tiers trains on, so regressions show too
+EVAL_TIERS = CORE_TIERS  # evaluated before and after, whatever rl.tiers trains on, so regressions show too
+
+
+def eval_tiers(tiers: list[int]) -> list[int]:
+    """The embedded tiers a run evaluates: the core tiers, plus any opt-in tier (`long`) it trains on."""
+    return sorted(set(EVAL_TIERS) | set(tiers))
 STATE_NAME = "sft_state.pt"
 START_RECORD = "sft_start.json"  # where a resumed SFT run finds its start checkpoint
 
@@ -58,13 +63,14 @@ START_RECORD = "sft_start.json"  # where a resumed SFT run finds its start check
 def load_prompts(cfg: RLConfig) -> PromptSet:
     """The prompt set of an RL or SFT run (SPEC §10): `rl.data` with its held-out part (`rl.eval_data`, or a stable-hash
     split of `rl.heldout_percent`), or the embedded tiers: `rl.train_problems` train-split problems of `rl.tiers`
-    and `rl.eval_problems` held-out problems of every tier."""
+    and `rl.eval_problems` held-out problems of each of `eval_tiers(rl.tiers)`."""
     if cfg.data:
         return load_prompt_set(cfg.data, cfg.eval_data or None, cfg.data_format, cfg.fields(), cfg.skip_bad_rows,
                                cfg.heldout_percent)
     train = embedded_prompt_set(cfg.tiers, cfg.seed, cfg.train_problems, 0).train
     if not cfg.eval_data:
-        return PromptSet(train, embedded_prompt_set(EVAL_TIERS, cfg.seed, 0, cfg.eval_problems).heldout, "embedded", [])
+        return PromptSet(train, embedded_prompt_set(eval_tiers(cfg.tiers), cfg.seed, 0, cfg.eval_problems).heldout,
+                         "embedded", [])
     heldout, _, skipped = read_examples(cfg.eval_data, cfg.data_format, cfg.fields(), cfg.skip_bad_rows)
     return PromptSet(train, heldout, "embedded", [cfg.eval_data], len(skipped), skipped[:5])
 
