@@ -45,6 +45,7 @@ class GenerationResult:
     finished: list[bool]
     prefill_tokens: int = 0
     decode_steps: int = 0
+    decode_rows: int = 0  # rows over all decode forwards (finished rows of a static batch included)
     eos_logprobs: list[float | None] = field(default_factory=list)
     eos_tokens: list[int | None] = field(default_factory=list)
 
@@ -115,11 +116,42 @@ def _generate_batch(model: LingForCausalLM, prompts: torch.Tensor, pad: torch.Te
             break
         # Finished rows keep decoding (their samples are discarded) so the batch keeps its shape.
         result.decode_steps += 1
+        result.decode_rows += batch
         if use_cache:
             logits = model(ids[:, None], cache=cache, pad=pad)[:, -1]
         else:  # the full forward every step: the reference the KV cache must reproduce
             seq = torch.cat([seq, ids[:, None]], dim=1)
             logits = model(seq, pad=pad)[:, -1]
+
+
+def check_requests(model: LingForCausalLM, prompts: Sequence[Sequence[int]],
+                   max_new_tokens: int | Sequence[int]) -> list[int]:
+    """Each prompt's token limit, after checking the prompts (non-empty, ids in the vocabulary) and that prompt +
+    limit fits the model's positions: one line naming the prompt otherwise."""
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != len(prompts):
+        raise LinglabError(f"generate: {len(limits)} max_new_tokens for {len(prompts)} prompts")
+    if any(n < 0 for n in limits):
+        raise LinglabError(f"generate: max_new_tokens must be >= 0, got {min(limits)}")
+    vocab, max_pos = model.cfg.vocab_size, model.cfg.max_position_embeddings
+    for i, (p, limit) in enumerate(zip(prompts, limits)):
+        if len(p) == 0:
+            raise LinglabError(f"generate: prompt {i} is empty")
+        if min(p) < 0 or max(p) >= vocab:
+            raise LinglabError(f"generate: prompt {i} has a token id outside [0, {vocab})")
+        if len(p) + limit > max_pos:
+            raise LinglabError(f"generate: prompt {i} ({len(p)} tokens) + max_new_tokens ({limit}) exceeds the model's "
+                               f"max_position_embeddings ({max_pos})")
+    return limits
+
+
+def seeded_generator(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """`seed` as `generate` takes it: an int makes a fresh generator, a generator is continued, None is global."""
+    if isinstance(seed, int):
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        return generator
+    return seed
 
 
 @torch.no_grad()
@@ -139,26 +171,9 @@ def generate(model: LingForCausalLM, prompts: Sequence[Sequence[int]], max_new_t
     The model runs in eval mode (no MoE load statistics) and gets its previous mode back afterwards.
     """
     _check_sampling(temperature, top_p)
-    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    if len(limits) != len(prompts):
-        raise LinglabError(f"generate: {len(limits)} max_new_tokens for {len(prompts)} prompts")
-    if any(n < 0 for n in limits):
-        raise LinglabError(f"generate: max_new_tokens must be >= 0, got {min(limits)}")
-    vocab, max_pos = model.cfg.vocab_size, model.cfg.max_position_embeddings
-    for i, (p, limit) in enumerate(zip(prompts, limits)):
-        if len(p) == 0:
-            raise LinglabError(f"generate: prompt {i} is empty")
-        if min(p) < 0 or max(p) >= vocab:
-            raise LinglabError(f"generate: prompt {i} has a token id outside [0, {vocab})")
-        if len(p) + limit > max_pos:
-            raise LinglabError(f"generate: prompt {i} ({len(p)} tokens) + max_new_tokens ({limit}) exceeds the model's "
-                               f"max_position_embeddings ({max_pos})")
-
+    limits = check_requests(model, prompts, max_new_tokens)
     device = model.lm_head.weight.device
-    generator = seed
-    if isinstance(seed, int):
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
+    generator = seeded_generator(seed, device)
 
     n = len(prompts)
     result = GenerationResult(tokens=[[] for _ in range(n)], logprobs=[[] for _ in range(n)], finished=[False] * n,

@@ -24,6 +24,7 @@ linear layer.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -142,6 +143,68 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes + self.state.nbytes
 
 
+class SlotCache:
+    """The continuous-batching engine's cache (`linglab.rl.engine`): `slots` independent sequences, each with its own
+    length, in preallocated K/V [slots, kv_heads, max_len, hd] per softmax layer and one fp32 state per linear
+    layer (SPEC §8's mixed cache, as `KVCache`). A model call on it is a `SlotBatch`: a packed prefill of whole
+    sequences into empty slots, or one decode token for each of some slots."""
+
+    def __init__(self, cfg: ModelConfig, slots: int, max_len: int, device=None, dtype=torch.float32):
+        self.cache = KVCache(cfg, slots, max_len, device=device, dtype=dtype)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # tokens cached per slot
+        self.max_len = max_len
+
+    def copy(self, src: int, dst: Sequence[int]) -> None:
+        """Slots `dst` take slot `src`'s cached sequence: G responses to one prompt share its prefill."""
+        index = torch.tensor(list(dst), device=self.lengths.device)
+        for buffer in (self.cache.k, self.cache.v, self.cache.state):
+            buffer[:, index] = buffer[:, src:src + 1].clone()
+        self.lengths[index] = int(self.lengths[src])
+
+    def nbytes(self) -> int:
+        return self.cache.nbytes()
+
+
+@dataclass
+class SlotBatch:
+    """One forward over a SlotCache. Prefill (`lengths` given): input [1, N] is whole sequences packed end to end,
+    `lengths` tokens each (sum N), going into the empty `slots`; each attends only to itself (a block-diagonal causal
+    mask; a linear layer runs each from a zero state) and counts positions from 0. Decode (`lengths` None): input
+    [B, 1], one token for each of `slots`, at that slot's next position."""
+
+    cache: SlotCache
+    slots: torch.Tensor  # [n] slot of each sequence (prefill) or row (decode)
+    lengths: list[int] | None = None
+
+    @property
+    def prefill(self) -> bool:
+        return self.lengths is not None
+
+    def positions(self) -> torch.Tensor:
+        """RoPE positions: [N] for a prefill (each sequence from 0), [B, 1] for a decode step."""
+        if self.prefill:
+            return torch.cat([torch.arange(n, device=self.slots.device) for n in self.lengths])
+        return self.cache.lengths[self.slots][:, None]
+
+    def prefill_mask(self) -> torch.Tensor:
+        """[1, 1, N, N]: causal within each packed sequence, nothing across them."""
+        sequence = torch.repeat_interleave(torch.arange(len(self.lengths), device=self.slots.device),
+                                           torch.tensor(self.lengths, device=self.slots.device))
+        index = torch.arange(len(sequence), device=self.slots.device)
+        return ((sequence[:, None] == sequence[None, :]) & (index[None, :] <= index[:, None]))[None, None]
+
+    def offsets(self) -> list[tuple[int, int, int]]:
+        """(slot, start, end) of each packed sequence in a prefill's input."""
+        bounds = [0, *torch.tensor(self.lengths).cumsum(0).tolist()]
+        return list(zip(self.slots.tolist(), bounds, bounds[1:]))
+
+    def advance(self) -> None:
+        if self.prefill:
+            self.cache.lengths[self.slots] = torch.tensor(self.lengths, device=self.slots.device)
+        else:
+            self.cache.lengths[self.slots] += 1
+
+
 class Attention(nn.Module):
     """Fused QKV -> QK-norm -> partial RoPE -> causal GQA -> dense (SPEC §1.3, in that order)."""
 
@@ -166,6 +229,9 @@ class Attention(nn.Module):
             q, k = self.query_layernorm(q), self.key_layernorm(k)
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
+        if isinstance(cache, SlotBatch):
+            y = self.slot_attention(q, k, v, cache)
+            return self.dense(y.transpose(1, 2).reshape(b, t, self.nh * self.hd))
 
         causal = mask is None
         if cache is not None:
@@ -180,6 +246,25 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and t > 1,
                                            scale=1.0 / math.sqrt(self.hd), enable_gqa=self.nkv != self.nh)
         return self.dense(y.transpose(1, 2).reshape(b, t, self.nh * self.hd))
+
+    def slot_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: SlotBatch) -> torch.Tensor:
+        """Attention on a SlotCache: a packed prefill attends within each sequence and stores its K/V in its slot;
+        a decode step writes each row's K/V at its slot's position and attends to that slot's cache."""
+        cache, j = batch.cache, batch.cache.cache.slot[self.layer_idx]
+        keys, values = cache.cache.k[j], cache.cache.v[j]  # [slots, kv_heads, max_len, hd]
+        scale, gqa = 1.0 / math.sqrt(self.hd), self.nkv != self.nh
+        if batch.prefill:
+            for slot, start, end in batch.offsets():
+                keys[slot, :, :end - start] = k[0, :, start:end]
+                values[slot, :, :end - start] = v[0, :, start:end]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=batch.prefill_mask(), scale=scale, enable_gqa=gqa)
+        position = cache.lengths[batch.slots]  # [B]
+        keys[batch.slots, :, position] = k[:, :, 0]
+        values[batch.slots, :, position] = v[:, :, 0]
+        span = int(position.max()) + 1
+        visible = torch.arange(span, device=q.device)[None, :] <= position[:, None]  # [B, span]
+        return F.scaled_dot_product_attention(q, keys[batch.slots, :, :span], values[batch.slots, :, :span],
+                                              attn_mask=visible[:, None, None, :], scale=scale, enable_gqa=gqa)
 
 
 class LinearAttention(nn.Module):
@@ -226,6 +311,8 @@ class LinearAttention(nn.Module):
         scale = self.hd ** -0.5
         if cache is None:
             o, _ = linear_attention_chunked(q, k, v, g, scale)
+        elif isinstance(cache, SlotBatch):
+            o = self.slot_attention(q, k, v, g, scale, cache)
         else:
             state = cache.linear_state(self.layer_idx)
             step = linear_attention_step if t == 1 else linear_attention_chunked
@@ -233,6 +320,21 @@ class LinearAttention(nn.Module):
             cache.set_linear_state(self.layer_idx, state)
         o = o.to(x.dtype).transpose(1, 2).reshape(b, t, self.nh * self.hd)
         return self.dense(self.g_norm(o) * torch.sigmoid(self.g_proj(x)))
+
+    def slot_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float,
+                       batch: SlotBatch) -> torch.Tensor:
+        """On a SlotCache: each packed sequence runs the chunked form from a zero state into its slot's state; a
+        decode step runs the recurrent step on each row's slot state."""
+        states = batch.cache.cache.state[batch.cache.cache.slot[self.layer_idx]]  # [slots, heads, hd, hd]
+        if batch.prefill:
+            outputs = []
+            for slot, start, end in batch.offsets():
+                o, states[slot] = linear_attention_chunked(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
+                                                           g, scale)
+                outputs.append(o)
+            return torch.cat(outputs, dim=2)
+        o, states[batch.slots] = linear_attention_step(q, k, v, g, scale, states[batch.slots])
+        return o
 
 
 class DecoderLayer(nn.Module):
@@ -428,6 +530,8 @@ class LingForCausalLM(nn.Module):
         A sequence longer than max_position_embeddings is refused; with `pad`, rows decode past their own limits
         (their samples discarded), so `generate` checks each row's prompt + new tokens instead.
         """
+        if isinstance(cache, SlotBatch):
+            return self.slot_forward(input_ids, cache)
         t = input_ids.shape[1]
         start = cache.pos if cache is not None else 0
         if pad is None and start + t > self.cfg.max_position_embeddings:
@@ -457,6 +561,20 @@ class LingForCausalLM(nn.Module):
             mtp_loss = self.mtp_loss(h, targets, loss_mask)
         return ModelOutput(loss=self.total_loss(main, mtp_loss, z_loss), main_loss=main, mtp_loss=mtp_loss,
                            z_loss=z_loss, logits=logits)
+
+
+    def slot_forward(self, input_ids: torch.Tensor, batch: SlotBatch) -> torch.Tensor:
+        """Logits [n, V] of the continuous-batching engine's call: after each packed sequence's last token (prefill),
+        or after each row's token (decode); the slots' lengths advance."""
+        cos, sin = self.rope(batch.positions())
+        x = self.embed(input_ids)
+        for i in range(len(self.model.layers)):
+            x, _ = self.decoder_layer(i, x, cos, sin, None, batch)
+        batch.advance()
+        if batch.prefill:
+            ends = torch.tensor(batch.lengths, device=x.device).cumsum(0) - 1
+            return self.head(x[0, ends])[1]
+        return self.head(x[:, -1])[1]
 
 
 @dataclass
