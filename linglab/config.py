@@ -328,6 +328,8 @@ class RLConfig(PromptDataConfig):
     icepop_alpha: float = 0.5  # IcePop keeps a token when alpha <= pi_train / pi_infer <= beta
     icepop_beta: float = 5.0
     tis_cap: float = 2.0  # TIS weight min(pi_train / pi_infer, C)
+    rollout_engine: str = "static"  # static (generate's left-padded batch) | continuous (slots refilled as responses end)
+    rollout_slots: int = 64  # the continuous engine's slots (sequences decoded side by side)
     rollout_precision: str = "fp8"  # rollout GEMMs: "fp32" (= trainer's) | "fp8" (E4M3 128x128-block weights, 1x128 activations)
     c3po: bool = False  # C3PO++ budget-controlled partial rollouts; false = generate every group to the end
     c3po_capacity: int = 128  # C3PO++ Omega: rollouts in flight in the pool (whole groups)
@@ -382,10 +384,13 @@ class RLConfig(PromptDataConfig):
         _check(0 < self.icepop_alpha <= 1 <= self.icepop_beta, "rl.icepop_alpha/icepop_beta",
                "must satisfy 0 < alpha <= 1 <= beta")
         _check(self.tis_cap > 0, "rl.tis_cap", "must be > 0")
+        _check(self.rollout_engine in ("static", "continuous"), "rl.rollout_engine",
+               f"must be 'static' or 'continuous', got {self.rollout_engine!r}")
         _check(self.rollout_precision in ("fp32", "fp8"), "rl.rollout_precision",
                f"must be 'fp32' or 'fp8', got {self.rollout_precision!r}")
         for name in ("c3po_budget", "group_size", "prompts_per_step", "max_new_tokens", "steps",
-                     "ppo_epochs", "sft_batch_size", "ckpt_every", "keep_last", "eval_samples", "reward_workers"):
+                     "ppo_epochs", "sft_batch_size", "ckpt_every", "keep_last", "eval_samples", "reward_workers",
+                     "rollout_slots"):
             _check(getattr(self, name) >= 1, f"rl.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(self.c3po_capacity >= self.group_size, "rl.c3po_capacity",
                f"({self.c3po_capacity}) must hold at least one group of group_size={self.group_size}")

@@ -249,3 +249,23 @@ def test_a_carried_rollout_resumes_after_a_sync_from_its_tokens_keeping_its_logp
         with torch.no_grad():
             newer_logp, _ = policy_logprobs(newer, batch, temperature=1.0)
         torch.testing.assert_close(newer_logp[batch.mask][k:], torch.tensor(r.logprobs[k:]), rtol=1e-4, atol=1e-4)
+
+
+def test_the_continuous_engine_samples_what_the_static_one_does(model):
+    """Greedy groups, and a C3PO++-style stop after k token steps, give the same rollouts with either engine."""
+    outcomes = []
+    for kind in ("static", "continuous"):
+        engine = RolloutEngine(model.cfg, EOS, max_new_tokens=10, precision="fp32", temperature=0.0, kind=kind, slots=8)
+        engine.sync_weights(model)
+        groups = engine.generate_groups(prompts_of([4, 6, 3]), 2, torch.Generator().manual_seed(0))
+        partial = [Rollout(p) for p in prompts_of([5, 2, 7], seed=1)]
+        steps = iter(range(1, 100))
+        engine.continue_rollouts(partial, torch.Generator().manual_seed(0), stop=lambda steps=steps: next(steps) == 3)
+        outcomes.append(([(r.tokens, r.eos, r.truncated) for g in groups for r in g.rollouts],
+                         [r.logprobs for g in groups for r in g.rollouts], [r.tokens for r in partial]))
+    (tokens, logprobs, partial), (tokens_c, logprobs_c, partial_c) = outcomes
+    assert tokens_c == tokens and partial_c == partial and all(len(t) == 3 for t in partial)
+    for ours, theirs in zip(logprobs_c, logprobs):
+        assert ours == pytest.approx(theirs, abs=1e-5)
+    with pytest.raises(ValueError, match="rollout engine"):
+        RolloutEngine(model.cfg, EOS, max_new_tokens=10, kind="paged")

@@ -149,17 +149,19 @@ def test_dapo_refills_need_synchronous_rollouts():
     assert rl_config(algo="dapo", c3po=True, dapo_max_rounds=0).rl.c3po
 
 
-def test_c3po_steps_train_on_whole_groups_with_stale_tokens(start, tmp_path):
+@pytest.mark.parametrize("engine", ["static", "continuous"])
+def test_c3po_steps_train_on_whole_groups_with_stale_tokens(start, tmp_path, engine):
     trainer = trainer_for(start, tmp_path / "run", c3po=True, c3po_capacity=12, c3po_budget=40,
-                          c3po_max_retention=1)
+                          c3po_max_retention=1, rollout_engine=engine, rollout_slots=8)
     rows = [trainer.train_step() for _ in range(3)]
     assert all(r["completed_tokens"] >= 40 and r["groups_sampled"] >= 1 for r in rows)
     assert any(r["carried_groups"] for r in rows) and any(r["stale_token_fraction"] > 0 for r in rows)
     assert all(len(g.rollouts) == 4 and not g.done for g in trainer.pool.groups)
 
 
-def test_run_then_resume_is_bit_exact(start, tmp_path):
-    options = dict(steps=4, c3po=True, c3po_capacity=12, c3po_budget=40, kl_coef=0.1)
+@pytest.mark.parametrize("engine", ["static", "continuous"])
+def test_run_then_resume_is_bit_exact(start, tmp_path, engine):
+    options = dict(steps=4, c3po=True, c3po_capacity=12, c3po_budget=40, kl_coef=0.1, rollout_engine=engine)
     run_rl(rl_config(**options), start, tmp_path / "full")
     run_rl(rl_config(**{**options, "steps": 2}), start, tmp_path / "resumed")
     run_rl(rl_config(**options), None, tmp_path / "resumed", resume=True)

@@ -15,6 +15,11 @@ a real inference engine and its trainer.
     pool = RolloutPool(capacity=128, budget=2560, max_retention=2, group_size=8)
     groups, stats = pool.collect(engine, next_prompts, g)   # C3PO++: whole groups, >= budget tokens
 
+`kind="continuous"` samples with the continuous-batching engine (`linglab.rl.engine`: fixed slots refilled as
+responses finish, packed prefills, a group's prompt prefilled once) instead of `generate`'s static left-padded
+batch; it is built on first use with room for the longest prompt + max_new_tokens seen, and rebuilt larger when
+one does not fit.
+
 A response is every token sampled for it, the EOS that ended it included, each with its log pi_infer: EOS
 is a trained token, so the policy learns when to stop, and IcePop/TIS and the mismatch statistics see it like
 any other. A truncated response (max_new_tokens without EOS) has no EOS. A rollout that holds its EOS is done
@@ -34,6 +39,9 @@ from linglab.fp8 import TILE, Fp8Recipe
 from linglab.fp8_convert import convert_to_fp8_inference
 from linglab.generate import generate
 from linglab.model import LingForCausalLM, build_model
+from linglab.rl.engine import ContinuousEngine
+
+ENGINES = ("static", "continuous")
 
 
 @dataclass
@@ -83,9 +91,13 @@ class RolloutEngine:
     """The inference side: its own model, synced from the trainer's, sampling with recorded log pi_infer."""
 
     def __init__(self, model_cfg: ModelConfig, eos_id: int | Sequence[int], max_new_tokens: int, precision: str = "fp32",
-                 temperature: float = 1.0, top_p: float = 1.0, device: str | torch.device = "cpu"):
+                 temperature: float = 1.0, top_p: float = 1.0, device: str | torch.device = "cpu", kind: str = "static",
+                 slots: int = 64):
         if precision not in ("fp32", "fp8"):
             raise ValueError(f"rollout precision must be 'fp32' or 'fp8', got {precision!r}")
+        if kind not in ENGINES:
+            raise ValueError(f"rollout engine must be one of {', '.join(ENGINES)}, got {kind!r}")
+        self.kind, self.slots, self.continuous = kind, slots, None
         self.model = build_model(model_cfg, device=device).eval().requires_grad_(False)
         if precision == "fp8":
             convert_to_fp8_inference(self.model, Fp8Recipe())
@@ -136,14 +148,25 @@ class RolloutEngine:
             record(result)
             return stop()
 
-        result = generate(self.model, [r.prompt + r.tokens for r in active], [self.max_new_tokens - n for n in start],
-                          self.eos_id, self.temperature, self.top_p, seed=generator,
-                          stop=None if stop is None else record_then_stop)
+        sequences, limits = [r.prompt + r.tokens for r in active], [self.max_new_tokens - n for n in start]
+        callback = None if stop is None else record_then_stop
+        if self.kind == "continuous":
+            result = self.continuous_engine(max(len(s) + n for s, n in zip(sequences, limits))).run(
+                sequences, limits, self.eos_id, self.temperature, self.top_p, seed=generator, stop=callback)
+        else:
+            result = generate(self.model, sequences, limits, self.eos_id, self.temperature, self.top_p, seed=generator,
+                              stop=callback)
         record(result)
         self.work["prefill_tokens"] += result.prefill_tokens
         self.work["decode_steps"] += result.decode_steps
-        self.work["decode_rows"] += result.decode_steps * len(active)
+        self.work["decode_rows"] += result.decode_rows
         return sum(len(r.tokens) - n0 for r, n0 in zip(active, start, strict=True))
+
+    def continuous_engine(self, needed: int) -> ContinuousEngine:
+        """The slots, preallocated once for sequences of `needed` tokens (rounded up to 64), or grown when needed."""
+        if self.continuous is None or self.continuous.max_len < needed:
+            self.continuous = ContinuousEngine(self.model, self.slots, -(-needed // 64) * 64)
+        return self.continuous
 
     def generate_groups(self, prompts: Sequence[Sequence[int]], group_size: int, generator: torch.Generator,
                         payloads: Sequence[object] | None = None) -> list[RolloutGroup]:

@@ -264,7 +264,8 @@ class RLTrainer:
         self.reference = reference.eval().requires_grad_(False)
         self.device = model.lm_head.weight.device
         self.engine = RolloutEngine(model.cfg, tokenizer.stop_ids, cfg.max_new_tokens, cfg.rollout_precision,
-                                    cfg.temperature, cfg.top_p, device=self.device)
+                                    cfg.temperature, cfg.top_p, device=self.device, kind=cfg.rollout_engine,
+                                    slots=cfg.rollout_slots)
         self.pool = (RolloutPool(cfg.c3po_capacity, cfg.c3po_budget, cfg.c3po_max_retention, cfg.group_size)
                      if cfg.c3po else None)
         self.optimizer = build_adamw(model.parameters(), cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
