@@ -307,14 +307,30 @@ def checkpoint_labels(ckpts: Sequence[str | Path]) -> list[str]:
     return [f"{i}-{Path(c).name}" for i, c in enumerate(ckpts)]  # the same directory given twice
 
 
+def remove_evaluation_files(out: Path) -> list[Path]:
+    """The JSON files an earlier `evaluate_checkpoints` wrote into `out` (a checkpoint record or a summary, told by
+    their keys), removed; anything else in the directory stays."""
+    removed = []
+    for path in sorted(out.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and "settings" in record and ("ckpt" in record or "checkpoints" in record):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
 def evaluate_checkpoints(cfg, ckpts: Sequence[str | Path], out: str | Path | None = None, overwrite: bool = False,
                          resume: bool = False, command: str = "", console=None) -> dict:
     """Greedy accuracy, pass@k and ApexEval (SPEC §6) of each checkpoint on the prompt file `cfg.data` (an EvalConfig),
     one table each, and which checkpoint has the highest ApexEval score (the one Ling would pick for RL).
 
     With `out`: <out>/<label>.json per checkpoint as it finishes and <out>/summary.json; `resume` keeps the files of
-    checkpoints already evaluated with the same settings. Every input (checkpoints, data, variants, --out) is checked
-    before the first model is loaded.
+    checkpoints already evaluated with the same settings; `overwrite` removes an earlier evaluation's files (and only
+    those) when the first new result is written, so no stale checkpoint's record outlives it. Every input
+    (checkpoints, data, variants, --out, each checkpoint's prompt lengths) is checked before the first model loads.
     """
     from rich.console import Console
     from rich.table import Table
@@ -328,9 +344,8 @@ def evaluate_checkpoints(cfg, ckpts: Sequence[str | Path], out: str | Path | Non
     console = console or Console()
     if not ckpts:
         raise LinglabError("eval: give at least one --ckpt")
-    for c in ckpts:
-        load_config_json(c)
-        load_tokenizer(c)
+    configs = [load_config_json(c) for c in ckpts]
+    tokenizers = [load_tokenizer(c) for c in ckpts]
     examples, shape, skipped = read_examples(cfg.data, cfg.data_format, cfg.fields(), cfg.skip_bad_rows)
     if cfg.problems:
         examples = first_per_subset(examples, cfg.problems)
@@ -343,6 +358,9 @@ def evaluate_checkpoints(cfg, ckpts: Sequence[str | Path], out: str | Path | Non
         check_output(out, overwrite or resume, "eval", inputs=[*ckpts, cfg.data, *([cfg.variants] if cfg.variants else [])])
     elif resume:
         raise LinglabError("eval: --resume needs the --out directory of the evaluation to continue")
+    for model_cfg, tokenizer in zip(configs, tokenizers):
+        check_prompt_lengths(examples, [variants[0].prompt(tokenizer, e) for e in examples], tokenizer,
+                             cfg.max_new_tokens, model_cfg.max_position_embeddings, "eval", "eval.max_new_tokens")
     if skipped:
         console.print(f"[yellow]skipped {len(skipped)} malformed row(s) of {cfg.data}, e.g. {skipped[0]}")
     settings = {"data": str(cfg.data), "format": shape, "verifier": kind, "problems": len(examples),
@@ -352,8 +370,8 @@ def evaluate_checkpoints(cfg, ckpts: Sequence[str | Path], out: str | Path | Non
     console.print(f"evaluating {len(ckpts)} checkpoint(s) on {len(examples)} questions of {cfg.data} ({shape}, "
                   f"verifier {kind}), {cfg.samples} samples x {len(variants)} prompt variants")
 
-    results = {}
-    for label, ckpt in zip(checkpoint_labels(ckpts), ckpts):
+    results, cleared = {}, resume or not overwrite
+    for label, ckpt, tokenizer in zip(checkpoint_labels(ckpts), ckpts, tokenizers):
         path = None if out is None else out / f"{label}.json"
         if resume and path is not None and path.is_file():
             previous = json.loads(path.read_text())
@@ -362,9 +380,6 @@ def evaluate_checkpoints(cfg, ckpts: Sequence[str | Path], out: str | Path | Non
                 console.print(f"{label}: kept {path} (evaluated before with the same settings)")
                 continue
         model = from_pretrained(ckpt)
-        tokenizer = load_tokenizer(ckpt)
-        check_prompt_lengths(examples, [variants[0].prompt(tokenizer, e) for e in examples], tokenizer,
-                             cfg.max_new_tokens, model.cfg.max_position_embeddings, "eval", "eval.max_new_tokens")
         console.print(f"{label}: {ckpt}")
         result = policy_eval(model, tokenizer, examples, cfg.samples, cfg.ks, kind, variants, cfg.temperature,
                              cfg.seed, cfg.max_new_tokens, log=console.print)
@@ -376,6 +391,9 @@ def evaluate_checkpoints(cfg, ckpts: Sequence[str | Path], out: str | Path | Non
         console.print(_result_table(f"{label} on {cfg.data}", record, cfg.ks, Table))
         if path is not None:
             out.mkdir(parents=True, exist_ok=True)  # not before: a checkpoint that fails its checks writes nothing
+            if not cleared:
+                remove_evaluation_files(out)
+                cleared = True
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(record, indent=2) + "\n")
             tmp.replace(path)

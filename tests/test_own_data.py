@@ -97,6 +97,13 @@ def test_sft_rl_and_eval_on_gsm8k_and_math_files(start, files, tmp_path):
                  "--verifier", "math", "--samples", "2", "--ks", "1,2", "--problems", "4",
                  "--eval.max_new_tokens=8", "--out", str(ev), "--resume"]) == 0
     assert first.read_text() == kept and second.is_file()
+    # --overwrite with one checkpoint: the earlier comparison's records go, a file of the user's stays.
+    (ev / "notes.json").write_text('{"mine": 1}')
+    assert main(["eval", "--ckpt", str(rl / "final"), "--data", str(files / "math.jsonl"), "--verifier", "math",
+                 "--samples", "2", "--ks", "1,2", "--problems", "4", "--eval.max_new_tokens=8", "--out", str(ev),
+                 "--overwrite"]) == 0
+    assert not first.exists() and second.is_file() and (ev / "notes.json").read_text() == '{"mine": 1}'
+    assert list(json.loads((ev / "summary.json").read_text())["checkpoints"]) == ["final"]
 
 
 def _killed_then_resumed(args, out, stop_at, env):
