@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from linglab.chat import MODES
+from linglab.corpora import CORPORA
 from linglab.datasets import FORMATS
 from linglab.errors import LinglabError
 from linglab.tasks import TIERS
@@ -154,6 +155,8 @@ class DataConfig:
     """Training data and tokenizer (issue: training). Empty `path` = the embedded arithmetic corpus."""
 
     path: str = ""  # .txt / .jsonl / .parquet file or directory of them; "" = linglab.tasks corpus
+    corpus: str = ""  # a named real-text corpus instead (linglab.corpora: "stdlib" = the Python standard library)
+    heldout_tokens: int = 65536  # corpus: held-out tokens scored at each evaluation (the first of its held-out files)
     tokenizer: str = ""  # tokenizer.json to load; "" = train a byte-level BPE on the training data
     vocab_size: int = 512  # for a trained tokenizer
     seq_len: int = 128
@@ -166,6 +169,10 @@ class DataConfig:
         _check(self.seq_len >= MIN_SEQ_LEN, "data.seq_len", f"must be >= {MIN_SEQ_LEN}, got {self.seq_len}")
         _check(self.vocab_size >= 258, "data.vocab_size", "must be >= 258 (256 bytes + eos + pad)")
         _check(self.num_documents >= 1, "data.num_documents", "must be >= 1")
+        _check(self.corpus in ("", *CORPORA), "data.corpus", f"must be one of {', '.join(CORPORA)} (or empty), got "
+               f"{self.corpus!r}")
+        _check(not (self.corpus and self.path), "data.corpus", "and data.path are exclusive: give one")
+        _check(self.heldout_tokens >= self.seq_len, "data.heldout_tokens", f"must be >= data.seq_len ({self.seq_len})")
         _check(len(self.tiers) >= 1 and all(t in range(len(TIERS)) for t in self.tiers), "data.tiers",
                f"must be a non-empty list of tiers 0..{len(TIERS) - 1}, got {self.tiers}")
 

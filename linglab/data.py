@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from linglab.corpora import load_corpus
 from linglab.errors import LinglabError
 from linglab.tasks import format_document, generate_problems, heldout_problems
 from linglab.tokenizer import Tokenizer, load_tokenizer, text_chunks
@@ -312,6 +313,7 @@ class RunData:
     heldout: PackedDataset | None  # every held-out tier packed together: the run's held-out loss
     heldout_problems: dict[int, list] = field(default_factory=dict)  # tier -> problems (embedded corpus)
     heldout_by_tier: dict[int, PackedDataset] = field(default_factory=dict)  # tier -> its problems packed alone
+    corpus: dict | None = None  # a named corpus's info (linglab.corpora: name, files, bytes, sha256)
 
 
 def heldout_data(tokenizer: Tokenizer, problems: dict[int, list], seq_len: int) -> RunData:
@@ -328,14 +330,19 @@ def heldout_data(tokenizer: Tokenizer, problems: dict[int, list], seq_len: int) 
 
 
 def build_data(cfg, run_dir: Path, eval_problems: int, save_tokenizer: bool = True, reuse_saved: bool = True) -> RunData:
-    """Corpus, tokenizer (data.tokenizer, else the run dir's tokenizer.json when `reuse_saved`, else trained; saved
-    there when `save_tokenizer`) and packed datasets of the `[data]` section `cfg`.
+    """Corpus (`data.corpus`: a named real-text corpus with its held-out files, the first `data.heldout_tokens` of
+    them scored; `data.path`: user text; else the embedded arithmetic), tokenizer (data.tokenizer, else the run dir's
+    tokenizer.json when `reuse_saved`, else trained; saved there when `save_tokenizer`) and packed datasets of the
+    `[data]` section `cfg`.
 
     `save_tokenizer=False` leaves the run dir alone: a job validating its inputs before it writes, or ranks other
     than 0, which reuse the tokenizer rank 0 saved.
     """
-    problems = {}
-    if cfg.path:
+    problems, corpus = {}, None
+    if cfg.corpus:
+        corpus = load_corpus(cfg.corpus)
+        texts, pairs = corpus.train, None
+    elif cfg.path:
         texts = load_text_documents(cfg.path)
         pairs = None
     else:
@@ -354,6 +361,11 @@ def build_data(cfg, run_dir: Path, eval_problems: int, save_tokenizer: bool = Tr
     if save_tokenizer:
         tokenizer.save(saved)
 
+    if corpus is not None:
+        heldout = PackedDataset.from_texts(corpus.heldout, tokenizer, cfg.seq_len)
+        rows = max(1, cfg.heldout_tokens // cfg.seq_len)
+        heldout = PackedDataset(heldout.tokens[:rows], heldout.loss_mask[:rows])
+        return RunData(tokenizer, PackedDataset.from_texts(texts, tokenizer, cfg.seq_len), heldout, corpus=corpus.info)
     if pairs is None:
         return RunData(tokenizer, PackedDataset.from_texts(texts, tokenizer, cfg.seq_len), None)
     data = heldout_data(tokenizer, problems, cfg.seq_len)

@@ -36,6 +36,7 @@ bias moves on the rank whose stage holds it.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from pathlib import Path
@@ -523,7 +524,7 @@ def _run(cfg: Config, run: RunDir, dims: ParallelDims, resume: bool, overwrite: 
 
     summary = {"steps": trainer.step, "tokens": trainer.counters["tokens"], "wall_time_s": trainer.counters["elapsed"],
                "skipped_steps": trainer.counters["skipped"], "final_checkpoint": str(run.final_path), "command": command,
-               "init_from": None if init is None else str(init_from)}
+               "init_from": None if init is None else str(init_from), "corpus": data.corpus}
     model = trainer.full_model()  # the run's last collective
     dims.barrier()  # ... finished on every rank: the others may leave while rank 0 evaluates and reports
     if not dims.is_main:
@@ -553,6 +554,13 @@ def _load_data(cfg: Config, run: RunDir, resume: bool) -> RunData:
     if len(data.train) < cfg.train.batch_size:
         raise LinglabError(f"train: the data has {len(data.train)} rows of {cfg.data.seq_len} tokens, fewer than "
                            f"train.batch_size={cfg.train.batch_size}; add data or lower the batch size")
+    recorded = run.path / "corpus.json"
+    if resume and data.corpus is not None and recorded.is_file():
+        started = json.loads(recorded.read_text())
+        if started.get("sha256") != data.corpus["sha256"]:
+            raise LinglabError(f"train: data.corpus {data.corpus['name']} is not the text this run started on (sha256 "
+                               f"{data.corpus['sha256'][:12]}, the run's {str(started.get('sha256'))[:12]}: another "
+                               f"Python installation?); resume where it started or start a new run")
     return data
 
 
@@ -562,4 +570,6 @@ def _begin(cfg: Config, run: RunDir, data: RunData, resume: bool, overwrite: boo
     if not resume:
         run.write_config(cfg)
         data.tokenizer.save(run.path / "tokenizer.json")
+        if data.corpus is not None:
+            run.write_json("corpus.json", data.corpus)  # exactly what the run trains on (linglab.corpora)
 
