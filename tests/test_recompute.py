@@ -83,3 +83,14 @@ def test_recompute_keeps_names_and_is_skipped_without_grad():
     assert type(model.model.layers[0]).__mro__.count(Recomputed) == 1
     with torch.no_grad():  # evaluation and KV-cache decoding run the plain forward
         model.eval()(torch.randint(0, cfg.model.vocab_size, (1, 8)))
+
+
+def test_fp8_conversion_after_recompute_is_refused():
+    """Recompute wraps the FP8 modules, not the other way round: converting afterwards would drop the recompute."""
+    from linglab.fp8 import Fp8Recipe
+    from linglab.fp8_convert import convert_to_fp8
+
+    model = build_model(tiny_config(num_hidden_layers=2).model, seed=0)
+    apply_recompute(model, "experts")
+    with pytest.raises(ValueError, match="is not a plain"):
+        convert_to_fp8(model, Fp8Recipe(), backend="emulate")
