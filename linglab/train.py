@@ -11,7 +11,9 @@ A run directory holds the resolved `config.toml`, `tokenizer.json`, `metrics.jso
 evaluations, samples, plots and `report.md`.
 
 Per step: a forward/backward per micro-batch, gradient clipping, a skip if the loss or the gradient is
-not finite, the AdamW step, then the expert-bias update from this step's expert loads (SPEC §1.4).
+not finite, the AdamW step, then the expert-bias update from this step's expert loads (SPEC §1.4). With
+`train.precision=bf16` each forward runs under bf16 autocast on the fp32 weights (`linglab.precision`);
+`train.recompute` re-runs chosen modules' forwards in backward (`linglab.recompute`, applied by `build_trainer`).
 
 `--init-from CKPT` starts a new run (step 0, fresh AdamW, the run's own LR schedule) from a checkpoint's weights
 and expert biases, e.g. one `linglab convert` made (SPEC §8: continued pretraining after conversion). The run's
