@@ -202,7 +202,9 @@ class TrainConfig:
     load_every: int = 50  # steps between expert-load snapshots in metrics.jsonl
     max_bad_steps: int = 5  # consecutive non-finite steps that stop the run
     num_samples: int = 12  # generated samples written at the end
-    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when one is visible): pretraining, SFT and RL; fp32
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when one is visible): pretraining, SFT and RL
+    precision: str = "fp32"  # pretraining compute: "fp32" | "bf16" (bf16 autocast on fp32 master weights, SPEC §3)
+    recompute: str = "none"  # pretraining activation recompute (SPEC §7): "none" | "mtp" | "experts" | "full"
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "ckpt_every", "keep_last", "log_every",
@@ -221,6 +223,9 @@ class TrainConfig:
         _check(self.eval_every >= 0 and self.num_samples >= 0, "train.eval_every/num_samples", "must be >= 0")
         _check(self.device in ("cpu", "cuda", "auto") or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
                "train.device", f"must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
+        _check(self.precision in ("fp32", "bf16"), "train.precision", f"must be 'fp32' or 'bf16', got {self.precision!r}")
+        _check(self.recompute in ("none", "mtp", "experts", "full"), "train.recompute",
+               f"must be 'none', 'mtp', 'experts' or 'full', got {self.recompute!r}")
 
 
 @dataclass

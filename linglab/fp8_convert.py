@@ -28,7 +28,8 @@ are quantised at every call (dynamic, 1x128 tiles, E4M3), as an FP8 GEMM kernel 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,24 @@ from linglab.fp8 import (
 )
 from linglab.model import Attention, LinearAttention
 from linglab.moe import GroupedExperts, SwiGLU, grouped_mm
+from linglab.precision import autocast_dtype, full_precision
+
+
+def _fp8_under_autocast(forward: Callable) -> Callable:
+    """An FP8 layer's forward under bf16 autocast (`train.precision=bf16`, `linglab.precision`): it reads its input in
+    bf16, as Ling's FP8 GEMMs read BF16 activations, and quantises from there; its GEMMs accumulate in fp32 with
+    autocast off (autocast would round the dequantised FP8 operands to bf16), and its output comes out in bf16.
+    Weights are quantised from the fp32 masters."""
+
+    @functools.wraps(forward)
+    def run(self, x: torch.Tensor, *args):
+        dtype = autocast_dtype(x.device.type)
+        if dtype is None:
+            return forward(self, x, *args)
+        with full_precision(x.device.type):
+            return forward(self, x.to(dtype), *args)
+
+    return run
 
 
 class Fp8Linear(nn.Linear):
@@ -53,6 +72,7 @@ class Fp8Linear(nn.Linear):
 
     op: Fp8Op
 
+    @_fp8_under_autocast
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, op=self.op)
 
@@ -63,6 +83,7 @@ class Fp8SwiGLU(SwiGLU):
     gate_up_op: Fp8Op
     down_op: Fp8Op
 
+    @_fp8_under_autocast
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One GEMM on [gate; up], so x is quantised once; gate and up keep their own blocks (parts).
         gate, up = self.gate_proj.weight, self.up_proj.weight
@@ -76,6 +97,7 @@ class Fp8GroupedExperts(GroupedExperts):
     gate_up_op: Fp8Op
     down_op: Fp8Op
 
+    @_fp8_under_autocast
     def forward(self, x_sorted: torch.Tensor, weights_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offs = counts.cumsum(0).to(torch.int32)
         intermediate = self.gate_up_proj.shape[1] // 2

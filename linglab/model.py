@@ -35,6 +35,7 @@ from linglab.config import ModelConfig
 from linglab.errors import LinglabError
 from linglab.linear_attention import layer_decays, linear_attention_chunked, linear_attention_step
 from linglab.moe import MoE, SwiGLU
+from linglab.precision import full_precision
 
 
 class RMSNorm(nn.Module):
@@ -309,15 +310,16 @@ class LinearAttention(nn.Module):
 
         g = layer_decays(self.nh, self.layer_idx, self.num_layers).to(x.device)
         scale = self.hd ** -0.5
-        if cache is None:
-            o, _ = linear_attention_chunked(q, k, v, g, scale)
-        elif isinstance(cache, SlotBatch):
-            o = self.slot_attention(q, k, v, g, scale, cache)
-        else:
-            state = cache.linear_state(self.layer_idx)
-            step = linear_attention_step if t == 1 else linear_attention_chunked
-            o, state = step(q, k, v, g, scale, state)
-            cache.set_linear_state(self.layer_idx, state)
+        with full_precision(x.device.type):  # the decayed state is a sum over the whole sequence: fp32 under bf16 too
+            if cache is None:
+                o, _ = linear_attention_chunked(q, k, v, g, scale)
+            elif isinstance(cache, SlotBatch):
+                o = self.slot_attention(q, k, v, g, scale, cache)
+            else:
+                state = cache.linear_state(self.layer_idx)
+                step = linear_attention_step if t == 1 else linear_attention_chunked
+                o, state = step(q, k, v, g, scale, state)
+                cache.set_linear_state(self.layer_idx, state)
         o = o.to(x.dtype).transpose(1, 2).reshape(b, t, self.nh * self.hd)
         return self.dense(self.g_norm(o) * torch.sigmoid(self.g_proj(x)))
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from linglab.config import ModelConfig
+from linglab.precision import autocast_operands, full_precision
 
 
 def group_limited_topk(scores_for_choice: torch.Tensor, n_group: int, topk_group: int, top_k: int) -> torch.Tensor:
@@ -55,7 +56,8 @@ class Router(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight.float())
+        with full_precision(x.device.type):  # bf16 autocast would round the logits that pick the experts
+            logits = F.linear(x.float(), self.weight.float())
         c = self.cfg
         weights, idx = route(logits, self.expert_bias, c.n_group, c.topk_group, c.num_experts_per_tok,
                              c.routed_scaling_factor)
@@ -97,7 +99,9 @@ class GroupedExperts(nn.Module):
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Segment-wise x[seg_e] @ w[e] for contiguous segments ending at `offs` (int32 cumulative counts)."""
+    """Segment-wise x[seg_e] @ w[e] for contiguous segments ending at `offs` (int32 cumulative counts); in bf16
+    under bf16 autocast (`linglab.precision`), which does not cast this op itself."""
+    x, w = autocast_operands(x, w)
     return torch._grouped_mm(x, w, offs=offs)
 
 

@@ -345,11 +345,11 @@ class RunDir:
 
 
 # What a resumed run may change (`RunDir.resume_changes`): how often it logs, evaluates and checkpoints, where it runs
-# and on how many ranks (checkpoints are layout-agnostic), and the [eval] section of `linglab eval`. Everything else
-# changes what was trained.
+# and on how many ranks (checkpoints are layout-agnostic), what it recomputes (the same numbers), and the [eval] section
+# of `linglab eval`. Everything else changes what was trained.
 RESUME_SAFE = frozenset({
     "train.log_every", "train.eval_every", "train.eval_problems", "train.ckpt_every", "train.keep_last",
-    "train.load_every", "train.num_samples", "train.max_bad_steps", "train.device", "fp8.monitor_every",
+    "train.load_every", "train.num_samples", "train.max_bad_steps", "train.device", "train.recompute", "fp8.monitor_every",
     "fp8.underflow_warn", "fp8.distortion_warn", "rl.ckpt_every", "rl.keep_last"})
 
 
@@ -403,6 +403,15 @@ def resolve_device(name: str, command: str = "train") -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise LinglabError(f"{command}: train.device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible")
     return device
+
+
+def refuse_pretraining_only_keys(tcfg, command: str) -> None:
+    """SFT and RL train in fp32 without recompute: a train.precision or train.recompute given to them is refused with
+    one line instead of being ignored."""
+    for key, default in (("precision", "fp32"), ("recompute", "none")):
+        if getattr(tcfg, key) != default:
+            raise LinglabError(f"{command}: train.{key}={getattr(tcfg, key)} applies to `linglab train` only; "
+                               f"{command} trains with train.{key}={default}")
 
 
 def build_adamw(parameters: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float],

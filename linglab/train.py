@@ -11,7 +11,9 @@ A run directory holds the resolved `config.toml`, `tokenizer.json`, `metrics.jso
 evaluations, samples, plots and `report.md`.
 
 Per step: a forward/backward per micro-batch, gradient clipping, a skip if the loss or the gradient is
-not finite, the AdamW step, then the expert-bias update from this step's expert loads (SPEC §1.4).
+not finite, the AdamW step, then the expert-bias update from this step's expert loads (SPEC §1.4). With
+`train.precision=bf16` each forward runs under bf16 autocast on the fp32 weights (`linglab.precision`);
+`train.recompute` re-runs chosen modules' forwards in backward (`linglab.recompute`, applied by `build_trainer`).
 
 `--init-from CKPT` starts a new run (step 0, fresh AdamW, the run's own LR schedule) from a checkpoint's weights
 and expert biases, e.g. one `linglab convert` made (SPEC §8: continued pretraining after conversion). The run's
@@ -55,6 +57,8 @@ from linglab.moe import max_violation, update_expert_bias
 from linglab.parallel.parallel_dims import ParallelDims, init_parallel
 from linglab.parallel.pipeline import PipelineRunner
 from linglab.parallel.planner import training_plan
+from linglab.precision import compute_precision
+from linglab.recompute import apply_recompute
 from linglab.run import RunDir, build_adamw, releases_locks, resolve_device, rng_state, seed_everything, set_rng_state
 from linglab.tasks import TIERS
 
@@ -295,7 +299,8 @@ class Trainer:
         weights = self.dims.loss_weights([ki for _, _, ki in micro])
         sums = 0.0  # loss terms summed on the device, read once per step (one host sync on a GPU)
         for (mi, ti, ki), (w_main, w_mtp) in zip(micro, weights):
-            out = self.model(mi, targets=ti, loss_mask=ki)
+            with compute_precision(self.tcfg.precision, self.device):  # the forward only: backward follows its dtypes
+                out = self.model(mi, targets=ti, loss_mask=ki)
             loss = weighted_loss(out, w_main, w_mtp, self.model.cfg.mtp_loss_scaling_factor)
             (loss / n).backward()
             terms = [loss, w_main * out.main_loss, None if out.mtp_loss is None else w_mtp * out.mtp_loss, out.z_loss]
@@ -415,10 +420,15 @@ def init_state(cfg: ModelConfig, path: str | Path) -> dict[str, torch.Tensor]:
 
 def build_trainer(cfg: Config, run: RunDir, data: RunData, model: LingForCausalLM, log=print,
                   dims: ParallelDims | None = None) -> Trainer:
-    """The job's wiring: FP8 conversion (before sharding), FSDP2/EP from `dims`, the pipeline plan under
-    `parallel.pp`, then a Trainer given only the sections it reads."""
+    """The job's wiring: FP8 conversion, then selective recompute around the converted modules (both before
+    sharding), FSDP2/EP from `dims`, the pipeline plan under `parallel.pp`, then a Trainer given only the sections it
+    reads."""
     dims = dims or ParallelDims()
+    if dims.pp > 1 and cfg.train.precision != "fp32":
+        raise LinglabError(f"train: train.precision={cfg.train.precision} is not built for pipeline parallel "
+                           f"(parallel.pp={dims.pp}) yet; use train.precision=fp32 there")
     monitor = apply_fp8(model, cfg.fp8)  # converts modules in place: before sharding
+    apply_recompute(model, cfg.train.recompute)
     model = dims.parallelize(model)
     runner, micro_batches = None, cfg.train.grad_accum
     if dims.pp > 1:  # every rank keeps the full model; its stages hold (and train) this rank's share of it

@@ -1,7 +1,8 @@
 """GPU checks: skipped where torch sees no CUDA device (CI), run on a lent GPU (`device` tool).
 
 They check what the CPU tests cannot: real FP8 GEMMs through `torch._scaled_mm` with Ling's 1x128 / 128x128
-scales (SPEC §3) against the emulation, and that a training step on the GPU computes what it computes on the CPU.
+scales (SPEC §3) against the emulation, that a training step on the GPU computes what it computes on the CPU, and
+the bf16 path (`train.precision=bf16`, FP8 and recompute on top) that GPUs train with.
 """
 
 import pytest
@@ -85,13 +86,39 @@ def test_training_step_on_cuda_matches_cpu(fp8):
         assert _rel(grads["cuda"][1][name], g) < (5e-2 if fp8 else 1e-3), name
 
 
-def test_train_command_runs_on_cuda_and_resumes(tmp_path):
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "bf16+fp8-emulate"])
+def test_bf16_step_on_cuda_tracks_fp32_and_keeps_fp32_weights(fp8):
+    """train.precision=bf16 on the GPU path: the loss within 1% of fp32's, gradients within bf16's rounding, the
+    weights and their gradients fp32 (`linglab.precision`)."""
+    from linglab.precision import compute_precision
+    from linglab.train import apply_fp8
+
+    cfg = tiny_config()
+    cfg.fp8.enabled, cfg.fp8.backend = fp8, "emulate"
+    ids = torch.randint(0, cfg.model.vocab_size, (4, 65), device="cuda")
+    results = {}
+    for precision in ("fp32", "bf16"):
+        model = build_model(cfg.model, device="cuda", seed=0).train()
+        apply_fp8(model, cfg.fp8)
+        with compute_precision(precision, "cuda"):
+            out = model(ids[:, :-1], targets=ids[:, 1:])
+        out.loss.backward()
+        assert all(p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32)
+                   for p in model.parameters())
+        results[precision] = (out.loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()
+                                                          if p.grad is not None]))
+    assert abs(results["bf16"][0] - results["fp32"][0]) < 1e-2 * results["fp32"][0]
+    assert _rel(results["bf16"][1], results["fp32"][1]) < 5e-2
+
+
+@pytest.mark.parametrize("extra", [[], ["--train.precision=bf16", "--train.recompute=full"]], ids=["fp32", "bf16"])
+def test_train_command_runs_on_cuda_and_resumes(tmp_path, extra):
     from linglab.config import load_config
     from linglab.train import run_training
 
     over = ["--train.max_steps=6", "--train.ckpt_every=3", "--train.eval_every=0", "--train.eval_problems=2",
             "--train.num_samples=1", "--train.device=cuda", "--fp8.enabled=true", "--fp8.monitor_every=2",
-            "--data.num_documents=300"]
+            "--data.num_documents=300", *extra]
     cfg = load_config("tiny", overrides=over)
     run_training(cfg, tmp_path / "run")
     assert (tmp_path / "run" / "final").is_dir()

@@ -79,6 +79,7 @@ def _two_rank_runs(rank, world_size, root, tokenizer):
     _copy_then_resume(_config(tokenizer, 6), root / "dp2-to3", root / "dp2-resumed-on-2", rank)  # (b) 2 -> 2
     _copy_then_resume(_config(tokenizer, 6), root / "single-to3", root / "single-resumed-on-2", rank)  # (b) 1 -> 2
     _fit(_config(tokenizer, 6, "--parallel.ep=2"), root / "ep2")  # (c)
+    _fit(_config(tokenizer, 6, "--parallel.ep=2", "--train.recompute=full"), root / "ep2-recompute")  # (d)
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +175,12 @@ def test_two_expert_parallel_groups_on_four_ranks_equal_the_single_process_run(r
     """dp=2 x ep=2: experts FSDP2-sharded over the 2 ranks holding the same slice, 1 row per rank and micro-batch."""
     run_on_ranks(functools.partial(_dp2_ep2, root=tmp_path, tokenizer=tokenizer), tmp_path, world_size=4)
     _assert_same_run_within_tolerance(tmp_path / "dp2-ep2", runs / "single")
+
+
+def test_recompute_inside_fsdp2_and_expert_parallel_equals_the_single_process_run(runs):
+    """train.recompute=full on 2 ranks: each FSDP2-sharded decoder layer, expert-parallel all-to-all included, runs its
+    forward again in backward (`linglab.recompute`); the run is the single process's without recompute."""
+    _assert_same_run_within_tolerance(runs / "ep2-recompute", runs / "single")
 
 
 def _non_finite_on_rank_1(rank, world_size, root, tokenizer):

@@ -61,6 +61,7 @@ def _pipeline_runs(rank, world_size, root, tokenizer):
         ref = _final_weights(root / "pp2")
         assert all(torch.equal(t, ref[name]) for name, t in full.state_dict().items() if name in ref)
     _fit(_config(tokenizer, 6, *PP_INTERLEAVED), root / "pp2-interleaved")
+    _fit(_config(tokenizer, 6, *PP_INTERLEAVED, "--train.recompute=full"), root / "pp2-interleaved-recompute")
     _fit(_config(tokenizer, 3, *PP_INTERLEAVED), root / "pp2-to3")
     if rank == 0:
         shutil.copytree(root / "single-to3", root / "single-resumed-on-pp2")
@@ -123,6 +124,13 @@ def _assert_same_run_within_tolerance(run, reference):
 def test_pipeline_training_equals_the_single_process_run_with_as_many_micro_batches(runs, run):
     _assert_same_run_within_tolerance(runs / run, runs / "single")
     assert sorted(p.name for p in (runs / run / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
+
+
+def test_recompute_in_a_pipeline_changes_no_number(runs):
+    """train.recompute=full in every stage of the interleaved pipeline: the run without recompute, bit for bit."""
+    assert _train_rows(runs / "pp2-interleaved-recompute") == _train_rows(runs / "pp2-interleaved")
+    ref = _final_weights(runs / "pp2-interleaved")
+    assert all(torch.equal(t, ref[name]) for name, t in _final_weights(runs / "pp2-interleaved-recompute").items())
 
 
 @pytest.mark.parametrize("run", ["pp2-resumed-on-1", "single-resumed-on-pp2"])

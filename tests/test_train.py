@@ -192,6 +192,8 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_one_before(finished_run
     ("bad.json", ["--data.tokenizer={tmp}/bad.json"], "bad.json"),
     (None, ["--train.bogus=1"], "unknown key 'train.bogus'"),
     (None, ["--train.schedule=cosine"], "train.schedule must be 'wsd' or 'wsm'"),
+    (None, ["--train.precision=fp16"], "train.precision must be 'fp32' or 'bf16'"),
+    (None, ["--train.recompute=moe"], "train.recompute must be 'none', 'mtp', 'experts' or 'full'"),
 ])
 def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, setup, args, message):
     if setup == "empty.txt":

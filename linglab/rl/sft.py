@@ -37,6 +37,7 @@ from linglab.run import (
     RunDir,
     build_adamw,
     copy_model_files,
+    refuse_pretraining_only_keys,
     releases_locks,
     resolve_device,
     rng_state,
@@ -230,6 +231,7 @@ def run_sft(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool 
             raise LinglabError("sft: --ckpt is required to start a run")
         check_start_checkpoint(ckpt, "sft")
     device = resolve_device(cfg.train.device, "sft")
+    refuse_pretraining_only_keys(cfg.train, "sft")
     run.check(resume, overwrite, inputs=[] if resume else read_inputs(rl, ckpt))
     run.lock()
     changes = {}

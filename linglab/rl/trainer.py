@@ -71,7 +71,16 @@ from linglab.rl.sft import (
     sft_examples,
     verifier_kind,
 )
-from linglab.run import RunDir, build_adamw, releases_locks, resolve_device, rng_state, seed_everything, set_rng_state
+from linglab.run import (
+    RunDir,
+    build_adamw,
+    refuse_pretraining_only_keys,
+    releases_locks,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from linglab.tokenizer import Tokenizer
 from linglab.verify import verify_batch
 
@@ -480,6 +489,7 @@ def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool =
             raise LinglabError("rl: --ckpt is required to start a run")
         check_start_checkpoint(ckpt, "rl")
     device = resolve_device(cfg.train.device, "rl")
+    refuse_pretraining_only_keys(cfg.train, "rl")
     run.check(resume, overwrite, inputs=[] if resume else read_inputs(rl, ckpt))
     run.lock()
     changes = {}
