@@ -24,7 +24,7 @@ from linglab.tokenizer import Tokenizer, load_tokenizer
 
 METRIC_KEYS = {"reward", "accuracy", "response_length", "entropy", "clip_fraction", "kl", "mask_fraction",
                "mean_abs_logdiff", "max_abs_logdiff", "tokens_generated", "time", "step_time", "rollout_time",
-               "response_tokens", "prefill_tokens", "decode_steps", "decode_rows"}
+               "response_tokens", "prefill_tokens", "decode_steps", "decode_rows", "sync_s", "sync_bytes"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,7 +80,7 @@ def test_three_steps_of_every_loss_and_correction(start, tmp_path, monkeypatch, 
     for row in rows:
         assert METRIC_KEYS <= row.keys()
         assert 0 <= row["accuracy"] <= 1 and 0 <= row["mask_fraction"] <= 1 and row["response_length"] <= 16
-        assert 0 < row["rollout_time"] < row["step_time"]
+        assert 0 < row["sync_s"] < row["rollout_time"] < row["step_time"] and row["sync_bytes"] > 0
         assert row["response_tokens"] == round(row["response_length"] * row["groups_sampled"] * 4)  # 4 samples
         assert row["groups_sampled"] == 2 or algo == "dapo"  # DAPO refills groups all right or all wrong
     assert any(not r["skipped"] for r in rows) and any(r["grad_norm"] for r in rows if not r["skipped"])
