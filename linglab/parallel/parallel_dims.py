@@ -230,9 +230,9 @@ class ParallelDims:
             dist.destroy_process_group()
 
 
-def init_parallel(cfg: ParallelConfig, device: torch.device) -> ParallelDims:
+def init_parallel(cfg: ParallelConfig, device: torch.device, command: str = "train") -> ParallelDims:
     """The launch this process belongs to: torchrun's WORLD_SIZE/RANK/LOCAL_RANK, or a process group already
-    initialised by the caller (the tests); a one-rank ParallelDims for a plain `linglab train`.
+    initialised by the caller (the tests); a one-rank ParallelDims for a plain `linglab train` (or `command`).
 
     Initialises the process group (gloo on CPU; NCCL when `device` is cuda, each rank on cuda:LOCAL_RANK) and
     the meshes. A layout that does not match the number of ranks is a one-line LinglabError.
@@ -247,13 +247,13 @@ def init_parallel(cfg: ParallelConfig, device: torch.device) -> ParallelDims:
     if pp > 1 and pp != world:
         if world == 1:
             raise LinglabError(f"parallel: pp={pp} needs {pp} ranks but this is a single process; "
-                               f"launch it with torchrun --nproc_per_node {pp} -m linglab train ...")
+                               f"launch it with torchrun --nproc_per_node {pp} -m linglab {command} ...")
         raise LinglabError(f"parallel: pp={pp} ranks, but {world} were started (WORLD_SIZE); make pp equal the "
                            "number of ranks")
     if dp * ep * pp != world:
         if world == 1:
             raise LinglabError(f"parallel: dp={dp} x ep={ep} needs {dp * ep} ranks but this is a single process; "
-                               f"launch it with torchrun --nproc_per_node {dp * ep} -m linglab train ...")
+                               f"launch it with torchrun --nproc_per_node {dp * ep} -m linglab {command} ...")
         raise LinglabError(f"parallel: dp={dp} x ep={ep} = {dp * ep} ranks, but {world} were started (WORLD_SIZE); "
                            "make dp * ep equal the number of ranks")
     if world == 1:

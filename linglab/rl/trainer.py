@@ -607,7 +607,7 @@ def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool =
     Under torchrun every rank runs this (colocated: each trains and generates its share, see the module docstring);
     rank 0 alone prints and writes.
     """
-    dims = init_parallel(cfg.parallel, resolve_device(cfg.train.device, "rl"))
+    dims = init_parallel(cfg.parallel, resolve_device(cfg.train.device, "rl"), command="rl")
     try:
         check_colocated(cfg, dims)
         return _run(cfg, ckpt, RunDir(out, "rl", STATE_NAME), dims, resume, overwrite, console, command)
