@@ -10,6 +10,7 @@
     linglab scaling sweep --out runs/scaling --dry-run  # scaling-law sweep, fit, suggest (SPEC §4; linglab.scaling)
     linglab rl --ckpt runs/tiny/pretrain/final --out runs/tiny-rl --rl.algo=lpo   # RL post-training (SPEC §5)
     linglab rl --ckpt CKPT --out runs/rl --data gsm8k.jsonl --rl.algo=lpo      # ... on your own prompt file (SPEC §10)
+    torchrun --nproc_per_node 2 -m linglab rl --ckpt CKPT --out runs/rl-dp2      # colocated RL on 2 ranks (docs/rl.md)
     linglab sft --ckpt runs/tiny/pretrain/final --out runs/tiny-sft --rl.sft_steps=100   # optional SFT before RL
     linglab eval --ckpt A --ckpt B --data test.jsonl --verifier math --out runs/eval    # greedy, pass@k, ApexEval
     linglab pipeline --preset tiny --out runs/tiny --overwrite --rl-seeds 3   # make run: pretrain -> RL -> report
@@ -651,7 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     s.add_argument("--seq-len", type=int, default=128)
     s.set_defaults(func=cmd_scaling_suggest)
-    p = sub.add_parser("rl", help="RL post-training of a checkpoint: GRPO/DAPO/Dr.GRPO/GSPO/LPO, IcePop/TIS, C3PO++")
+    p = sub.add_parser("rl", help="RL post-training of a checkpoint: GRPO/DAPO/Dr.GRPO/GSPO/LPO, IcePop/TIS, C3PO++; "
+                       "under torchrun, colocated on every rank")
     add_config_args(p)
     p.add_argument("--ckpt", help="HF checkpoint directory with tokenizer.json to start from (not needed with --resume)")
     p.add_argument("--out", required=True, help="run directory")

@@ -57,13 +57,14 @@ def _check_sampling(temperature: float, top_p: float) -> None:
         raise LinglabError(f"generate: top_p must be in (0, 1], got {top_p}")
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None,
+                generators: Sequence[torch.Generator | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next token ids [B] and their log-probs [B] from logits [B, V].
 
     temperature 0 is greedy (argmax, first index on ties). Otherwise the softmax of logits / temperature
     is cut to its nucleus, the fewest most-likely tokens whose mass reaches top_p (top_p = 1 keeps all),
-    and sampled. Log-probs: see the module docstring.
+    and sampled: every row from `generator`, or with `generators` (one per row) row b alone from generators[b],
+    so that what a row draws does not depend on the other rows. Log-probs: see the module docstring.
     """
     _check_sampling(temperature, top_p)
     logits = logits.float()
@@ -78,14 +79,25 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
         sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
         mass_before = sorted_p.cumsum(dim=-1) - sorted_p
         sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)  # never drops the most likely token
-        ids = order.gather(-1, torch.multinomial(sorted_p, 1, generator=generator)).squeeze(-1)
+        ids = order.gather(-1, _draw(sorted_p, generator, generators)).squeeze(-1)
     else:
-        ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        ids = _draw(probs, generator, generators).squeeze(-1)
     return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
 
 
+def _draw(probs: torch.Tensor, generator: torch.Generator | None,
+          generators: Sequence[torch.Generator | None] | None) -> torch.Tensor:
+    """One index per row of probs [B, V], [B, 1]: from one generator, or row by row from its own."""
+    if generators is None:
+        return torch.multinomial(probs, 1, generator=generator)
+    if len(generators) != probs.shape[0]:
+        raise ValueError(f"sample_next: {len(generators)} generators for {probs.shape[0]} rows")
+    return torch.cat([torch.multinomial(row[None], 1, generator=g) for row, g in zip(probs, generators)])
+
+
 def _generate_batch(model: LingForCausalLM, prompts: torch.Tensor, pad: torch.Tensor | None, limits: list[int],
-                    stop_ids: frozenset[int], temperature: float, top_p: float, generator: torch.Generator | None, use_cache: bool,
+                    stop_ids: frozenset[int], temperature: float, top_p: float, generator: torch.Generator | None,
+                    generators: Sequence[torch.Generator | None] | None, use_cache: bool,
                     on_token: Callable[[int, int], None] | None, stop: Callable[[GenerationResult], bool] | None,
                     result: GenerationResult) -> None:
     """Generate for left-padded prompts [B, P] (pad [B] slots each, or None) as one batch into `result`; row b
@@ -99,7 +111,7 @@ def _generate_batch(model: LingForCausalLM, prompts: torch.Tensor, pad: torch.Te
     logits = model(prompts, cache=cache, pad=pad)[:, -1]
     result.prefill_tokens += prompts.numel()
     for step in range(steps):
-        ids, logp = sample_next(logits, temperature, top_p, generator)
+        ids, logp = sample_next(logits, temperature, top_p, generator, generators)
         for row, (token, lp) in enumerate(zip(ids.tolist(), logp.tolist(), strict=True)):
             if result.finished[row] or step >= limits[row]:
                 continue
@@ -158,13 +170,17 @@ def seeded_generator(seed: int | torch.Generator | None, device: torch.device) -
 def generate(model: LingForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
              eos_id: int | Sequence[int], temperature: float = 1.0, top_p: float = 1.0, seed: int | torch.Generator | None = None,
              use_cache: bool = True, on_token: Callable[[int, int], None] | None = None,
-             stop: Callable[[GenerationResult], bool] | None = None) -> GenerationResult:
+             stop: Callable[[GenerationResult], bool] | None = None,
+             generators: Sequence[torch.Generator | None] | None = None) -> GenerationResult:
     """Sample up to `max_new_tokens` tokens after each prompt (one limit, or one per prompt); see the module
     docstring.
 
     seed: an int (a fresh generator), a torch.Generator (continued), or None (torch's global RNG).
     All rows draw from one generator at each step, so a row's samples (not its greedy output) change when
     other prompts are added to the call.
+    generators: one per prompt instead of `seed`; prompt i then draws its k-th token from generators[i]'s k-th
+    draw, whatever else is in the batch (RL's batch-invariant rollouts). A row that has finished keeps drawing
+    while the batch decodes, so a finished prompt's generator is not to be continued.
     use_cache=False recomputes the whole sequence each step (same outputs, for benchmarks and tests).
     on_token(row, token_id) is called for every token as it is appended to `tokens[row]` (never for EOS).
     stop(result so far) is called after every sampling step; True ends generation there (C3PO++'s budget).
@@ -174,6 +190,8 @@ def generate(model: LingForCausalLM, prompts: Sequence[Sequence[int]], max_new_t
     limits = check_requests(model, prompts, max_new_tokens)
     device = model.lm_head.weight.device
     generator = seeded_generator(seed, device)
+    if generators is not None and len(generators) != len(prompts):
+        raise LinglabError(f"generate: {len(generators)} generators for {len(prompts)} prompts")
 
     n = len(prompts)
     result = GenerationResult(tokens=[[] for _ in range(n)], logprobs=[[] for _ in range(n)], finished=[False] * n,
@@ -190,8 +208,8 @@ def generate(model: LingForCausalLM, prompts: Sequence[Sequence[int]], max_new_t
     model.eval()
     try:
         stop_ids = frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
-        _generate_batch(model, batch, pad, limits, stop_ids, temperature, top_p, generator, use_cache, on_token, stop,
-                        result)
+        _generate_batch(model, batch, pad, limits, stop_ids, temperature, top_p, generator, generators, use_cache,
+                        on_token, stop, result)
     finally:
         model.train(was_training)
     return result

@@ -11,7 +11,7 @@ from linglab.fp8 import TILE, dequantize_blockwise, dequantize_tilewise, quantiz
 from linglab.fp8_convert import fp8_weight_names
 from linglab.model import build_model
 from linglab.rl.losses import grpo_loss
-from linglab.rl.rollout import Rollout, RolloutEngine, RolloutGroup, RolloutPool
+from linglab.rl.rollout import Rollout, RolloutEngine, RolloutPool, start_groups
 from linglab.rl.trainer import policy_logprobs, rollout_batch
 
 EOS = 0
@@ -36,7 +36,7 @@ def mismatch(model, precision):
     """|log pi_train - log pi_infer| over the response tokens of 3 groups of 2 rollouts."""
     engine = RolloutEngine(model.cfg, EOS, max_new_tokens=10, precision=precision)
     engine.sync_weights(model)
-    groups = engine.generate_groups(prompts_of([4, 6, 4]), 2, torch.Generator().manual_seed(0))
+    groups = engine.generate_groups(prompts_of([4, 6, 4]), 2, seed=0)
     assert [len(g.rollouts) for g in groups] == [2, 2, 2] and all(g.done for g in groups)
     rollouts = [r for g in groups for r in g.rollouts]
     assert all(len(r.logprobs) == len(r.tokens) == len(r.versions) for r in rollouts)
@@ -71,7 +71,7 @@ def test_eos_is_a_trained_token_with_the_logprob_it_was_sampled_with():
         model.lm_head.weight[EOS, 0] = 2.5
     engine = RolloutEngine(model.cfg, EOS, max_new_tokens=6, precision="fp32")
     engine.sync_weights(model)
-    groups = engine.generate_groups(prompts_of([4, 5, 4, 6]), 4, torch.Generator().manual_seed(0))
+    groups = engine.generate_groups(prompts_of([4, 5, 4, 6]), 4, seed=2)  # a seed with both endings
     rollouts = [r for g in groups for r in g.rollouts]
     ended, truncated = [r for r in rollouts if r.eos], [r for r in rollouts if r.truncated]
     assert ended and truncated and len(ended) + len(truncated) == len(rollouts)
@@ -149,8 +149,9 @@ class StubEngine:
 
     def __init__(self, pool, max_new_tokens=100):
         self.pool, self.version, self.max_new_tokens, self.steps = pool, 0, max_new_tokens, 0
+        self.device = torch.device("cpu")
 
-    def continue_rollouts(self, rollouts, generator, stop=None):
+    def continue_rollouts(self, rollouts, stop=None):
         assert len(rollouts) <= self.pool.capacity
         target = {id(r): n for g in self.pool.groups for r, n in zip(g.rollouts, g.payload, strict=True)}
         active, sampled = [r for r in rollouts if not r.done], 0
@@ -184,7 +185,7 @@ def test_c3po_returns_only_complete_groups_within_capacity():
     pool = RolloutPool(capacity=12, budget=60, max_retention=10, group_size=4)
     engine, new_prompts = StubEngine(pool), source(lengths)
     for _ in range(4):
-        groups, stats = pool.collect(engine, new_prompts, None)
+        groups, stats = pool.collect(engine, new_prompts, seed=0, step=0)
         engine.version += 1
         assert groups and all(g.done and len(g.rollouts) == 4 for g in groups)
         assert stats["completed_tokens"] == sum(r.cost for g in groups for r in g.rollouts) >= 60
@@ -197,7 +198,7 @@ def test_c3po_budget_stops_generation_once_completed_tokens_reach_it():
     for budget, steps, finished in ((6, 3, 1), (7, 7, 2)):
         pool = RolloutPool(capacity=4, budget=budget, max_retention=5, group_size=2)
         engine = StubEngine(pool)
-        groups, stats = pool.collect(engine, source([[2, 2], [6, 6]]), None)
+        groups, stats = pool.collect(engine, source([[2, 2], [6, 6]]), seed=0, step=0)
         assert engine.steps == steps and len(groups) == finished
         assert stats["completed_tokens"] >= budget
         assert [len(r.tokens) for g in pool.groups for r in g.rollouts] == ([3, 3] if finished == 1 else [])
@@ -208,13 +209,13 @@ def test_c3po_carries_unfinished_rollouts_over_and_purges_them_after_sigma():
     pool = RolloutPool(capacity=4, budget=3, max_retention=2, group_size=2)
     engine, new_prompts = StubEngine(pool), source([[1, 100]] + [[1, 1]] * 10)
     for step in (1, 2):
-        groups, stats = pool.collect(engine, new_prompts, None)
+        groups, stats = pool.collect(engine, new_prompts, seed=0, step=0)
         engine.version += 1
         assert [g.payload for g in groups] == [[1, 1]]
         (long,) = pool.groups
         assert long.payload == [1, 100] and [r.retained for r in long.rollouts] == [0, step]
         assert stats["purged_groups"] == 0 and stats["carried_groups"] == 1
-    groups, stats = pool.collect(engine, new_prompts, None)
+    groups, stats = pool.collect(engine, new_prompts, seed=0, step=0)
     assert stats["purged_groups"] == 1 and pool.groups == []
     assert [g.payload for g in groups] == [[1, 1]]
 
@@ -225,13 +226,12 @@ def test_a_carried_rollout_resumes_after_a_sync_from_its_tokens_keeping_its_logp
     pool = RolloutPool(capacity=4, budget=1, max_retention=3, group_size=2)
     prompts = iter([(p, None) for p in prompts_of([5, 5, 5, 5, 5, 5])])
     new_prompts = lambda n: [next(prompts) for _ in range(min(n, 1))]  # noqa: E731 - one new group per round
-    generator = torch.Generator().manual_seed(0)
 
     # A group the previous step left unfinished: 4 tokens sampled by version 1, then the budget stopped sampling.
     (prompt, _), = new_prompts(1)
-    group = RolloutGroup(prompt, [Rollout(list(prompt)) for _ in range(2)])
+    (group,) = start_groups([prompt], [None], 2, seed=0, step=0, first_group=0)
     steps = iter(range(1, 100))
-    assert engine.continue_rollouts(group.rollouts, generator, stop=lambda: next(steps) == 4) == 8
+    assert engine.continue_rollouts(group.rollouts, stop=lambda: next(steps) == 4) == 8
     pool.groups.append(group)
     carried = [r for g in pool.groups for r in g.rollouts if r.tokens and not r.done]
     assert len(carried) == 2 and all(len(r.tokens) == 4 for r in carried)
@@ -239,7 +239,7 @@ def test_a_carried_rollout_resumes_after_a_sync_from_its_tokens_keeping_its_logp
 
     newer = build_model(model.cfg, seed=1)  # the next policy version: other weights
     engine.sync_weights(newer)
-    pool.collect(engine, new_prompts, generator)
+    pool.collect(engine, new_prompts, seed=0, step=1)
     for r, (tokens, logprobs) in zip(carried, before, strict=True):
         k = len(tokens)
         assert r.tokens[:k] == tokens and r.logprobs[:k] == logprobs  # bit-exact: recorded, never recomputed
@@ -257,10 +257,10 @@ def test_the_continuous_engine_samples_what_the_static_one_does(model):
     for kind in ("static", "continuous"):
         engine = RolloutEngine(model.cfg, EOS, max_new_tokens=10, precision="fp32", temperature=0.0, kind=kind, slots=8)
         engine.sync_weights(model)
-        groups = engine.generate_groups(prompts_of([4, 6, 3]), 2, torch.Generator().manual_seed(0))
+        groups = engine.generate_groups(prompts_of([4, 6, 3]), 2, seed=0)
         partial = [Rollout(p) for p in prompts_of([5, 2, 7], seed=1)]
         steps = iter(range(1, 100))
-        engine.continue_rollouts(partial, torch.Generator().manual_seed(0), stop=lambda steps=steps: next(steps) == 3)
+        engine.continue_rollouts(partial, stop=lambda steps=steps: next(steps) == 3)
         outcomes.append(([(r.tokens, r.eos, r.truncated) for g in groups for r in g.rollouts],
                          [r.logprobs for g in groups for r in g.rollouts], [r.tokens for r in partial]))
     (tokens, logprobs, partial), (tokens_c, logprobs_c, partial_c) = outcomes
@@ -269,3 +269,20 @@ def test_the_continuous_engine_samples_what_the_static_one_does(model):
         assert ours == pytest.approx(theirs, abs=1e-5)
     with pytest.raises(ValueError, match="rollout engine"):
         RolloutEngine(model.cfg, EOS, max_new_tokens=10, kind="paged")
+
+
+@pytest.mark.parametrize("kind", ["static", "continuous"])
+def test_a_group_samples_the_same_rollouts_alone_or_batched_with_others(model, kind):
+    """Each rollout draws from its own generator (seed, step, group, member): a group's sampled rollouts do not depend
+    on the batch it is sampled in, or on the rank that samples it."""
+    engine = RolloutEngine(model.cfg, EOS, max_new_tokens=10, precision="fp32", top_p=0.9, kind=kind, slots=5)
+    engine.sync_weights(model)
+    short, target, long = prompts_of([3, 5, 9])
+    alone = engine.generate_groups([target], 3, seed=7, step=2, first_group=1)
+    batched = engine.generate_groups([short, target, long], 3, seed=7, step=2, first_group=0)
+    assert [r.tokens for r in alone[0].rollouts] == [r.tokens for r in batched[1].rollouts]
+    for ours, theirs in zip(alone[0].rollouts, batched[1].rollouts):
+        assert ours.logprobs == pytest.approx(theirs.logprobs, abs=1e-5)
+    assert len({tuple(r.tokens) for r in alone[0].rollouts}) > 1, "the members must draw different streams"
+    other_step = engine.generate_groups([target], 3, seed=7, step=3, first_group=1)
+    assert [r.tokens for r in other_step[0].rollouts] != [r.tokens for r in alone[0].rollouts]

@@ -300,7 +300,7 @@ def mismatch_sources(start: Path, seeds: int) -> None:
     rows: dict[str, list[dict]] = {"weight-only FP8": [], "FP8 weights + activations": []}
     for seed in range(seeds):
         prompts = tok.encode_batch([p.prompt for p in generate_problems(rl.prompts_per_step, rl.tiers, seed, "train")])
-        groups = sampler.generate_groups(prompts, rl.group_size, torch.Generator().manual_seed(seed))
+        groups = sampler.generate_groups(prompts, rl.group_size, seed)
         batch = rollout_batch([r for g in groups for r in g.rollouts], tok.pad_id)
         with torch.no_grad():
             train = policy_logprobs(model, batch, rl.temperature)[0]

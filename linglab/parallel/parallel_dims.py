@@ -119,6 +119,22 @@ class ParallelDims:
         dist.all_reduce(t)
         return t / self.world
 
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of `t` over the ranks, on every rank (`t` itself in a single process)."""
+        if self.world == 1:
+            return t
+        t = t.to(self.device, copy=True)
+        dist.all_reduce(t)
+        return t
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's `obj` (picklable), in rank order, on every rank: [obj] in a single process."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def all_reduce_expert_loads(self, model: LingForCausalLM) -> None:
         """Sum the step's expert loads over all ranks: each routed its own tokens (SPEC §1.4)."""
         if self.world > 1:
@@ -167,14 +183,18 @@ class ParallelDims:
         return model_state, optim_state
 
     def load_full_state(self, model: LingForCausalLM, optimizer: torch.optim.Optimizer, model_state: dict,
-                        optim_state: dict) -> None:
-        """Inverse of `full_state`: every rank passes the full state and keeps its expert slice and FSDP2 shards."""
+                        optim_state: dict, every_parameter_trained: bool = True) -> None:
+        """Inverse of `full_state`: every rank passes the full state and keeps its expert slice and FSDP2 shards.
+
+        `every_parameter_trained=False` (RL, whose loss never reaches the MTP head) accepts parameters without AdamW
+        state: those that never had a gradient have none."""
         if self.ep > 1:
             ep_rank = dist.get_rank(self.ep_group)
             model_state = shard_expert_weights(model_state, ep_rank, self.ep)
             optim_state = {**optim_state, "state": shard_expert_optimizer_state(optim_state["state"], ep_rank, self.ep)}
         set_model_state_dict(model, model_state, options=FULL)
-        set_optimizer_state_dict(model, optimizer, optim_state, options=FULL)
+        options = FULL if every_parameter_trained else StateDictOptions(full_state_dict=True, strict=False)
+        set_optimizer_state_dict(model, optimizer, optim_state, options=options)
 
     # -- coordination
 
@@ -210,9 +230,9 @@ class ParallelDims:
             dist.destroy_process_group()
 
 
-def init_parallel(cfg: ParallelConfig, device: torch.device) -> ParallelDims:
+def init_parallel(cfg: ParallelConfig, device: torch.device, command: str = "train") -> ParallelDims:
     """The launch this process belongs to: torchrun's WORLD_SIZE/RANK/LOCAL_RANK, or a process group already
-    initialised by the caller (the tests); a one-rank ParallelDims for a plain `linglab train`.
+    initialised by the caller (the tests); a one-rank ParallelDims for a plain `linglab train` (or `command`).
 
     Initialises the process group (gloo on CPU; NCCL when `device` is cuda, each rank on cuda:LOCAL_RANK) and
     the meshes. A layout that does not match the number of ranks is a one-line LinglabError.
@@ -227,13 +247,13 @@ def init_parallel(cfg: ParallelConfig, device: torch.device) -> ParallelDims:
     if pp > 1 and pp != world:
         if world == 1:
             raise LinglabError(f"parallel: pp={pp} needs {pp} ranks but this is a single process; "
-                               f"launch it with torchrun --nproc_per_node {pp} -m linglab train ...")
+                               f"launch it with torchrun --nproc_per_node {pp} -m linglab {command} ...")
         raise LinglabError(f"parallel: pp={pp} ranks, but {world} were started (WORLD_SIZE); make pp equal the "
                            "number of ranks")
     if dp * ep * pp != world:
         if world == 1:
             raise LinglabError(f"parallel: dp={dp} x ep={ep} needs {dp * ep} ranks but this is a single process; "
-                               f"launch it with torchrun --nproc_per_node {dp * ep} -m linglab train ...")
+                               f"launch it with torchrun --nproc_per_node {dp * ep} -m linglab {command} ...")
         raise LinglabError(f"parallel: dp={dp} x ep={ep} = {dp * ep} ranks, but {world} were started (WORLD_SIZE); "
                            "make dp * ep equal the number of ranks")
     if world == 1:

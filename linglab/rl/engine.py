@@ -20,7 +20,9 @@ own preallocated cache (`linglab.model.SlotCache`):
 ending EOS and its log-prob apart; `stop(result)` after each sampling step ends the run there (C3PO++'s budget);
 its work counters count real tokens: `prefill_tokens` (shared prefills once), `decode_rows` (live rows only).
 Greedy decoding gives `generate`'s tokens (tested on mixed-length prompts, softmax and hybrid models). Sampled
-tokens differ from `generate`'s for the same seed, since the rows draw in another order.
+tokens differ from `generate`'s for the same seed, since the rows draw in another order; with `generators=` (one
+per prompt) prompt i draws its k-th token from generators[i]'s k-th draw, as `generate` does, so a prompt's
+response does not depend on what else is queued.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class ContinuousEngine:
     @torch.no_grad()
     def run(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], stop_ids: int | Sequence[int],
             temperature: float = 1.0, top_p: float = 1.0, seed: int | torch.Generator | None = None,
-            stop: Callable[[GenerationResult], bool] | None = None) -> GenerationResult:
+            stop: Callable[[GenerationResult], bool] | None = None,
+            generators: Sequence[torch.Generator | None] | None = None) -> GenerationResult:
         """Sample a response for every prompt (see the module docstring); the queue is served in order."""
         _check_sampling(temperature, top_p)
         limits = check_requests(self.model, prompts, max_new_tokens)
@@ -59,13 +62,16 @@ class ContinuousEngine:
                                  f"max_len {self.max_len}")
         stop_set = frozenset([stop_ids] if isinstance(stop_ids, int) else stop_ids)
         generator = seeded_generator(seed, self.model.lm_head.weight.device)
+        if generators is not None and len(generators) != len(prompts):
+            raise ValueError(f"engine: {len(generators)} generators for {len(prompts)} prompts")
         n = len(prompts)
         result = GenerationResult(tokens=[[] for _ in range(n)], logprobs=[[] for _ in range(n)],
                                   finished=[False] * n, eos_logprobs=[None] * n, eos_tokens=[None] * n)
         was_training = self.model.training
         self.model.eval()
         try:
-            self._serve([list(p) for p in prompts], limits, stop_set, temperature, top_p, generator, stop, result)
+            self._serve([list(p) for p in prompts], limits, stop_set, temperature, top_p, generator, generators, stop,
+                        result)
         finally:
             self.model.train(was_training)
         return result
@@ -97,8 +103,8 @@ class ContinuousEngine:
         return out
 
     def _serve(self, prompts: list[list[int]], limits: list[int], stop_ids: frozenset[int], temperature: float,
-               top_p: float, generator: torch.Generator | None, stop: Callable[[GenerationResult], bool] | None,
-               result: GenerationResult) -> None:
+               top_p: float, generator: torch.Generator | None, generators: Sequence[torch.Generator | None] | None,
+               stop: Callable[[GenerationResult], bool] | None, result: GenerationResult) -> None:
         queue = deque(i for i in range(len(prompts)) if limits[i] > 0)
         free = deque(range(self.slots))
         owner: dict[int, int] = {}  # slot -> prompt index
@@ -116,7 +122,8 @@ class ContinuousEngine:
             if admitted:
                 pending.update(self._prefill(admitted))
             live = sorted(pending)
-            ids, logp = sample_next(torch.stack([pending[s] for s in live]), temperature, top_p, generator)
+            rows = None if generators is None else [generators[owner[s]] for s in live]
+            ids, logp = sample_next(torch.stack([pending[s] for s in live]), temperature, top_p, generator, rows)
             pending.clear()
             decode = []
             for slot, token, lp in zip(live, ids.tolist(), logp.tolist(), strict=True):

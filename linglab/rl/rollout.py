@@ -10,10 +10,15 @@ a real inference engine and its trainer.
 
     engine = RolloutEngine(model.cfg, eos_id=tok.eos_id, max_new_tokens=64, precision="fp8")
     engine.sync_weights(model)
-    groups = engine.generate_groups(prompts, group_size=8, generator=g, payloads=problems)  # synchronous
+    groups = engine.generate_groups(prompts, group_size=8, seed=0, step=3, payloads=problems)  # synchronous
 
     pool = RolloutPool(capacity=128, budget=2560, max_retention=2, group_size=8)
-    groups, stats = pool.collect(engine, next_prompts, g)   # C3PO++: whole groups, >= budget tokens
+    groups, stats = pool.collect(engine, next_prompts, seed=0, step=3)   # C3PO++: whole groups, >= budget tokens
+
+Every rollout samples from its own generator, seeded from (seed, RL step, group index, member index) by
+`rollout_seed`: its tokens are the same whichever batch (or rank) samples it, and a C3PO++ rollout carried over
+continues its own generator (saved with the pool). The group index counts the groups a step starts, from 0 in
+prompt order: the synchronous groups, then DAPO's refills; C3PO++'s new groups in the order the pool starts them.
 
 `kind="continuous"` samples with the continuous-batching engine (`linglab.rl.engine`: fixed slots refilled as
 responses finish, packed prefills, a group's prompt prefilled once) instead of `generate`'s static left-padded
@@ -28,8 +33,9 @@ and never resumed.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -57,6 +63,7 @@ class Rollout:
     eos: bool = False  # ended by EOS
     truncated: bool = False  # reached the engine's max_new_tokens without EOS
     retained: int = 0
+    generator: torch.Generator | None = field(default=None, repr=False, compare=False)  # None: torch's global RNG
 
     @property
     def done(self) -> bool:
@@ -87,6 +94,28 @@ class RolloutGroup:
         return all(r.done for r in self.rollouts)
 
 
+def rollout_seed(seed: int, step: int, group: int, member: int) -> int:
+    """The seed of one rollout's generator: the first 63 bits of BLAKE2b-64 of "seed:step:group:member" (`rl.seed`,
+    the RL step that starts it, its group's index among the groups that step starts, its index in the group).
+
+    A hash rather than arithmetic on the four numbers, so that nearby tuples give unrelated streams."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{group}:{member}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def start_groups(prompts: Sequence[Sequence[int]], payloads: Sequence[object], group_size: int, seed: int, step: int,
+                 first_group: int, device: str | torch.device = "cpu") -> list[RolloutGroup]:
+    """New groups, group i numbered first_group + i, each member with its own generator (`rollout_seed`) on `device`."""
+    groups = []
+    for i, (prompt, payload) in enumerate(zip(prompts, payloads, strict=True)):
+        rollouts = []
+        for member in range(group_size):
+            generator = torch.Generator(device=device).manual_seed(rollout_seed(seed, step, first_group + i, member))
+            rollouts.append(Rollout(list(prompt), generator=generator))
+        groups.append(RolloutGroup(list(prompt), rollouts, payload))
+    return groups
+
+
 class RolloutEngine:
     """The inference side: its own model, synced from the trainer's, sampling with recorded log pi_infer."""
 
@@ -97,7 +126,7 @@ class RolloutEngine:
             raise ValueError(f"rollout precision must be 'fp32' or 'fp8', got {precision!r}")
         if kind not in ENGINES:
             raise ValueError(f"rollout engine must be one of {', '.join(ENGINES)}, got {kind!r}")
-        self.kind, self.slots, self.continuous = kind, slots, None
+        self.kind, self.slots, self.continuous, self.device = kind, slots, None, torch.device(device)
         self.model = build_model(model_cfg, device=device).eval().requires_grad_(False)
         if precision == "fp8":
             convert_to_fp8_inference(self.model, Fp8Recipe())
@@ -107,21 +136,24 @@ class RolloutEngine:
         self.work = {"prefill_tokens": 0, "decode_steps": 0, "decode_rows": 0}  # cumulative, see `generate`
 
     @torch.no_grad()
-    def sync_weights(self, train_model: LingForCausalLM) -> None:
+    def sync_weights(self, train_model: LingForCausalLM, state_dict: dict[str, torch.Tensor] | None = None) -> int:
         """Copy the trainer's weights in; with fp8, through the HF FP8 export's quantise -> dequantise (SPEC §1.6, §3):
-        the weights an FP8 checkpoint holds."""
+        the weights an FP8 checkpoint holds. `state_dict`: the full weights when `train_model` holds shards
+        (`ParallelDims.full_state`). Returns the bytes of the weights handed over."""
         fp8 = self.precision == "fp8"
-        tensors = ckpt.to_hf_state_dict(train_model, fp8=fp8)
+        full = train_model.state_dict() if state_dict is None else state_dict
+        tensors = ckpt.to_hf_state_dict(train_model, full, fp8=fp8)
         if fp8:
             tensors = ckpt.dequantize_hf_state_dict(tensors, TILE, "rollout sync")
         ckpt.load_state_into(self.model, tensors, "rollout sync")
         self.version += 1
+        return sum(t.numel() * t.element_size() for t in full.values())
 
-    def continue_rollouts(self, rollouts: Sequence[Rollout], generator: torch.Generator,
-                          stop: Callable[[], bool] | None = None) -> int:
+    def continue_rollouts(self, rollouts: Sequence[Rollout], stop: Callable[[], bool] | None = None) -> int:
         """Sample on for every unfinished rollout, from its prompt + tokens so far, as one batch, until each ends
         (EOS or max_new_tokens) or `stop()` says so; `stop` is asked after every token step, when the rollouts
-        already hold what was sampled, so it can count completed groups (C3PO++'s budget).
+        already hold what was sampled, so it can count completed groups (C3PO++'s budget). Each rollout draws
+        from its own generator, so what it samples does not depend on the batch.
 
         Earlier tokens keep the log-probs recorded when they were sampled, possibly by an older policy version.
         An ending EOS is appended with its log-prob. Returns the tokens sampled (EOS included).
@@ -150,12 +182,13 @@ class RolloutEngine:
 
         sequences, limits = [r.prompt + r.tokens for r in active], [self.max_new_tokens - n for n in start]
         callback = None if stop is None else record_then_stop
+        generators = [r.generator for r in active]
         if self.kind == "continuous":
             result = self.continuous_engine(max(len(s) + n for s, n in zip(sequences, limits))).run(
-                sequences, limits, self.eos_id, self.temperature, self.top_p, seed=generator, stop=callback)
+                sequences, limits, self.eos_id, self.temperature, self.top_p, stop=callback, generators=generators)
         else:
-            result = generate(self.model, sequences, limits, self.eos_id, self.temperature, self.top_p, seed=generator,
-                              stop=callback)
+            result = generate(self.model, sequences, limits, self.eos_id, self.temperature, self.top_p, stop=callback,
+                              generators=generators)
         record(result)
         self.work["prefill_tokens"] += result.prefill_tokens
         self.work["decode_steps"] += result.decode_steps
@@ -168,13 +201,13 @@ class RolloutEngine:
             self.continuous = ContinuousEngine(self.model, self.slots, -(-needed // 64) * 64)
         return self.continuous
 
-    def generate_groups(self, prompts: Sequence[Sequence[int]], group_size: int, generator: torch.Generator,
-                        payloads: Sequence[object] | None = None) -> list[RolloutGroup]:
-        """G responses per prompt, each generated to EOS or max_new_tokens (the synchronous mode)."""
+    def generate_groups(self, prompts: Sequence[Sequence[int]], group_size: int, seed: int, step: int = 0,
+                        first_group: int = 0, payloads: Sequence[object] | None = None) -> list[RolloutGroup]:
+        """G responses per prompt, each generated to EOS or max_new_tokens (the synchronous mode); the groups are
+        numbered from `first_group` for their generators (`start_groups`)."""
         payloads = [None] * len(prompts) if payloads is None else payloads
-        groups = [RolloutGroup(list(p), [Rollout(list(p)) for _ in range(group_size)], payload)
-                  for p, payload in zip(prompts, payloads, strict=True)]
-        self.continue_rollouts([r for g in groups for r in g.rollouts], generator)
+        groups = start_groups(prompts, payloads, group_size, seed, step, first_group, self.device)
+        self.continue_rollouts([r for g in groups for r in g.rollouts])
         return groups
 
 
@@ -206,17 +239,21 @@ class RolloutPool:
         return (self.capacity - self.group_size * len(self.groups)) // self.group_size
 
     def collect(self, engine: RolloutEngine, new_prompts: Callable[[int], list[tuple[list[int], object]]],
-                generator: torch.Generator) -> tuple[list[RolloutGroup], dict]:
+                seed: int, step: int) -> tuple[list[RolloutGroup], dict]:
         """One step's rollouts: the completed groups, and stats for the metrics.
 
-        `new_prompts(n)` returns n (prompt ids, payload) pairs to start new groups with.
+        `new_prompts(n)` returns n (prompt ids, payload) pairs to start new groups with; they sample from generators
+        of (seed, step, the index of the group among those this call starts, member) (`start_groups`).
         """
         completed: list[RolloutGroup] = []
-        completed_tokens = sampled = 0
+        completed_tokens = sampled = started = 0
         resumed = sum(1 for g in self.groups for r in g.rollouts if not r.done)
         while completed_tokens < self.budget:
-            self.groups += [RolloutGroup(list(p), [Rollout(list(p)) for _ in range(self.group_size)], payload)
-                            for p, payload in new_prompts(self.open_slots())]
+            fresh = new_prompts(self.open_slots())
+            if fresh:
+                prompts, payloads = zip(*fresh)
+                self.groups += start_groups(prompts, payloads, self.group_size, seed, step, started, engine.device)
+                started += len(fresh)
             active = [r for g in self.groups for r in g.rollouts if not r.done]
             if not active:
                 break
@@ -224,7 +261,7 @@ class RolloutPool:
             def budget_met(before: int = completed_tokens) -> bool:
                 return before + sum(r.cost for g in self.groups if g.done for r in g.rollouts) >= self.budget
 
-            sampled += engine.continue_rollouts(active, generator, stop=budget_met)
+            sampled += engine.continue_rollouts(active, stop=budget_met)
             for group in [g for g in self.groups if g.done]:
                 self.groups.remove(group)
                 completed.append(group)
@@ -246,8 +283,19 @@ class RolloutPool:
         return completed, stats
 
     def state_dict(self) -> dict:
-        """The in-flight groups, for an exact resume (payloads must be picklable)."""
-        return {"groups": self.groups}
+        """The in-flight groups and their rollouts' generator states, for an exact resume (payloads must be picklable)."""
+        return {"groups": [replace(g, rollouts=[replace(r, generator=None) for r in g.rollouts]) for g in self.groups],
+                "generators": [[None if r.generator is None else r.generator.get_state() for r in g.rollouts]
+                               for g in self.groups]}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, device: str | torch.device = "cpu") -> None:
+        """The pool of `state_dict`, each rollout's generator on `device` where it stopped (a pool saved before
+        rollouts had generators: torch's global RNG)."""
         self.groups = state["groups"]
+        saved = state.get("generators") or [[None] * len(g.rollouts) for g in self.groups]
+        for group, states in zip(self.groups, saved, strict=True):
+            for rollout, generator_state in zip(group.rollouts, states, strict=True):
+                rollout.generator = None
+                if generator_state is not None:
+                    rollout.generator = torch.Generator(device=device)
+                    rollout.generator.set_state(generator_state)

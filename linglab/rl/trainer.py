@@ -3,6 +3,7 @@
     linglab rl --ckpt runs/tiny/pretrain/final --out runs/tiny-rl --rl.algo=lpo --rl.correction=icepop
     linglab rl --out runs/tiny-rl --resume                                      # continue bit-exactly
     linglab rl --ckpt CKPT --out runs/rl --data gsm8k.jsonl --verifier numeric   # your own prompt file (SPEC §10)
+    torchrun --nproc_per_node 2 -m linglab rl --ckpt CKPT --out runs/rl-dp2      # colocated on 2 ranks
 
 Prompts come from a prompt set (`sft.load_prompts`: `rl.data`, or the embedded tiers through the same path),
 drawn in a new seeded order each epoch (`PromptStream`) and rendered through the tokenizer's chat template in
@@ -25,8 +26,17 @@ PPO epoch; with `rl.ppo_epochs = 1` that ratio is exactly 1 (the policy has not 
 construction. `mask_fraction` is the share of tokens IcePop's [alpha, beta] band would mask, logged under
 every correction as a mismatch statistic; only `rl.correction = icepop` actually masks them. `step_time` is the
 whole step; `rollout_time` its rollout phase (weight sync + generation), the figure C3PO++ targets (SPEC §5);
-`prefill_tokens`, `decode_steps` and `decode_rows` the engine's work in it (padded prompt positions prefilled,
-decode forwards, rows summed over them).
+`sync_s` and `sync_bytes` the weight hand-over in it (seconds, bytes of the full weights); `prefill_tokens`,
+`decode_steps` and `decode_rows` the engine's work (padded prompt positions prefilled, decode forwards, rows
+summed over them).
+
+Colocated under torchrun (SPEC §9's hybrid engine; docs/rl.md, "Distributed RL: colocated"): every rank trains
+its FSDP2 (+ EP) shards of the policy, as `linglab train` does, and samples its share of the step's groups (group
+g on rank g * N // prompts_per_step) from a full copy synced each step; rewards and advantages are per rank, each
+rank's loss is its share of the loss over all ranks' rollouts (global counts), so the gradient is the
+single-process one; metrics are reduced over the ranks and rank 0 writes. Every rollout draws from its own
+generator (`rollout.rollout_seed`), so N ranks sample what one process samples. C3PO++, DAPO refill rounds and
+SFT are single-process for now (`check_colocated`).
 
 A run directory holds `config.toml`, the tokenizer files, `metrics.jsonl` (`sft` rows, one `train` row per RL
 step, `eval` rows before and after), `rl_start/` (the policy RL starts from, after SFT: the KL reference),
@@ -55,7 +65,8 @@ from linglab.config import Config, RLConfig
 from linglab.datasets import Example, PromptSet
 from linglab.errors import LinglabError
 from linglab.evals import first_per_subset
-from linglab.model import LingForCausalLM
+from linglab.model import LingForCausalLM, build_model
+from linglab.parallel.parallel_dims import ParallelDims, init_parallel
 from linglab.rl import losses
 from linglab.rl.rewards import evo_cot_length_reward, format_reward
 from linglab.rl.rollout import Rollout, RolloutEngine, RolloutGroup, RolloutPool
@@ -82,6 +93,7 @@ from linglab.run import (
     set_rng_state,
 )
 from linglab.tokenizer import Tokenizer
+from linglab.train import optimizer_state_by_name
 from linglab.verify import verify_batch
 
 STATE_NAME = "rl_state.pt"
@@ -222,6 +234,17 @@ def policy_loss(cfg: RLConfig, logp: Tensor, old_logp: Tensor, advantages: Tenso
     return losses.lpo_loss(*args, batch.sentence_ids, eps=low, token_weights=token_weights)
 
 
+def _token_count(mask: Tensor) -> Tensor:
+    """Response tokens, each response counted as at least 1 (as the losses divide)."""
+    return mask.float().sum(-1).clamp(min=1).sum()
+
+
+def policy_loss_count(algo: str, mask: Tensor) -> float:
+    """What the selected loss divides its summed terms by, up to constants: the response tokens (DAPO and LPO, token
+    means over the batch) or the responses (GRPO and GSPO, means over responses; Dr.GRPO, responses x max_len)."""
+    return float(_token_count(mask)) if algo in ("dapo", "lpo") else float(mask.shape[0])
+
+
 def policy_ratio(cfg: RLConfig, logp: Tensor, old_logp: Tensor, batch: RolloutBatch) -> Tensor:
     """The ratio the selected loss clips: per token [B, L], per response [B, 1] (GSPO) or per sentence (LPO)."""
     if cfg.algo == "gspo":
@@ -265,13 +288,20 @@ class RLTrainer:
 
     A step follows the recipe (SPEC §5): `collect` (weight sync + rollouts), `score` (rewards, advantages' groups,
     old and reference log-probs, mismatch statistics), `update` (the PPO epochs of the selected loss).
+
+    Colocated on several ranks (`dims`, see the module docstring): the policy is FSDP2-sharded (+ EP) as
+    `linglab train` shards it, and each rank keeps a full copy in its rollout engine and its own full reference.
+    Only rank 0 writes.
     """
 
     def __init__(self, cfg: RLConfig, run: RunDir, model: LingForCausalLM, reference: LingForCausalLM,
-                 tokenizer: Tokenizer, prompts: PromptSet, log=print):
-        self.cfg, self.run, self.model, self.tokenizer, self.log = cfg, run, model, tokenizer, log
+                 tokenizer: Tokenizer, prompts: PromptSet, log=print, dims: ParallelDims | None = None):
+        self.dims = dims or ParallelDims()
+        model = self.dims.parallelize(model)  # before the optimizer, which then holds this rank's shards
+        self.cfg, self.run, self.model, self.tokenizer = cfg, run, model, tokenizer
+        self.log = log if self.dims.is_main else _quiet
         self.reference = reference.eval().requires_grad_(False)
-        self.device = model.lm_head.weight.device
+        self.device = self.dims.device if self.dims.world > 1 else model.lm_head.weight.device
         self.engine = RolloutEngine(model.cfg, tokenizer.stop_ids, cfg.max_new_tokens, cfg.rollout_precision,
                                     cfg.temperature, cfg.top_p, device=self.device, kind=cfg.rollout_engine,
                                     slots=cfg.rollout_slots)
@@ -280,44 +310,50 @@ class RLTrainer:
         self.optimizer = build_adamw(model.parameters(), cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
         self.prompts = PromptStream(prompts.train, cfg.seed)
         self.verifier = verifier_kind(cfg, prompts)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)  # samples where the engine runs
         self.step = 0
         self.counters = {"tokens_generated": 0, "elapsed": 0.0}
         self.frozen_bias = _expert_biases(model)
 
     # -- state
 
-    def save(self) -> Path:
-        """HF checkpoint + rl_state.pt, written atomically; prunes all but the last `keep_last`."""
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
-                 "generator": self.generator.get_state(), "prompts": self.prompts.state_dict(),
+    def save(self) -> Path | None:
+        """HF checkpoint + rl_state.pt, written atomically by rank 0 (collective: the full state is gathered as
+        `linglab train` gathers it, AdamW keyed by parameter name, so any layout resumes it); prunes all but the last
+        `keep_last`. Its path on rank 0, None elsewhere."""
+        model_state, optimizer_state = self.dims.full_state(self.model, self.optimizer)
+        state = {"step": self.step, "optimizer": optimizer_state, "rng": rng_state(), "prompts": self.prompts.state_dict(),
                  "pool": None if self.pool is None else self.pool.state_dict(), "engine_version": self.engine.version,
                  "counters": dict(self.counters)}
-        return self.run.save_checkpoint(self.step, self.model, self.tokenizer, state, self.cfg.keep_last)
+        return self.dims.on_main(lambda: self.run.save_checkpoint(self.step, self.model, self.tokenizer, state,
+                                                                  self.cfg.keep_last, model_state=model_state))
 
     def resume(self) -> Path | None:
         """Restore the newest intact checkpoint (weights, optimizer, RNGs, prompt stream, pool); None if there is none.
-        One that does not load is skipped with a warning for the one before it."""
+        One that does not load is skipped with a warning for the one before it. Every rank reads the full checkpoint
+        and keeps its shards."""
         path = self.run.load_newest(self._load_checkpoint, self.log)
-        if path is not None:
+        if path is not None and self.dims.is_main:
             self.run.truncate_metrics(self.step)
         return path
 
     def _load_checkpoint(self, path: Path) -> None:
-        checkpoint.load_state_into(self.model, checkpoint.load_hf_tensors(path), str(path))
+        cfg = self.model.cfg
+        expected = build_model(cfg, device="meta").state_dict()  # single-device names and shapes
+        model_state = checkpoint.checked_state_dict(checkpoint.load_hf_tensors(path), cfg, expected, str(path))
         state = self.run.load_state(path)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            optimizer_state = optimizer_state_by_name(state["optimizer"], self.model, self.optimizer)
+            self.dims.load_full_state(self.model, self.optimizer, model_state, optimizer_state,
+                                      every_parameter_trained=False)
             pool = state["pool"]
         except (RuntimeError, KeyError, ValueError) as e:
             raise checkpoint.CheckpointError(f"checkpoint {path}: unreadable RL state ({e})") from None
         if (pool is None) != (self.pool is None):
             raise LinglabError(f"rl: {path} was written with rl.c3po={pool is not None}; resume with the same")
         self.step, self.engine.version = state["step"], state["engine_version"]
-        self.generator.set_state(state["generator"])
         self.prompts.load_state_dict(state["prompts"])
         if self.pool is not None:
-            self.pool.load_state_dict(pool)
+            self.pool.load_state_dict(pool, self.device)
         self.counters.update(state["counters"])
         set_rng_state(state["rng"])
 
@@ -331,23 +367,41 @@ class RLTrainer:
 
     def collect(self) -> tuple[list[RolloutGroup], dict]:
         """Sync the engine to the trainer's weights, then this step's groups: C3PO++ from the pool, or
-        `prompts_per_step` groups generated to completion (with DAPO, refilled: `dynamic_sampling`). Returns every
-        group sampled, with the engine's work counters."""
-        self.engine.sync_weights(self.model)
+        `prompts_per_step` groups generated to completion (with DAPO, refilled: `dynamic_sampling`); on several
+        ranks, this rank's share of them. Returns the groups this rank sampled, with the weight sync's time and
+        bytes and the engine's work counters (summed over the ranks)."""
+        sync = self.sync_weights()
         work_before = dict(self.engine.work)
         if self.pool is not None:
-            groups, stats = self.pool.collect(self.engine, self._new_prompts, self.generator)
+            groups, stats = self.pool.collect(self.engine, self._new_prompts, self.cfg.seed, self.step)
         else:
-            groups, stats = self._generate_groups(self.cfg.prompts_per_step), {}
+            groups, stats = self._generate_groups(self.cfg.prompts_per_step, 0), {}
             if self.cfg.algo == "dapo":
                 groups, stats = self.dynamic_sampling(groups)
             stats["tokens_generated"] = sum(r.cost for g in groups for r in g.rollouts)
         stats.update({k: v - work_before[k] for k, v in self.engine.work.items()})
-        return groups, stats
+        work = ("tokens_generated", *self.engine.work)
+        totals = self.dims.sum(torch.tensor([float(stats[k]) for k in work])).tolist()
+        stats.update({k: int(v) for k, v in zip(work, totals)})
+        return groups, {**sync, **stats}
 
-    def _generate_groups(self, n: int) -> list[RolloutGroup]:
-        prompts, payloads = zip(*self._new_prompts(n))
-        return self.engine.generate_groups(prompts, self.cfg.group_size, self.generator, payloads)
+    def sync_weights(self) -> dict:
+        """The step's weight hand-over, timed: the trainer's weights (on several ranks, its FSDP2 shards gathered
+        into full tensors) into the rollout engine's full copy. {sync_s, sync_bytes} (bytes of the full weights)."""
+        start = time.perf_counter()
+        full = None if self.dims.world == 1 else self.dims.full_state(self.model)[0]
+        sent = self.engine.sync_weights(self.model, full)
+        return {"sync_s": time.perf_counter() - start, "sync_bytes": sent}
+
+    def _generate_groups(self, n: int, first_group: int) -> list[RolloutGroup]:
+        """n new groups of this step, numbered from `first_group`; every rank draws all n prompts (the stream stays
+        the same everywhere) and samples its share: group g on rank g * W // n (contiguous; a group never straddles
+        ranks)."""
+        pairs = self._new_prompts(n)
+        mine = [g for g in range(n) if g * self.dims.world // n == self.dims.rank]
+        prompts, payloads = zip(*[pairs[g] for g in mine])
+        return self.engine.generate_groups(prompts, self.cfg.group_size, self.cfg.seed, self.step,
+                                           first_group + mine[0], payloads)
 
     def dynamic_sampling(self, groups: list[RolloutGroup]) -> tuple[list[RolloutGroup], dict]:
         """DAPO dynamic sampling (SPEC §5): while fewer than `prompts_per_step` groups have responses both right and
@@ -360,7 +414,7 @@ class RLTrainer:
         mixed = int(self._mixed_correctness(groups).sum())
         rounds = 0
         while mixed < self.cfg.prompts_per_step and rounds < self.cfg.dapo_max_rounds:
-            more = self._generate_groups(self.cfg.prompts_per_step - mixed)
+            more = self._generate_groups(self.cfg.prompts_per_step - mixed, len(groups))
             mixed += int(self._mixed_correctness(more).sum())
             groups, rounds = groups + more, rounds + 1
         return groups, {"dapo_rounds": rounds}
@@ -393,46 +447,90 @@ class RLTrainer:
         model.eval()
         old_logp, entropy = policy_logprobs(model, batch, cfg.temperature, with_entropy=True)
         ref_logp, _ = policy_logprobs(self.reference, batch, cfg.temperature)  # also logged when kl_coef = 0
-        mismatch = losses.mismatch_stats(old_logp, batch.infer_logp, batch.mask, cfg.icepop_alpha, cfg.icepop_beta)
-        tiers = [g.payload.subset for g in groups for _ in g.rollouts]
-        row = {"reward": rewards.mean().item(), "accuracy": correct.float().mean().item(),
-               "accuracy_by_tier": {t: float(np.mean([c for c, tt in zip(correct.tolist(), tiers) if tt == t]))
+        response = batch.mask
+        # The step's metrics are of all ranks' rollouts together: each rank's, in rank (= group) order, concatenated.
+        mine = {"rewards": rewards, "correct": correct, "lengths": lengths, "keep": keep,
+                "truncated": torch.tensor([r.truncated for r in rollouts]),
+                "tiers": [g.payload.subset for g in groups for _ in g.rollouts], "problems": problems,
+                "entropy": entropy[response].cpu(), "train_logp": old_logp[response].cpu(),
+                "infer_logp": batch.infer_logp[response].cpu(), "ref_logp": ref_logp[response].cpu()}
+        every = self.dims.gather_objects(mine)
+        cat = {k: torch.cat([r[k] for r in every]) for k in mine if k not in ("tiers", "problems")}
+        tiers = [t for r in every for t in r["tiers"]]
+        tokens = torch.ones_like(cat["entropy"], dtype=torch.bool)
+        mismatch = losses.mismatch_stats(cat["train_logp"], cat["infer_logp"], tokens, cfg.icepop_alpha,
+                                         cfg.icepop_beta)
+        correct_all = cat["correct"].tolist()
+        row = {"reward": cat["rewards"].mean().item(), "accuracy": cat["correct"].float().mean().item(),
+               "accuracy_by_tier": {t: float(np.mean([c for c, tt in zip(correct_all, tiers) if tt == t]))
                                     for t in dict.fromkeys(tiers)},
-               "response_length": lengths.float().mean().item(), "response_tokens": int(lengths.sum()),
-               "truncated_fraction": float(np.mean([r.truncated for r in rollouts])),
-               "entropy": entropy[batch.mask].mean().item() if batch.mask.any() else 0.0,
-               "kl": losses.k3_kl(old_logp, ref_logp, batch.mask).item(),
+               "response_length": cat["lengths"].float().mean().item(), "response_tokens": int(cat["lengths"].sum()),
+               "truncated_fraction": cat["truncated"].float().mean().item(),
+               "entropy": cat["entropy"].mean().item() if tokens.any() else 0.0,
+               "kl": losses.k3_kl(cat["train_logp"], cat["ref_logp"], tokens).item(),
                "mask_fraction": mismatch["icepop_mask_fraction"], "mean_abs_logdiff": mismatch["mean_abs_logdiff"],
-               "max_abs_logdiff": mismatch["max_abs_logdiff"], "groups_sampled": len(groups),
-               "groups_trained": int(keep.sum()) // cfg.group_size, **problems}
+               "max_abs_logdiff": mismatch["max_abs_logdiff"], "groups_sampled": len(cat["rewards"]) // cfg.group_size,
+               "groups_trained": int(cat["keep"].sum()) // cfg.group_size,
+               **{k: sum(r["problems"].get(k, 0) for r in every) for k in problems}}
         return ScoredRollouts(rewards, keep, batch, old_logp, ref_logp, row)
 
     def update(self, scored: ScoredRollouts) -> dict:
         """`rl.ppo_epochs` AdamW steps on the selected loss times the mismatch correction (+ k3 KL) over the kept
-        groups; {loss, grad_norm, clip_fraction}, all None when no group trains."""
-        cfg, model = self.cfg, self.model
-        if not scored.keep.any():
+        groups; {loss, grad_norm, clip_fraction}, all None when no group trains (on any rank).
+
+        On several ranks each rank's loss is rescaled to its share of the loss over every rank's rollouts
+        (`loss_shares`), so FSDP2's gradient average is the single-process gradient; the clip norm is global."""
+        cfg, model, dims = self.cfg, self.model, self.dims
+        kept = int(dims.sum(scored.keep.sum()[None].float()).item())
+        if not kept:
             return {"loss": None, "grad_norm": None, "clip_fraction": None}
-        index = scored.keep.nonzero().squeeze(-1)
+        keep = scored.keep
+        if not keep.any():  # others train: this rank runs the same collectives on its first group, weighted 0
+            keep = torch.arange(len(keep)) < cfg.group_size
+        index = keep.nonzero().squeeze(-1)
         scale = "none" if cfg.algo == "drgrpo" else "std"
         advantages = losses.group_advantages(scored.rewards[index], cfg.group_size, scale=scale).to(self.device)
         index = index.to(self.device)
         batch, old, ref = scored.batch.rows(index), scored.old_logp[index], scored.ref_logp[index]
         weights = correction_weights(cfg, old, batch.infer_logp)
+        shares = self.loss_shares(batch.mask, counted=scored.keep.any())
         model.train()
         for _ in range(cfg.ppo_epochs):
             logp, _ = policy_logprobs(model, batch, cfg.temperature)
             objective = policy_loss(cfg, logp, old, advantages, batch, weights)
-            if cfg.kl_coef > 0:
-                objective = objective + cfg.kl_coef * losses.k3_kl(logp, ref, batch.mask)
+            kl = losses.k3_kl(logp, ref, batch.mask) if cfg.kl_coef > 0 else None
+            if shares is not None:  # several ranks (a single process keeps its loss exactly as it is)
+                objective = objective * shares[0]
+                kl = None if kl is None else kl * shares[1]
+            if kl is not None:
+                objective = objective + cfg.kl_coef * kl
             objective.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+            grad_norm = dims.clip_grad_norm_(model, cfg.grad_clip).item()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 clip = losses.clip_fraction(policy_ratio(cfg, logp.detach(), old, batch), advantages, batch.mask,
                                             *algo_eps(cfg))
-        return {"loss": objective.item(), "grad_norm": grad_norm, "clip_fraction": clip}
+        if dims.world == 1:
+            return {"loss": objective.item(), "grad_norm": grad_norm, "clip_fraction": clip}
+        tokens = float(batch.mask.sum()) if scored.keep.any() else 0.0
+        loss, clipped, counted = dims.sum(torch.tensor([objective.item() / dims.world, clip * tokens, tokens])).tolist()
+        return {"loss": loss, "grad_norm": grad_norm, "clip_fraction": clipped / max(counted, 1.0)}
+
+    def loss_shares(self, mask: Tensor, counted: bool) -> tuple[float, float] | None:
+        """On several ranks, the factors (policy loss, KL) that make this rank's loss its share of the global one;
+        None in a single process.
+
+        Each loss divides a sum over this rank's rollouts by a count c (`policy_loss_count`); the single-process
+        loss divides the sum over all rollouts by the global count C (all_reduce). With the factor c * W / C,
+        FSDP2's average over the W ranks is the global loss. `counted=False`: a rank with no group to train, 0.
+        """
+        if self.dims.world == 1:
+            return None
+        local = torch.tensor([policy_loss_count(self.cfg.algo, mask), float(_token_count(mask))], dtype=torch.float64)
+        local = local * float(counted)
+        total = self.dims.sum(local)
+        return tuple((local * self.dims.world / total.clamp(min=1)).tolist())
 
     def train_step(self) -> dict:
         """One RL step: collect, score, update (see the module docstring); returns its metrics row."""
@@ -450,6 +548,18 @@ class RLTrainer:
                 "skipped": updated["loss"] is None, "step_time": elapsed, "rollout_time": rollout_time,
                 "time": self.counters["elapsed"], "total_tokens_generated": self.counters["tokens_generated"]}
 
+    def full_model(self) -> LingForCausalLM | None:
+        """The policy on one device, for evaluation: the model itself in a single process; on several ranks a copy on
+        rank 0 from the gathered weights (collective), None on the other ranks."""
+        if self.dims.world == 1:
+            return self.model
+        model_state, _ = self.dims.full_state(self.model)
+        if not self.dims.is_main:
+            return None
+        full = build_model(self.model.cfg, device=self.device)
+        full.load_state_dict(model_state)
+        return full
+
     def _check_bias_frozen(self) -> None:
         for name, bias in _expert_biases(self.model).items():
             if not torch.equal(bias, self.frozen_bias[name]):
@@ -459,44 +569,91 @@ class RLTrainer:
         """Train to rl.steps, a metrics row per step, checkpoints every rl.ckpt_every steps and at the end."""
         while self.step < self.cfg.steps:
             row = self.train_step()
-            self.run.append_metrics(row)
+            if self.dims.is_main:
+                self.run.append_metrics(row)
             self.log(f"step {self.step}/{self.cfg.steps} reward {row['reward']:.3f} acc {row['accuracy']:.2f} "
                      f"len {row['response_length']:.0f} |dlogp| {row['mean_abs_logdiff']:.0e} "
-                     f"mask {row['mask_fraction']:.2%} {row['step_time']:.1f}s" + (" (no update)" if row["skipped"] else ""))
+                     f"mask {row['mask_fraction']:.2%} sync {row['sync_s']:.2f}s {row['step_time']:.1f}s"
+                     + (" (no update)" if row["skipped"] else ""))
             if self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.steps:
                 self.save()
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
 
 
 # ---------------------------------------------------------------- entry point
 
 
+def check_colocated(cfg: Config, dims: ParallelDims) -> None:
+    """One line, before anything is written, for what colocated RL on several ranks does not run (yet)."""
+    rl, world = cfg.rl, dims.world
+    if world == 1:
+        return
+    if dims.pp > 1:
+        raise LinglabError(f"rl: parallel.pp={dims.pp}: RL shards the policy with FSDP2 (+ parallel.ep), not in "
+                           "pipeline stages; use parallel.pp=1")
+    if rl.c3po:
+        raise LinglabError(f"rl: rl.c3po on {world} ranks is not supported yet (colocated RL samples whole groups "
+                           "synchronously); run C3PO++ on one process")
+    if rl.algo == "dapo" and rl.dapo_max_rounds > 0:
+        raise LinglabError(f"rl: DAPO refill rounds (rl.dapo_max_rounds={rl.dapo_max_rounds}) on {world} ranks are "
+                           "not supported yet; set rl.dapo_max_rounds=0 or run on one process")
+    if rl.prompts_per_step % world:
+        raise LinglabError(f"rl: rl.prompts_per_step={rl.prompts_per_step} groups do not split evenly over {world} "
+                           "ranks; make it a multiple of the number of ranks")
+    if rl.sft_steps:
+        raise LinglabError(f"rl: rl.sft_steps={rl.sft_steps} on {world} ranks: SFT runs on one process; run "
+                           "`linglab sft` first and start RL from its checkpoint (--ckpt) with rl.sft_steps=0")
+
+
 @releases_locks
 def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool = False, overwrite: bool = False,
            console=None, command: str = "") -> dict:
-    """The whole job: [SFT], RL steps with checkpoints, before/after evaluation, rl_eval.json, plots, report."""
+    """The whole job: [SFT], RL steps with checkpoints, before/after evaluation, rl_eval.json, plots, report.
+
+    Under torchrun every rank runs this (colocated: each trains and generates its share, see the module docstring);
+    rank 0 alone prints and writes.
+    """
+    dims = init_parallel(cfg.parallel, resolve_device(cfg.train.device, "rl"), command="rl")
+    try:
+        check_colocated(cfg, dims)
+        return _run(cfg, ckpt, RunDir(out, "rl", STATE_NAME), dims, resume, overwrite, console, command)
+    finally:
+        dims.close()
+
+
+def _run(cfg: Config, ckpt: str | Path | None, run: RunDir, dims: ParallelDims, resume: bool, overwrite: bool,
+         console, command: str) -> dict:
     from rich.console import Console
 
     from linglab.rl.report import write_rl_report
 
     rl = cfg.rl
     console = console or Console()
-    run = RunDir(out, "rl", STATE_NAME)
+    if not dims.is_main:
+        console = Console(quiet=True)
     start_dir = run.path / START_NAME
-    # Everything is read and checked before --out is touched: the start checkpoint, the device, the prompt set and its
-    # variants, --out itself.
-    if not resume:
-        if ckpt is None:
-            raise LinglabError("rl: --ckpt is required to start a run")
-        check_start_checkpoint(ckpt, "rl")
-    device = resolve_device(cfg.train.device, "rl")
-    refuse_pretraining_only_keys(cfg.train, "rl")
-    run.check(resume, overwrite, inputs=[] if resume else read_inputs(rl, ckpt))
-    run.lock()
-    changes = {}
-    if resume:
+    device = dims.device
+
+    def check() -> dict:
+        # Everything is read and checked before --out is touched: the start checkpoint, the prompt set and its
+        # variants, --out itself.
+        refuse_pretraining_only_keys(cfg.train, "rl")
+        if not resume:
+            if ckpt is None:
+                raise LinglabError("rl: --ckpt is required to start a run")
+            check_start_checkpoint(ckpt, "rl")
+        run.check(resume, overwrite, inputs=[] if resume else read_inputs(rl, ckpt))
+        run.lock()
+        if not resume:
+            return {}
         if not (start_dir / checkpoint.CONFIG_NAME).is_file():
             raise LinglabError(f"rl: {run.path} has no {START_NAME}/ to resume from; start over with --ckpt and --overwrite")
-        changes = run.resume_changes(cfg)
+        return run.resume_changes(cfg)
+
+    changes = dims.on_main(check)
     source = start_dir if resume else Path(ckpt)
     model, tokenizer = load_start(source, device, "rl")
     prompts = load_prompts(rl)
@@ -512,58 +669,71 @@ def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool =
         console.print(f"[yellow]skipped {prompts.skipped} malformed row(s) of {rl.data}, e.g. {prompts.skipped_reasons[0]}")
     seed_everything(rl.seed)
 
-    run.begin(resume, overwrite)
-    try:
-        if not resume:
-            run.write_config(cfg)
-            tokenizer.save(run.path)
-            run.metrics_path.write_text("")
+    def begin() -> None:  # rank 0, while the others wait: the run directory, the evaluation before, SFT, rl_start/
+        run.begin(resume, overwrite)
+        if resume:
+            return
+        run.write_config(cfg)
+        tokenizer.save(run.path)
+        run.metrics_path.write_text("")
+        if rl.eval_problems:
+            console.print(f"evaluating {source} before RL")
+            run.append_metrics(evaluate_policy(model, tokenizer, rl, prompts, "before", 0))
+        if rl.sft_steps:
+            console.print(f"SFT: {rl.sft_steps} steps on {len(examples)} worked solutions")
+            sft(model, tokenizer, rl, examples, run.append_metrics)
             if rl.eval_problems:
-                console.print(f"evaluating {source} before RL")
-                run.append_metrics(evaluate_policy(model, tokenizer, rl, prompts, "before", 0))
-            if rl.sft_steps:
-                console.print(f"SFT: {rl.sft_steps} steps on {len(examples)} worked solutions")
-                sft(model, tokenizer, rl, examples, run.append_metrics)
-                if rl.eval_problems:
-                    run.append_metrics(evaluate_policy(model, tokenizer, rl, prompts, "sft", 0))
+                run.append_metrics(evaluate_policy(model, tokenizer, rl, prompts, "sft", 0))
 
-            def write_start(tmp: Path) -> None:
-                checkpoint.write_model_files(model, tmp)
-                tokenizer.save(tmp)
+        def write_start(tmp: Path) -> None:
+            checkpoint.write_model_files(model, tmp)
+            tokenizer.save(tmp)
 
-            checkpoint.write_atomically(start_dir, write_start)
+        checkpoint.write_atomically(start_dir, write_start)
 
+    try:
+        dims.on_main(begin)
         trainer = RLTrainer(rl, run, model, checkpoint.from_pretrained(start_dir, device=device), tokenizer, prompts,
-                            log=console.print)
+                            log=console.print, dims=dims)
         if resume:
             resumed_from = trainer.resume()
             console.print(f"resumed from {resumed_from}" if resumed_from else "no RL checkpoint yet: starting from step 0")
-            if resumed_from is None:
-                run.truncate_metrics(0)
-            run.write_config(cfg)  # with the changes a resume may make, now that it succeeded
-            run.append_metrics({"kind": "resume", "step": trainer.step, "from": str(resumed_from),
-                                "changes": {k: list(v) for k, v in changes.items()}, "command": command})
+
+            def record_resume() -> None:  # only now, with the resume known to succeed, is the run written
+                if resumed_from is None:
+                    run.truncate_metrics(0)
+                run.write_config(cfg)  # with the changes a resume may make
+                run.append_metrics({"kind": "resume", "step": trainer.step, "from": str(resumed_from),
+                                    "changes": {k: list(v) for k, v in changes.items()}, "command": command})
+
+            dims.on_main(record_resume)
     except BaseException:
-        run.rollback()
+        if dims.is_main:
+            run.rollback()
         raise
-    run.commit()
+    dims.on_main(run.commit)
+    ranks = f" on {dims.world} ranks (dp={dims.dp}, ep={dims.ep})" if dims.world > 1 else ""
     console.print(f"RL: {rl.algo} + {rl.correction}, {rl.rollout_precision} rollouts"
-                  f"{' (C3PO++)' if rl.c3po else ''}, {rl.steps} steps -> {run.path}")
+                  f"{' (C3PO++)' if rl.c3po else ''}, {rl.steps} steps{ranks} -> {run.path}")
     trainer.fit()
 
-    run.finalize()
-    if rl.eval_problems:
-        run.append_metrics(evaluate_policy(model, tokenizer, rl, prompts, "after", trainer.step))
-        stages = {row["stage"]: {"step": row["step"], "tiers": row["tiers"]}
-                  for row in run.read_metrics() if row.get("kind") == "eval" and "stage" in row}  # the later row wins
-        run.write_json("rl_eval.json", stages)
     summary = {"steps": trainer.step, "algo": rl.algo, "correction": rl.correction,
                "rollout_precision": rl.rollout_precision, "c3po": rl.c3po, "start_checkpoint": str(ckpt or source),
                "data": rl.data or "embedded tiers", "verifier": trainer.verifier, "mode": rl.mode,
                "train_prompts": len(prompts.train), "heldout_prompts": len(prompts.heldout),
-               "skipped_rows": prompts.skipped,
+               "skipped_rows": prompts.skipped, "ranks": dims.world,
                "tokens_generated": trainer.counters["tokens_generated"], "wall_time_s": trainer.counters["elapsed"],
                "final_checkpoint": str(run.final_path), "command": command}
+    final = trainer.full_model() if rl.eval_problems else None  # the run's last collective
+    dims.barrier()
+    if not dims.is_main:
+        return summary
+    run.finalize()
+    if rl.eval_problems:
+        run.append_metrics(evaluate_policy(final, tokenizer, rl, prompts, "after", trainer.step))
+        stages = {row["stage"]: {"step": row["step"], "tiers": row["tiers"]}
+                  for row in run.read_metrics() if row.get("kind") == "eval" and "stage" in row}  # the later row wins
+        run.write_json("rl_eval.json", stages)
     run.write_json("summary.json", summary)
     console.print(f"report: {write_rl_report(run.path)}")
     return summary
