@@ -238,6 +238,7 @@ def test_a_hybrid_trains_with_mtp_balancing_and_fp8_and_resumes_bit_exact(hybrid
     weights = load_file(str(hybrid_run / "final" / "model.safetensors"))
     for layer in (1, 2):  # the MoE layer and the MTP layer (HF index num_hidden_layers): both balanced
         assert weights[f"model.layers.{layer}.mlp.gate.expert_bias"].abs().sum() > 0, layer
+    assert "linear attention at 0, softmax at 1" in (hybrid_run / "report.md").read_text()
 
     resumed = tmp_path / "resumed"  # as if killed after the step-2 checkpoint
     shutil.copytree(hybrid_run, resumed)
