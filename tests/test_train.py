@@ -223,7 +223,7 @@ def hybrid_run(tmp_path_factory):
 
 
 HYBRID_ARGS = ["--train.max_steps=4", "--train.ckpt_every=2", "--fp8.enabled=true", "--fp8.monitor_every=2", *FAST,
-               *HYBRID, "--train.eval_problems=1", "--train.num_samples=1"]  # FP8 evaluation is slow on a CPU
+               *HYBRID, "--data.seq_len=32", "--train.eval_problems=1", "--train.num_samples=1"]  # FP8 generation is slow
 
 
 def test_a_hybrid_trains_with_mtp_balancing_and_fp8_and_resumes_bit_exact(hybrid_run, tmp_path, monkeypatch):
