@@ -30,9 +30,8 @@ METRIC_KEYS = {"reward", "accuracy", "response_length", "entropy", "clip_fractio
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _start_checkpoint(path, **model):
+def _start_checkpoint(path, tok, **model):
     """A tiny HF checkpoint with tokenizer.json whose responses vary in length."""
-    tok = Tokenizer.train(iter_corpus_texts(300, seed=0), vocab_size=300)
     model = build_model(tiny_config(num_hidden_layers=2, vocab_size=tok.vocab_size, **model).model, seed=0)
     with torch.no_grad():
         # A random model almost never samples EOS. One shared embedding component, read by EOS's output row, makes
@@ -46,13 +45,15 @@ def _start_checkpoint(path, **model):
 
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
-    return _start_checkpoint(tmp_path_factory.mktemp("start"))
+    tok = Tokenizer.train(iter_corpus_texts(300, seed=0), vocab_size=300)
+    return _start_checkpoint(tmp_path_factory.mktemp("start"), tok)
 
 
 @pytest.fixture(scope="module")
-def hybrid_start(tmp_path_factory):
+def hybrid_start(tmp_path_factory, start):
     """The same as a Ring-linear hybrid (SPEC §8): layer 0 linear, layer 1 softmax."""
-    return _start_checkpoint(tmp_path_factory.mktemp("hybrid"), layer_group_size=2, group_norm_size=2)
+    tok = load_tokenizer(start / "tokenizer.json")
+    return _start_checkpoint(tmp_path_factory.mktemp("hybrid"), tok, layer_group_size=2, group_norm_size=2)
 
 
 def rl_config(**rl):
