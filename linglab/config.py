@@ -50,6 +50,17 @@ def _check_finite(name: str, section) -> None:
             _check(math.isfinite(value), f"{name}.{f.name}", f"must be a finite number, got {value}")
 
 
+def _index_runs(indices: list[int]) -> str:
+    """[0, 1, 2, 3, 5, 9] -> "0-3, 5, 9": layer indices as a reader scans them."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
 @dataclass
 class ModelConfig:
     """BailingMoeV2 architecture (SPEC §1); field names are the HF config.json keys (SPEC §1.6)."""
@@ -102,6 +113,28 @@ class ModelConfig:
         if g == 0 or (i + 1) % g == 0 or i >= (self.num_hidden_layers // g) * g:
             return "softmax"
         return "linear"
+
+    def layer_name(self, i: int) -> str:
+        """Layer i as a report names it: "layer 3", or in a hybrid with its attention kind, "linear layer 2"."""
+        return f"{self.layer_kind(i)} layer {i}" if self.is_linear else f"layer {i}"
+
+    def layer_layout(self) -> str:
+        """The model in one line for reports: its family, which layers attend how and which FFN each has (SPEC §1, §8)."""
+        layers = range(self.num_hidden_layers)
+        if self.is_linear:
+            family = f"BailingMoeLinearV2 (Ring-linear hybrid, one softmax layer per group of {self.layer_group_size})"
+            attention = (f"linear attention at {_index_runs([i for i in layers if self.layer_kind(i) == 'linear'])}, "
+                         f"softmax at {_index_runs([i for i in layers if self.layer_kind(i) == 'softmax'])}")
+        else:
+            family, attention = "BailingMoeV2", f"softmax attention at {_index_runs(list(layers))}"
+        ffn = []
+        if self.first_k_dense_replace:
+            ffn.append(f"dense FFN at {_index_runs(list(layers)[:self.first_k_dense_replace])}")
+        if self.first_k_dense_replace < self.num_hidden_layers:
+            ffn.append(f"MoE at {_index_runs(list(layers)[self.first_k_dense_replace:])} ({self.num_experts} experts, "
+                       f"{self.num_experts_per_tok} routed + {self.num_shared_experts} shared per token)")
+        mtp = "; an MTP layer (softmax attention, MoE)" if self.num_nextn_predict_layers else ""
+        return f"{family}: {self.num_hidden_layers} layers; {attention}; {', '.join(ffn)}{mtp}"
 
     def validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

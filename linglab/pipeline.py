@@ -38,7 +38,7 @@ import torch
 
 from linglab.config import Config
 from linglab.errors import LinglabError
-from linglab.report import read_json
+from linglab.report import read_json, read_model_config
 from linglab.run import releases_locks
 
 PRETRAIN, RL = "pretrain", "rl"
@@ -266,6 +266,9 @@ def write_pipeline_report(out: str | Path) -> Path:
     lines += _before_after_section(rl_evals)
 
     lines += ["## Pretraining", ""]
+    model = read_model_config(out / PRETRAIN)
+    if model is not None:
+        lines += [f"Model: {model.layer_layout()}.", ""]
     if pre_eval.get("tiers"):
         tiers = ", ".join(f"{name} {_pct(t['accuracy'])} (n={t['n']})" for name, t in pre_eval["tiers"].items())
         lines += [f"Held-out greedy exact match at the end of pretraining (the pretraining run's own held-out set): "

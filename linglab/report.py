@@ -28,6 +28,7 @@ import numpy as np
 from matplotlib.colors import ListedColormap, LogNorm, Normalize, TwoSlopeNorm
 from matplotlib.ticker import MaxNLocator
 
+from linglab.config import ModelConfig, load_config
 from linglab.errors import LinglabError
 from linglab.plots import FIGSIZE, figure, log_y_if_wide, plt, save, si
 from linglab.run import read_jsonl
@@ -108,6 +109,15 @@ def _matrix(x) -> np.ndarray | None:
     return m if m.ndim == 2 and m.size else None
 
 
+def read_model_config(run_dir: Path) -> ModelConfig | None:
+    """The run's model as config.toml gives it (defaults filling omitted keys, as linglab reads it), or None when
+    the file is missing or not a valid config."""
+    try:
+        return load_config(preset=None, path=run_dir / "config.toml").model
+    except LinglabError:
+        return None
+
+
 def _final_loss(train: list[dict]) -> float | None:
     _, loss = _series(train, "loss", include_skipped=False)
     return float(loss[-FINAL_LOSS_WINDOW:].mean()) if len(loss) else None
@@ -128,7 +138,7 @@ def _trend(first: float, last: float) -> str:
     return "fell" if last < first else "rose" if last > first else "went"
 
 
-def _plot_loss(train: list[dict], evals: list[dict], path: Path) -> str | None:
+def _plot_loss(train: list[dict], evals: list[dict], path: Path, model: ModelConfig | None) -> str | None:
     # Skipped steps are left out (their update was thrown away, their loss often NaN) and marked instead.
     steps, loss = _series(train, "loss", include_skipped=False)
     if not len(steps):
@@ -157,7 +167,7 @@ def _plot_loss(train: list[dict], evals: list[dict], path: Path) -> str | None:
     return caption + "."
 
 
-def _plot_lr(train: list[dict], evals: list[dict], path: Path) -> str | None:
+def _plot_lr(train: list[dict], evals: list[dict], path: Path, model: ModelConfig | None) -> str | None:
     steps, lr = _series(train, "lr")
     if not len(steps):
         return None
@@ -172,7 +182,7 @@ def _plot_lr(train: list[dict], evals: list[dict], path: Path) -> str | None:
             f"(step {steps[peak]}) and ended at {lr[-1]:.2e} (step {steps[-1]}).")
 
 
-def _plot_grad_norm(train: list[dict], evals: list[dict], path: Path) -> str | None:
+def _plot_grad_norm(train: list[dict], evals: list[dict], path: Path, model: ModelConfig | None) -> str | None:
     steps, norm = _series(train, "grad_norm")
     if not len(steps):
         return None
@@ -190,7 +200,7 @@ def _plot_grad_norm(train: list[dict], evals: list[dict], path: Path) -> str | N
             + (" (red lines)." if skipped > 1 else "."))
 
 
-def _plot_maxvio(train: list[dict], evals: list[dict], path: Path) -> str | None:
+def _plot_maxvio(train: list[dict], evals: list[dict], path: Path, model: ModelConfig | None) -> str | None:
     steps, vio = _series(train, "maxvio")
     if not len(steps):
         return None
@@ -199,13 +209,14 @@ def _plot_maxvio(train: list[dict], evals: list[dict], path: Path) -> str | None
     n_layers = len(rows[-1]["maxvio_per_layer"]) if rows else 0
     rows = [r for r in rows if len(r["maxvio_per_layer"]) == n_layers]
     layer_vio = _matrix([r["maxvio_per_layer"] for r in rows]) if rows else None
+    names = _moe_layer_names(model, n_layers, mtp_last=bool(rows) and rows[-1].get("maxvio_mtp") is not None)
     fig, ax = figure("MaxVio (max load / mean load - 1)", "step", "MaxVio")
     if layer_vio is not None:
         layer_steps = [r["step"] for r in rows]
         colors = ListedColormap(plt.get_cmap("viridis")(np.linspace(0, 0.85, 256)))  # viridis minus pale yellow
         for i in range(n_layers):
             ax.plot(layer_steps, layer_vio[:, i], lw=0.8, alpha=0.7, color=colors(i / max(n_layers - 1, 1)),
-                    label=(_moe_layer_name(rows[-1], i) if n_layers <= 8 else None))
+                    label=(names[i] if n_layers <= 8 else None))
         if n_layers > 8:  # a legend of dozens of layers would cover the plot; a colour scale reads better
             scale = plt.cm.ScalarMappable(norm=Normalize(0, n_layers - 1), cmap=colors)
             colorbar = fig.colorbar(scale, ax=ax, label="MoE layer")
@@ -218,15 +229,20 @@ def _plot_maxvio(train: list[dict], evals: list[dict], path: Path) -> str | None
                f"from {vio[0]:.3g} at step {steps[0]} to {vio[-1]:.3g} at step {steps[-1]}")
     if layer_vio is not None and np.isfinite(layer_vio[-1]).any():
         worst = int(np.nanargmax(layer_vio[-1]))
-        caption += f"; at step {layer_steps[-1]} the worst was {_moe_layer_name(rows[-1], worst)} ({layer_vio[-1, worst]:.3g})"
+        caption += f"; at step {layer_steps[-1]} the worst was {names[worst]} ({layer_vio[-1, worst]:.3g})"
     return caption + "."
 
 
-def _moe_layer_name(row: dict, i: int) -> str:
-    """Entry i of a row's `maxvio_per_layer`: the main stack's MoE layers, then the MTP layer's when it has one."""
-    if row.get("maxvio_mtp") is not None and i == len(row["maxvio_per_layer"]) - 1:
-        return "MTP layer"
-    return f"MoE layer {i}"
+def _moe_layer_names(model: ModelConfig | None, n: int, mtp_last: bool) -> list[str]:
+    """Names of the n entries of `maxvio_per_layer` / `expert_load`: the main stack's MoE layers, then the MTP layer's
+    when it has one. With the run's model they are its layers ("layer 3", in a hybrid "softmax layer 3"), whose
+    indices the report's architecture row uses; without it, or when the count disagrees, "MoE layer i"."""
+    if model is not None:
+        named = [model.layer_name(i) for i in range(model.first_k_dense_replace, model.num_hidden_layers)]
+        named += ["MTP layer"] * model.num_nextn_predict_layers
+        if len(named) == n:
+            return named
+    return [f"MoE layer {i}" for i in range(n - mtp_last)] + ["MTP layer"] * mtp_last
 
 
 def _pct(share: float) -> str:
@@ -242,7 +258,7 @@ def _cell_edges(centres: np.ndarray) -> np.ndarray:
     return np.concatenate([[2 * centres[0] - mid[0]], mid, [2 * centres[-1] - mid[-1]]])
 
 
-def _plot_expert_load(train: list[dict], evals: list[dict], path: Path) -> str | None:
+def _plot_expert_load(train: list[dict], evals: list[dict], path: Path, model: ModelConfig | None) -> str | None:
     snaps = [(r["step"], _matrix(r["expert_load"])) for r in train if r.get("expert_load")]
     snaps = [(s, m) for s, m in snaps if m is not None and np.isfinite(m).any()]
     if not snaps:
@@ -256,6 +272,7 @@ def _plot_expert_load(train: list[dict], evals: list[dict], path: Path) -> str |
     spread = spread if spread > 0 else uniform
     norm = TwoSlopeNorm(uniform, vmin=max(0.0, uniform - spread), vmax=uniform + spread)
     two = len(history) > 1
+    names = _moe_layer_names(model, n_layers, mtp_last=bool(train[-1].get("maxvio_mtp") is not None))
     fig, axes = plt.subplots(1, 2 if two else 1, figsize=WIDE_FIGSIZE if two else FIGSIZE,
                              layout="constrained", squeeze=False)
     ax = axes[0, 0]
@@ -266,24 +283,26 @@ def _plot_expert_load(train: list[dict], evals: list[dict], path: Path) -> str |
         steps = np.array([s for s, _ in history], dtype=float)
         right.pcolormesh(_cell_edges(steps), np.arange(n_experts + 1) - 0.5,
                          np.array([h for _, h in history]).T, cmap="RdBu_r", norm=norm)
-        right.set(title=f"MoE layer {n_layers - 1} over {len(history)} snapshots", xlabel="step",
+        right.set(title=f"{names[-1]} over {len(history)} snapshots", xlabel="step",
                   ylabel="expert")
         right.invert_yaxis()  # expert 0 on top, as in the left panel
     for a in axes.ravel():
         a.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if n_layers <= 8:
+        ax.set_yticks(range(n_layers), names, fontsize=7)
     fig.colorbar(image, ax=axes.ravel().tolist(), label=f"share of tokens (white = 1/{n_experts})")
     save(fig, path)
     hi = np.unravel_index(np.nanargmax(load), load.shape)
     lo = np.unravel_index(np.nanargmin(load), load.shape)
-    return (f"At step {step} the busiest expert (MoE layer {hi[0]}, expert {hi[1]}) took {_pct(load[hi])} of "
-            f"its layer's routed tokens and the idlest (MoE layer {lo[0]}, expert {lo[1]}) {_pct(load[lo])}, "
+    return (f"At step {step} the busiest expert ({names[hi[0]]}, expert {hi[1]}) took {_pct(load[hi])} of "
+            f"its layer's routed tokens and the idlest ({names[lo[0]]}, expert {lo[1]}) {_pct(load[lo])}, "
             f"against a uniform share of {_pct(uniform)}"
-            + (f"; the right panel follows MoE layer {n_layers - 1} over {len(history)} snapshots."
+            + (f"; the right panel follows {names[-1]} over {len(history)} snapshots."
                if two else "."))
 
 
-def _plot_accuracy(train: list[dict], evals: list[dict], path: Path) -> str | None:
+def _plot_accuracy(train: list[dict], evals: list[dict], path: Path, model: ModelConfig | None) -> str | None:
     tiers: list[str] = []  # first-seen order, which is the trainer's (easy -> hard)
     for r in evals:
         if isinstance(r.get("accuracy"), dict):
@@ -312,7 +331,7 @@ def _plot_accuracy(train: list[dict], evals: list[dict], path: Path) -> str | No
 
 
 # (file stem, drawing function returning the caption or None when its data is absent), in report order
-_PLOTS: list[tuple[str, Callable[[list[dict], list[dict], Path], str | None]]] = [
+_PLOTS: list[tuple[str, Callable[[list[dict], list[dict], Path, ModelConfig | None], str | None]]] = [
     ("loss", _plot_loss),
     ("lr", _plot_lr),
     ("grad_norm", _plot_grad_norm),
@@ -385,12 +404,13 @@ def _plot_fp8_monitor(samples: list[dict], path: Path) -> str | None:
 
 def _render(run_dir: Path, train: list[dict], evals: list[dict]) -> list[tuple[Path, str]]:
     """Draw every plot that has data; (path, caption) for each one written."""
+    model = read_model_config(run_dir)
     out = run_dir / "plots"
     out.mkdir(exist_ok=True)
     made = []
     for stem, draw in _PLOTS:
         path = out / f"{stem}.png"
-        caption = draw(train, evals, path)
+        caption = draw(train, evals, path, model)
         if caption is not None:
             made.append((path, caption))
     path = out / "fp8_monitor.png"
@@ -447,7 +467,7 @@ def _median(train: list[dict], key: str) -> float | None:
     return statistics.median(values.tolist()) if len(values) else None
 
 
-def _summary_section(train: list[dict], summary, params) -> list[str]:
+def _summary_section(train: list[dict], summary, params, model: ModelConfig | None) -> list[str]:
     last = train[-1] if train else {}
     # summary.json is the trainer's own account; the last metrics row stands in when it is missing.
     steps = _either(_num(summary, "steps"), _num(last, "step"))
@@ -475,6 +495,8 @@ def _summary_section(train: list[dict], summary, params) -> list[str]:
                                    "non-skipped steps)"))
     if skipped is not None:
         rows.append(("skipped steps", f"{skipped:,}"))
+    if model is not None:
+        rows.append(("architecture", model.layer_layout()))
     counts = [(label, _num(params, key)) for key, label in
               (("total", "total"), ("active", "active"), ("active_non_embedding", "active non-embedding"),
                ("mtp", "MTP layer"))]
@@ -563,7 +585,7 @@ def write_report(run_dir: str | Path, title: str = "linglab training run") -> Pa
     lines = [f"# {title}", ""]
     if absent:
         lines += [f"*Not found or unreadable, so left out: {', '.join(absent)}.*", ""]
-    lines += _summary_section(train, data["summary.json"], data["params.json"])
+    lines += _summary_section(train, data["summary.json"], data["params.json"], read_model_config(run_dir))
     lines += _heldout_section(data["final_eval.json"])
     lines += _plots_section(plots, run_dir)
     lines += _samples_section(data["samples.json"])

@@ -38,6 +38,8 @@ pytestmark = requires_gloo
 FAST = ["--model.num_hidden_layers=2", "--data.seq_len=32", "--data.num_documents=400", "--train.batch_size=8",
         "--train.grad_accum=2", "--train.warmup_steps=2", "--train.schedule=wsm", "--train.ckpt_every=3",
         "--train.eval_every=0", "--train.eval_problems=2", "--train.num_samples=1"]
+# FAST's 2 layers as a Ring-linear hybrid (SPEC §8): layer 0 linear (dense FFN), layer 1 and the MTP layer softmax (MoE).
+HYBRID = ["--model.layer_group_size=2", "--model.group_norm_size=2"]
 WEIGHT_ATOL, RTOL = 2e-5, 1e-5
 TIMING = ("time", "tokens_per_s", "mfu")
 
@@ -80,6 +82,7 @@ def _two_rank_runs(rank, world_size, root, tokenizer):
     _copy_then_resume(_config(tokenizer, 6), root / "single-to3", root / "single-resumed-on-2", rank)  # (b) 1 -> 2
     _fit(_config(tokenizer, 6, "--parallel.ep=2"), root / "ep2")  # (c)
     _fit(_config(tokenizer, 6, "--parallel.ep=2", "--train.recompute=full"), root / "ep2-recompute")  # (d)
+    _fit(_config(tokenizer, 6, *HYBRID, "--parallel.ep=2"), root / "hybrid-ep2")  # (e)
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +109,7 @@ def runs(tmp_path_factory, one_thread, tokenizer):
 def _train_all(root, tokenizer) -> None:
     _fit(_config(tokenizer, 6), root / "single")
     _fit(_config(tokenizer, 3), root / "single-to3")
+    _fit(_config(tokenizer, 6, *HYBRID), root / "hybrid-single")
     run_on_ranks(functools.partial(_two_rank_runs, root=root, tokenizer=tokenizer), root)
     for src, dst in (("dp2-to3", "dp2-resumed-on-1"), ("ep2", "ep2-resumed-on-1")):
         shutil.copytree(root / src, root / dst)
@@ -164,6 +168,12 @@ def test_checkpoints_resume_across_layouts(runs, run):
 
 def test_expert_parallel_training_equals_the_single_process_run(runs):
     _assert_same_run_within_tolerance(runs / "ep2", runs / "single")
+
+
+def test_a_hybrid_under_expert_parallel_and_fsdp2_equals_its_single_process_run(runs):
+    """ep=2 on 2 ranks: the routed experts sliced over both, every other parameter (the linear layer's included)
+    FSDP2-sharded over both."""
+    _assert_same_run_within_tolerance(runs / "hybrid-ep2", runs / "hybrid-single")
 
 
 def _dp2_ep2(rank, world_size, root, tokenizer):

@@ -192,7 +192,8 @@ def test_train_tiny_linear_through_the_cli_and_load_its_checkpoint(tmp_path):
     assert main(["train", "--preset", "tiny-linear", "--out", str(out), "--train.max_steps=3", "--train.ckpt_every=3",
                  "--train.batch_size=4", "--data.seq_len=32", "--data.num_documents=300", "--train.eval_problems=2",
                  "--train.num_samples=1", "--train.eval_every=0", "--train.warmup_steps=1"]) == 0
-    assert (out / "report.md").is_file()
+    report = (out / "report.md").read_text()  # the softmax report's sections (test_report), naming the layers
+    assert "| architecture | BailingMoeLinearV2" in report and "linear attention at 0, 2, softmax at 1, 3" in report
     model = from_pretrained(out / "final")
     assert model.cfg.layer_group_size == 2 and isinstance(model.model.layers[0].attention, LinearAttention)
     assert torch.isfinite(model(torch.randint(0, model.cfg.vocab_size, (1, 8)))).all()

@@ -84,8 +84,9 @@ def test_report_of_a_partial_pipeline_says_what_is_missing(finished, tmp_path):
 
 
 def test_several_rl_seeds_report_the_gain_with_its_spread(tmp_path):
+    """On a hybrid preset (SPEC §8), which every stage trains and the resume keeps: FAST's 2 layers, 0 linear."""
     out = tmp_path / "run"
-    assert main(["pipeline", "--out", str(out), "--rl-seeds", "2", *ARGS]) == 0
+    assert main(["pipeline", "--preset", "tiny-linear", "--out", str(out), "--rl-seeds", "2", *ARGS]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rl_runs"] == ["rl-seed0", "rl-seed1"] and not (out / "rl").exists()
     assert [summary["stages"][name]["rl_seed"] for name in summary["rl_runs"]] == [0, 1]
@@ -96,7 +97,9 @@ def test_several_rl_seeds_report_the_gain_with_its_spread(tmp_path):
     evals = [json.loads((out / name / "rl_eval.json").read_text()) for name in summary["rl_runs"]]
     changes = [100 * (e["after"]["tiers"]["hard"]["pass@1"] - e["before"]["tiers"]["hard"]["pass@1"]) for e in evals]
     report = (out / "report.md").read_text()
-    assert "2 RL seeds" in report
+    assert "2 RL seeds" in report and "Model: BailingMoeLinearV2" in report and "linear attention at 0, softmax at 1" in report
+    for name in ("pretrain", *summary["rl_runs"]):
+        assert json.loads((out / name / "final" / "config.json").read_text())["model_type"] == "bailing_moe_linear"
     row = next(line for line in report.splitlines() if line.startswith("| hard | pass@1 |"))
     assert row.endswith(f" {changes[0]:+.1f}, {changes[1]:+.1f} |")
     before = (out / "rl-seed1" / "final" / "model.safetensors").read_bytes()

@@ -16,7 +16,7 @@ from conftest import tiny_config
 from dist_utils import requires_gloo, run_on_ranks
 
 from linglab.model import build_model
-from linglab.parallel.pipeline import PipelineRunner, StageModule, carried_names
+from linglab.parallel.pipeline import SHARED_WEIGHTS, PipelineRunner, StageModule, carried_names
 from linglab.parallel.planner import Plan, analytic_unit_costs, balanced_partition, pipeline_units, uniform_partition, unit_layout
 
 pytestmark = requires_gloo
@@ -25,6 +25,7 @@ RTOL, ATOL = 1e-5, 1e-6
 MICRO_BATCHES = 4
 EMB, HEAD, MTP = ["embedding"], ["head"], ["mtp_transformer", "mtp_loss"]
 LAYERS = [f"layers.{i}" for i in range(4)]  # the tiny preset's 4 layers
+HYBRID = dict(layer_group_size=2, group_norm_size=2)  # tiny-linear (SPEC §8): layers 0, 2 linear, 1, 3 softmax
 
 
 def _plan(stages: list[list[str]], num_ranks: int) -> Plan:
@@ -83,8 +84,9 @@ def _assert_close(actual, expected, what):
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
 
 
-def _check_layout(rank, world_size, layout, masked=False, z_loss=0.0, steps=1, mtp=True):
-    cfg = tiny_config(initializer_range=0.02, router_z_loss_coef=z_loss, num_nextn_predict_layers=int(mtp))
+def _check_layout(rank, world_size, layout, masked=False, z_loss=0.0, steps=1, mtp=True, hybrid=False):
+    cfg = tiny_config(initializer_range=0.02, router_z_loss_coef=z_loss, num_nextn_predict_layers=int(mtp),
+                      **(HYBRID if hybrid else {}))
     model = build_model(cfg.model, seed=0)
     stages = LAYOUTS[layout](pipeline_units(cfg.model, analytic_unit_costs(cfg.model, seq_len=8)))
     runner = PipelineRunner(model, _plan(stages, world_size), None, MICRO_BATCHES)
@@ -152,6 +154,29 @@ def test_a_stage_holds_only_its_units_under_the_model_names():
     assert [id(m) for m in stage.moe_layers()] == [id(layer.mlp) for layer in model.model.layers[1:3]]
 
 
+def test_hybrid_stages_chained_in_one_process_are_the_model_to_the_bit():
+    """SPEC §8 by global layer index: in stages [emb, L0] [L1, L2] [L3, head, MTP] of tiny-linear, L1 stays softmax and
+    L2 linear with layer 2's decays. A stage that recomputed kinds or decays from its own layer count (L1 as its
+    first layer: linear) would change the loss."""
+    cfg = tiny_config(initializer_range=0.02, **HYBRID)
+    inputs, targets, _ = _batch(cfg)
+    model = build_model(cfg.model, seed=0).eval()
+    stages = [EMB + LAYERS[:1], LAYERS[1:3], LAYERS[3:] + HEAD + MTP]
+    units = [u for stage in stages for u in stage]
+    carried, done = (inputs, targets), []
+    with torch.no_grad():
+        expected = model(inputs, targets=targets).loss
+        for held in stages:
+            shared = {path: model.get_submodule(path) for path, users in SHARED_WEIGHTS.items() if set(users) & set(held)}
+            stage = StageModule(model, held, shared)
+            stage.in_names = carried_names(done, units, has_mask=False, has_z=False)
+            done += held
+            stage.out_names = carried_names(done, units, has_mask=False, has_z=False)
+            carried = stage(*carried)
+    assert [type(layer.attention).__name__ for layer in model.model.layers] == ["LinearAttention", "Attention"] * 2
+    assert torch.equal(carried[0], expected)
+
+
 def _check_layouts(rank, world_size, layouts, **kwargs):
     for layout in layouts:
         _check_layout(rank, world_size, layout, **kwargs)
@@ -167,9 +192,11 @@ def test_carried_names_follow_the_units():
 
 
 def _schedule_cases(rank, world_size, prefix):
-    """Every layout of one schedule, then its uniform layout without MTP, where `head` ends the pipeline."""
+    """Every layout of one schedule, then its uniform layout without MTP, where `head` ends the pipeline, and on
+    tiny-linear, whose stages hold linear and softmax layers by their global index (SPEC §8)."""
     _check_layouts(rank, world_size, [name for name in LAYOUTS if name.startswith(prefix)])
     _check_layout(rank, world_size, f"{prefix} uniform", mtp=False)
+    _check_layout(rank, world_size, f"{prefix} uniform", hybrid=True)
 
 
 def test_1f1b_loss_and_gradients_equal_single_process_accumulation(tmp_path):

@@ -14,8 +14,11 @@ same micro-batches; only the shared weights' gradients (embedding and lm_head, w
 over copies in another order, and the gradient norm over ranks: ~1e-7 on the weights after 6 steps. One
 exception, measured: an embedding element whose gradient is ~1e-9, below AdamW's eps (1e-8), where
 m / (sqrt(v) + eps) turns that rounding into a 3.7e-5 move. So the shared weights get 3e-4 (a tenth of one
-AdamW step at lr 3e-3) on at most 1e-4 of their elements, 2e-5 on the rest. A copy counted twice in the norm,
-a copy left unsynchronised or a bias updated off its rank moves whole steps (3e-3, the bias 1e-3).
+AdamW step at lr 3e-3) on at most 1e-4 of their elements, 2e-5 on the rest. Such a moved element shifts the
+gradients that later steps compute from it, so the AdamW moments, of every tensor, may miss 1e-4 relative on the
+same share of elements: measured on the hybrid run, 5 of the embedding's 65,536 elements, 2 of its first layer's
+query_key_value and 1 of lm_head, at moments near 1e-7 off by ~2e-9. A copy counted twice in the norm, a copy
+left unsynchronised or a bias updated off its rank moves whole steps (3e-3, the bias 1e-3).
 """
 
 import functools
@@ -25,7 +28,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import requires_gloo, run_on_ranks
-from test_distributed_train import RTOL, WEIGHT_ATOL, _final_weights, _fit, _skip_peak_measurement, _train_rows
+from test_distributed_train import HYBRID, RTOL, WEIGHT_ATOL, _final_weights, _fit, _skip_peak_measurement, _train_rows
 
 import linglab.train
 from linglab.cli import main
@@ -63,6 +66,7 @@ def _pipeline_runs(rank, world_size, root, tokenizer):
     _fit(_config(tokenizer, 6, *PP_INTERLEAVED), root / "pp2-interleaved")
     _fit(_config(tokenizer, 6, *PP_INTERLEAVED, "--train.recompute=full"), root / "pp2-interleaved-recompute")
     _fit(_config(tokenizer, 3, *PP_INTERLEAVED), root / "pp2-to3")
+    _fit(_config(tokenizer, 6, *HYBRID, *PP_INTERLEAVED), root / "hybrid-pp2-interleaved")
     if rank == 0:
         shutil.copytree(root / "single-to3", root / "single-resumed-on-pp2")
     dist.barrier()
@@ -84,6 +88,7 @@ def runs(tmp_path_factory, one_thread):
     try:
         _fit(_config(tokenizer, 6), root / "single")
         _fit(_config(tokenizer, 3), root / "single-to3")
+        _fit(_config(tokenizer, 6, *HYBRID), root / "hybrid-single")
         run_on_ranks(functools.partial(_pipeline_runs, root=root, tokenizer=tokenizer), root)
         shutil.copytree(root / "pp2-to3", root / "pp2-resumed-on-1")
         _fit(_config(tokenizer, 6), root / "pp2-resumed-on-1", resume=True)
@@ -117,7 +122,9 @@ def _assert_same_run_within_tolerance(run, reference):
     assert [g["params"] for g in optim["param_groups"]] == [g["params"] for g in ref_optim["param_groups"]]
     for name, per in ref_optim["state"].items():
         for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(optim["state"][name][key], per[key], rtol=1e-4, atol=1e-9 if key == "exp_avg" else 1e-12)
+            close = torch.isclose(optim["state"][name][key], per[key], rtol=1e-4, atol=1e-9 if key == "exp_avg" else 1e-12)
+            outliers = (~close).float().mean().item()
+            assert outliers <= SHARED_OUTLIERS, f"{run.name}: {name} {key} misses 1e-4 relative on {outliers:.2%}"
 
 
 @pytest.mark.parametrize("run", ["pp2", "pp2-interleaved"])
@@ -131,6 +138,11 @@ def test_recompute_in_a_pipeline_changes_no_number(runs):
     assert _train_rows(runs / "pp2-interleaved-recompute") == _train_rows(runs / "pp2-interleaved")
     ref = _final_weights(runs / "pp2-interleaved")
     assert all(torch.equal(t, ref[name]) for name, t in _final_weights(runs / "pp2-interleaved-recompute").items())
+
+
+def test_hybrid_pipeline_training_equals_its_single_process_run(runs):
+    """Stages hold the hybrid's layers by global index (SPEC §8); test_pipeline checks a 4-layer split at every step."""
+    _assert_same_run_within_tolerance(runs / "hybrid-pp2-interleaved", runs / "hybrid-single")
 
 
 @pytest.mark.parametrize("run", ["pp2-resumed-on-1", "single-resumed-on-pp2"])

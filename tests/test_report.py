@@ -168,3 +168,23 @@ def test_missing_optional_files_and_data(tmp_path):
 
     with pytest.raises(LinglabError, match="metrics.jsonl"):
         write_report(tmp_path / "nowhere")
+
+
+def _outline(report: str) -> list[str]:
+    """Section headings, embedded plots and the summary rows' labels: what a reader scans a report by."""
+    return [line if not line.startswith("| ") else line.split(" | ")[0] for line in report.splitlines()
+            if line.startswith(("#", "![", "| "))]
+
+
+def test_a_hybrid_report_has_the_softmax_sections_and_names_its_layer_layout(full_run, tmp_path):
+    _, softmax = full_run
+    write_run(tmp_path)  # the same files, from a Ring-linear hybrid (SPEC §8) without MTP: MoE at 1-3
+    (tmp_path / "config.toml").write_text(CONFIG.replace(
+        "[train]", "num_nextn_predict_layers = 0\nlayer_group_size = 2\ngroup_norm_size = 2\n\n[train]"))
+    hybrid = write_report(tmp_path, title="synthetic run").read_text(encoding="utf-8")
+    assert _outline(hybrid) == _outline(softmax)
+    assert "| architecture | BailingMoeV2: 4 layers; softmax attention at 0-3; dense FFN at 0, MoE at 1-3" in softmax
+    assert ("| architecture | BailingMoeLinearV2 (Ring-linear hybrid, one softmax layer per group of 2): 4 layers; "
+            "linear attention at 0, 2, softmax at 1, 3; dense FFN at 0, MoE at 1-3 (8 experts") in hybrid
+    # MoE entry i is layer 1 + i: the most imbalanced and most tilted entry, 2, is softmax layer 3.
+    assert "the worst was softmax layer 3" in hybrid and "the busiest expert (softmax layer 3, expert 0)" in hybrid

@@ -27,6 +27,16 @@ def model():
     return build_model(tiny_config(num_hidden_layers=2, initializer_range=0.05).model, seed=0)
 
 
+@pytest.fixture(scope="module")
+def hybrid():
+    """The same as a Ring-linear hybrid (SPEC §8): layer 0 linear (its state in the mixed cache), layer 1 softmax."""
+    return build_model(tiny_config(num_hidden_layers=2, initializer_range=0.05, layer_group_size=2,
+                                   group_norm_size=2).model, seed=0)
+
+
+both_families = pytest.mark.parametrize("family", ["model", "hybrid"])
+
+
 def prompts_of(lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(2, 512, (n,), generator=g).tolist() for n in lengths]
@@ -46,7 +56,9 @@ def mismatch(model, precision):
     return (train_logp - batch.infer_logp).abs()[batch.mask]
 
 
-def test_fp32_rollouts_match_the_trainer_and_fp8_rollouts_do_not(model):
+@both_families
+def test_fp32_rollouts_match_the_trainer_and_fp8_rollouts_do_not(family, request):
+    model = request.getfixturevalue(family)
     assert mismatch(model, "fp32").max() < 1e-4
     fp8 = mismatch(model, "fp8")
     assert fp8.mean() > 1e-3, "fp8 rollout weights must change pi_infer"
@@ -99,7 +111,9 @@ def test_eos_is_a_trained_token_with_the_logprob_it_was_sampled_with():
         assert batch.mask[b].sum() == len(r.tokens)
 
 
-def test_fp8_rollouts_quantise_the_activations_of_every_fp8_gemm_too(model):
+@both_families
+def test_fp8_rollouts_quantise_the_activations_of_every_fp8_gemm_too(family, request):
+    model = request.getfixturevalue(family)
     engine = RolloutEngine(model.cfg, EOS, max_new_tokens=4, precision="fp8")
     engine.sync_weights(model)
     weight_only = build_model(model.cfg)  # the FP8 export's weights in a plain model: what rollouts used to run
@@ -220,7 +234,9 @@ def test_c3po_carries_unfinished_rollouts_over_and_purges_them_after_sigma():
     assert [g.payload for g in groups] == [[1, 1]]
 
 
-def test_a_carried_rollout_resumes_after_a_sync_from_its_tokens_keeping_its_logprobs(model):
+@both_families
+def test_a_carried_rollout_resumes_after_a_sync_from_its_tokens_keeping_its_logprobs(family, request):
+    model = request.getfixturevalue(family)
     engine = RolloutEngine(model.cfg, EOS, max_new_tokens=12, precision="fp32")
     engine.sync_weights(model)
     pool = RolloutPool(capacity=4, budget=1, max_retention=3, group_size=2)

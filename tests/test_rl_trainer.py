@@ -30,20 +30,30 @@ METRIC_KEYS = {"reward", "accuracy", "response_length", "entropy", "clip_fractio
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def start(tmp_path_factory):
+def _start_checkpoint(path, tok, **model):
     """A tiny HF checkpoint with tokenizer.json whose responses vary in length."""
-    tok = Tokenizer.train(iter_corpus_texts(300, seed=0), vocab_size=300)
-    model = build_model(tiny_config(num_hidden_layers=2, vocab_size=tok.vocab_size).model, seed=0)
+    model = build_model(tiny_config(num_hidden_layers=2, vocab_size=tok.vocab_size, **model).model, seed=0)
     with torch.no_grad():
         # A random model almost never samples EOS. One shared embedding component, read by EOS's output row, makes
         # EOS ~15% likely at every step: lengths vary, so the Evo-CoT length term gives each group reward variance.
         model.model.word_embeddings.weight[:, 0] = 1.0
         model.lm_head.weight[tok.eos_id, 0] = 0.35
-    path = tmp_path_factory.mktemp("start")
     save_pretrained(model, path)
     tok.save(path / "tokenizer.json")
     return path
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    tok = Tokenizer.train(iter_corpus_texts(300, seed=0), vocab_size=300)
+    return _start_checkpoint(tmp_path_factory.mktemp("start"), tok)
+
+
+@pytest.fixture(scope="module")
+def hybrid_start(tmp_path_factory, start):
+    """The same as a Ring-linear hybrid (SPEC §8): layer 0 linear, layer 1 softmax."""
+    tok = load_tokenizer(start / "tokenizer.json")
+    return _start_checkpoint(tmp_path_factory.mktemp("hybrid"), tok, layer_group_size=2, group_norm_size=2)
 
 
 def rl_config(**rl):
@@ -64,11 +74,13 @@ def biases(model):
     return {n: b.clone() for n, b in model.named_buffers() if n.endswith("expert_bias")}
 
 
-@pytest.mark.parametrize("algo, correction, precision", [
-    ("grpo", "none", "fp32"), ("dapo", "icepop", "fp8"), ("drgrpo", "tis", "fp8"), ("gspo", "icepop", "fp8"),
-    ("lpo", "tis", "fp8"), ("lpo", "icepop", "fp32"),
+@pytest.mark.parametrize("ckpt, algo, correction, precision", [
+    ("start", "grpo", "none", "fp32"), ("start", "dapo", "icepop", "fp8"), ("start", "drgrpo", "tis", "fp8"),
+    ("start", "gspo", "icepop", "fp8"), ("start", "lpo", "tis", "fp8"), ("start", "lpo", "icepop", "fp32"),
+    ("hybrid_start", "grpo", "none", "fp32"), ("hybrid_start", "lpo", "icepop", "fp8"),
 ])
-def test_three_steps_of_every_loss_and_correction(start, tmp_path, monkeypatch, algo, correction, precision):
+def test_three_steps_of_every_loss_and_correction(ckpt, request, tmp_path, monkeypatch, algo, correction, precision):
+    start = request.getfixturevalue(ckpt)
     if algo == "dapo":  # the random model is never right, and DAPO trains only on groups both right and wrong
         monkeypatch.setattr(trainer_module, "rollout_rewards", lambda cfg, texts, answers, lengths, kind: (
             (lengths % 2).float(), lengths % 2 == 1, {}))
@@ -149,8 +161,10 @@ def test_dapo_refills_need_synchronous_rollouts():
     assert rl_config(algo="dapo", c3po=True, dapo_max_rounds=0).rl.c3po
 
 
-@pytest.mark.parametrize("engine", ["static", "continuous"])
-def test_c3po_steps_train_on_whole_groups_with_stale_tokens(start, tmp_path, engine):
+@pytest.mark.parametrize("ckpt, engine", [("start", "static"), ("start", "continuous"),
+                                          ("hybrid_start", "continuous")])
+def test_c3po_steps_train_on_whole_groups_with_stale_tokens(ckpt, engine, request, tmp_path):
+    start = request.getfixturevalue(ckpt)
     trainer = trainer_for(start, tmp_path / "run", c3po=True, c3po_capacity=12, c3po_budget=30,
                           c3po_max_retention=1, rollout_engine=engine, rollout_slots=8)
     rows = [trainer.train_step() for _ in range(3)]
@@ -251,3 +265,16 @@ def test_sft_command_writes_a_checkpoint_rl_can_start_from(start, tmp_path, caps
     for command in ("sft", "rl"):
         assert main([command, "--ckpt", str(bare), "--out", str(tmp_path / f"{command}-bare"), "--rl.sft_steps=1"]) == 2
         assert "has no tokenizer.json" in capsys.readouterr().err and not (tmp_path / f"{command}-bare").exists()
+
+
+def test_sft_and_rl_commands_on_a_hybrid_checkpoint(hybrid_start, tmp_path):
+    from linglab.cli import main
+
+    sft, rl = tmp_path / "sft", tmp_path / "rl"
+    assert main(["sft", "--ckpt", str(hybrid_start), "--out", str(sft), "--rl.sft_steps=1", "--rl.sft_batch_size=2",
+                 "--rl.sft_seq_len=32", "--rl.eval_problems=0"]) == 0
+    assert main(["rl", "--ckpt", str(sft), "--out", str(rl), "--rl.steps=1", "--rl.group_size=2",
+                 "--rl.prompts_per_step=1", "--rl.max_new_tokens=8", "--rl.eval_problems=0"]) == 0
+    for ckpt in (sft, rl / "final"):
+        assert json.loads((ckpt / "config.json").read_text())["model_type"] == "bailing_moe_linear"
+    assert not torch.equal(from_pretrained(rl / "final").lm_head.weight, from_pretrained(sft).lm_head.weight)

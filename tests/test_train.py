@@ -1,7 +1,9 @@
-"""Training: schedule, bit-exact resume after SIGKILL, non-finite steps, and one-line errors (exit 2)."""
+"""Training: schedule, bit-exact resume after SIGKILL, non-finite steps, and one-line errors (exit 2); a Ring-linear
+hybrid (SPEC §8) through the same commands."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +24,13 @@ from linglab.train import TrainingDiverged, build_trainer, lr_at
 # A fast run: small batch, short sequences, a small corpus and few held-out problems.
 FAST = ["--train.batch_size=8", "--data.seq_len=64", "--data.num_documents=1500", "--train.eval_problems=4",
         "--train.num_samples=2", "--train.eval_every=0", "--model.num_hidden_layers=2", "--train.warmup_steps=5"]
+# FAST's 2 layers as a hybrid (SPEC §8): layer 0 linear (dense FFN), layer 1 and the MTP layer softmax (MoE).
+HYBRID = ["--model.layer_group_size=2", "--model.group_norm_size=2"]
+
+
+def _no_peak_measurement(repeats=2, device="cpu"):
+    """The MFU denominator times a 4096^2 GEMM: seconds per run on 2 shared cores, and no test reads it."""
+    return 1e11
 
 
 def test_lr_schedules():
@@ -124,7 +133,7 @@ def test_skipped_step_does_not_change_weights(tmp_path, monkeypatch):
 
 def test_a_checkpoint_with_positional_optimizer_state_still_resumes(tmp_path, monkeypatch):
     """Checkpoints written before torchrun training keyed AdamW's state by position; it now loads by parameter name."""
-    monkeypatch.setattr("linglab.train.matmul_peak_flops", lambda repeats=2, device="cpu": 1e11)
+    monkeypatch.setattr("linglab.train.matmul_peak_flops", _no_peak_measurement)
     trainer = _trainer(tmp_path)
     trainer.train_step()
     path = trainer.save()
@@ -205,9 +214,51 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, setup, args, message)
     assert message in _error(capsys)
 
 
-def test_merge_generate_and_eval_commands_on_a_run(finished_run, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def hybrid_run(tmp_path_factory):
+    """A hybrid trained by the CLI with MTP, expert-bias balancing and FP8 GEMMs (monitored at steps 2 and 4)."""
+    out = tmp_path_factory.mktemp("hybrid") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("linglab.train.matmul_peak_flops", _no_peak_measurement)
+        assert main(["train", "--out", str(out), *HYBRID_ARGS]) == 0
+    return out
+
+
+HYBRID_ARGS = ["--train.max_steps=4", "--train.ckpt_every=2", "--fp8.enabled=true", "--fp8.monitor_every=2", *FAST,
+               *HYBRID, "--data.seq_len=32", "--train.eval_problems=1", "--train.num_samples=1"]  # FP8 generation is slow
+
+
+def test_a_hybrid_trains_with_mtp_balancing_and_fp8_and_resumes_bit_exact(hybrid_run, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    rows = [json.loads(line) for line in (hybrid_run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert all(r["mtp_loss"] > 0 and r["maxvio_mtp"] is not None for r in train)
+    fp8_ops = [r["ops"] for r in rows if r["kind"] == "fp8"]
+    linear = {f"model.layers.0.attention.{name}" for name in ("query_key_value", "g_proj", "dense")}
+    assert len(fp8_ops) == 2 and all(linear <= ops.keys() for ops in fp8_ops), "the linear layer's GEMMs run in FP8"
+    weights = load_file(str(hybrid_run / "final" / "model.safetensors"))
+    for layer in (1, 2):  # the MoE layer and the MTP layer (HF index num_hidden_layers): both balanced
+        assert weights[f"model.layers.{layer}.mlp.gate.expert_bias"].abs().sum() > 0, layer
+    assert "linear attention at 0, softmax at 1" in (hybrid_run / "report.md").read_text()
+
+    resumed = tmp_path / "resumed"  # as if killed after the step-2 checkpoint
+    shutil.copytree(hybrid_run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_000004")
+    monkeypatch.setattr("linglab.train.matmul_peak_flops", _no_peak_measurement)
+    assert main(["train", "--out", str(resumed), "--resume"]) == 0
+    for name in ("final/model.safetensors", "checkpoints/step_000004/model.safetensors"):
+        assert (resumed / name).read_bytes() == (hybrid_run / name).read_bytes(), name
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("run", ["finished_run", "hybrid_run"])
+def test_merge_generate_and_eval_commands_on_a_run(run, request, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    finished_run = request.getfixturevalue(run)
     merged = tmp_path / "merged"
     assert main(["merge", str(finished_run), "--out", str(merged)]) == 0  # a run dir: its kept checkpoints
     ckpts = RunDir(finished_run).checkpoints()
