@@ -55,7 +55,7 @@ from linglab.config import load_config  # noqa: E402
 from linglab.flops import flops_per_token, matmul_peak_flops  # noqa: E402
 from linglab.report import read_metrics  # noqa: E402
 from linglab.run import RunDir  # noqa: E402
-from linglab.tasks import TIERS  # noqa: E402
+from linglab.tasks import CORE_TIERS, TIERS  # noqa: E402
 
 PRESET = "tiny"
 DECAYS = ("linear", "cosine")
@@ -249,7 +249,7 @@ def plot(per_seed: dict[int, dict], summary: dict, window_models: dict[str, dict
     """Top: per-tier accuracy and held-out loss per model, each seed a point (a seed's points joined), the mean a
     bar. Bottom: the merges against their window in steps (`window_models`: decay -> steps -> model key), the
     mean a line, WSD final and WSM last dashed."""
-    panels = [(f"accuracy_{t.name}", f"{t.name} exact match, %", 100.0) for t in TIERS]
+    panels = [(f"accuracy_{t.name}", f"{t.name} exact match, %", 100.0) for t in (TIERS[i] for i in CORE_TIERS)]
     panels.append(("heldout_loss", "held-out loss (all tiers)", 1.0))
     colors = {"wsd_final": "tab:blue", "wsm_last": "tab:gray", "linear": "tab:orange", "cosine": "tab:red"}
     color = {key: colors.get(key) or colors[key.removeprefix("wsm_merged_")] for key in MODELS}
@@ -366,7 +366,7 @@ def main() -> None:
     print(f"wrote {path} and {png}")
     for key, label in labels.items():
         s = summary[key]
-        accs = "  ".join(f"{t.name} {100 * s[f'accuracy_{t.name}']['mean']:5.1f}%" for t in TIERS)
+        accs = "  ".join(f"{t.name} {100 * s[f'accuracy_{t.name}']['mean']:5.1f}%" for t in (TIERS[i] for i in CORE_TIERS))
         print(f"loss {s['heldout_loss']['mean']:.4f}  {accs}  {label}")
 
 
