@@ -9,7 +9,7 @@ Every arm trains on the embedded corpus with the pretrained model's tokenizer an
 set (held-out loss, greedy exact match per tier), over --seeds seeds (train.seed: data order, and the init of the
 scratch arm; the conversion itself draws nothing). The converted model is also scored before any training.
 
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/linear/convert_vs_scratch.py [--steps 200] [--seeds 3]
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/linear/convert_vs_scratch.py [--steps 150] [--seeds 2]
     .venv/bin/python experiments/linear/convert_vs_scratch.py --pretrained runs/tiny/final   # reuse a tiny model
 
 The pretraining trained here is `linglab train --preset tiny` as it is (its default 600 steps) unless
@@ -188,10 +188,10 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int,
                         help="steps of the pretraining trained here (default: the tiny preset's); with --pretrained, "
                              "the steps it was trained for when its run's summary.json is not beside it")
-    parser.add_argument("--steps", type=int, default=200, help="K: continued steps (scratch: pretraining + K)")
+    parser.add_argument("--steps", type=int, default=150, help="K: continued steps (scratch: pretraining + K)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak LR of the continued runs")
     parser.add_argument("--warmup", type=int, default=10, help="warmup steps of the continued runs")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--eval-problems", type=int, default=100, help="held-out problems per tier")
     parser.add_argument("--name", default="convert_vs_scratch")
     args = parser.parse_args()
@@ -202,7 +202,8 @@ def main() -> None:
     print(f"fp32 GEMM {gemm_rate / 1e9:.0f} GFLOP/s", flush=True)
     start = pretrained(args.pretrained, args.pretrain_steps)
     summary = start.parent / "summary.json"
-    pretrain_steps = json.loads(summary.read_text())["steps"] if summary.is_file() else args.pretrain_steps
+    pretrain = json.loads(summary.read_text()) if summary.is_file() else {}
+    pretrain_steps = pretrain.get("steps", args.pretrain_steps)
     if pretrain_steps is None:
         parser.error("--pretrained without its run's summary.json needs --pretrain-steps")
     converted = RUNS / "converted_start"
@@ -213,7 +214,8 @@ def main() -> None:
                   "scratch_steps": pretrain_steps + args.steps, "lr": args.lr, "warmup": args.warmup,
                   "seeds": 0, "eval_problems_per_tier": args.eval_problems,
                   "layer_group_size": LAYER_GROUP_SIZE, "group_norm_size": GROUP_NORM_SIZE,
-                  "presets": PRESET, "fp32_gemm_flops_per_s": gemm_rate, "wall_time_s": None},
+                  "presets": PRESET, "fp32_gemm_flops_per_s": gemm_rate, "wall_time_s": None,
+                  "pretrain_wall_time_s": pretrain.get("wall_time_s")},
         "start": {"pretrained": eval_checkpoint(start, start, args.eval_problems),
                   "converted_before_training": eval_checkpoint(converted, start, args.eval_problems)},
         "pretrain_curve": pretrain_curve(start),
