@@ -15,7 +15,7 @@ scratch arm; the conversion itself draws nothing). The converted model is also s
 The pretraining trained here is `linglab train --preset tiny` as it is (its default 600 steps) unless
 --pretrain-steps shortens it. Runs go to runs/<arm>/seed<k> (a finished run with the same config is reused, so an
 interrupted comparison continues). Writes results/convert_vs_scratch.json (per seed and mean/stdev per arm, loss
-curves) and .png after every seed, so a comparison cut short still leaves the seeds it finished.
+curves) and .png after every run, so a comparison cut short still leaves the runs it finished.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def plot(result: dict, path: Path) -> None:
     pretrain_steps = result["setup"]["pretrain_steps"]
     colors = {"converted": "tab:orange", "softmax": "tab:blue", "scratch": "tab:green"}
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
-    for arm in ARMS:
+    for arm in result["arms"]:
         for k, run in enumerate(result["runs"][arm]):
             offset = 0 if arm == "scratch" else pretrain_steps
             steps = [offset + s for s, _ in run["loss_curve"]]
@@ -156,6 +156,8 @@ def plot(result: dict, path: Path) -> None:
     left.legend()
     width = 0.25
     for j, arm in enumerate(ARMS):
+        if arm not in result["arms"]:
+            continue
         xs = [i + (j - 1) * width for i in range(len(TIERS))]
         means = [result["arms"][arm][f"accuracy_{t}"]["mean"] for t in TIERS]
         right.bar(xs, means, width, color=colors[arm], label=arm)
@@ -163,19 +165,19 @@ def plot(result: dict, path: Path) -> None:
             values = result["arms"][arm][f"accuracy_{tier}"]["values"]
             right.scatter([x] * len(values), values, color="black", s=10, zorder=3)
     right.set(xticks=range(len(TIERS)), xticklabels=TIERS, ylabel="held-out greedy exact match", ylim=(0, 1),
-              title=f"per tier, {result['setup']['seeds']} seeds")
+              title="per tier, seeds " + ", ".join(f"{arm} {n}" for arm, n in result["setup"]["seeds"].items()))
     right.grid(alpha=0.3, axis="y")
     right.legend()
     save(fig, path)
 
 
 def write(result: dict, runs: dict, name: str, t0: float) -> None:
-    """The JSON and PNG of the seeds finished so far."""
-    result["setup"]["seeds"] = len(runs["converted"])
+    """The JSON and PNG of the runs finished so far: an arm's mean is over the seeds it has."""
+    result["setup"]["seeds"] = {arm: len(runs[arm]) for arm in ARMS}
     result["setup"]["wall_time_s"] = time.time() - t0
     result["setup"]["reused_runs"] = REUSED
     result["setup"]["run_wall_time_s"] = {arm: [r["wall_time_s"] for r in runs[arm]] for arm in ARMS}
-    result["arms"] = {arm: summarise(runs[arm]) for arm in ARMS}
+    result["arms"] = {arm: summarise(runs[arm]) for arm in ARMS if runs[arm]}
     result["runs"] = runs
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -212,7 +214,7 @@ def main() -> None:
     result = {
         "setup": {"pretrained": str(start), "pretrain_steps": pretrain_steps, "continued_steps": args.steps,
                   "scratch_steps": pretrain_steps + args.steps, "lr": args.lr, "warmup": args.warmup,
-                  "seeds": 0, "eval_problems_per_tier": args.eval_problems,
+                  "seeds": {}, "eval_problems_per_tier": args.eval_problems,
                   "layer_group_size": LAYER_GROUP_SIZE, "group_norm_size": GROUP_NORM_SIZE,
                   "presets": PRESET, "fp32_gemm_flops_per_s": gemm_rate, "wall_time_s": None,
                   "pretrain_wall_time_s": pretrain.get("wall_time_s")},
@@ -224,7 +226,7 @@ def main() -> None:
     for seed in range(args.seeds):  # seed by seed, so a cut-short comparison still has every arm
         for arm in ARMS:
             runs[arm].append(read_arm_run(run_arm(arm, seed, start, converted, pretrain_steps, args)))
-        write(result, runs, args.name, t0)
+            write(result, runs, args.name, t0)
     for arm in ARMS:
         a = result["arms"][arm]
         tiers = ", ".join(f"{t} {a[f'accuracy_{t}']['mean']:.1%}" for t in TIERS)
