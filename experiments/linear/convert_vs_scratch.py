@@ -9,11 +9,13 @@ Every arm trains on the embedded corpus with the pretrained model's tokenizer an
 set (held-out loss, greedy exact match per tier), over --seeds seeds (train.seed: data order, and the init of the
 scratch arm; the conversion itself draws nothing). The converted model is also scored before any training.
 
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/linear/convert_vs_scratch.py [--pretrain-steps 300] [--steps 60]
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/linear/convert_vs_scratch.py [--steps 150] [--seeds 2]
     .venv/bin/python experiments/linear/convert_vs_scratch.py --pretrained runs/tiny/final   # reuse a tiny model
 
-Runs go to runs/<arm>/seed<k> (a finished run with the same config is reused, so an interrupted comparison
-continues). Writes results/convert_vs_scratch.json (per seed and mean/stdev per arm, loss curves) and .png.
+The pretraining trained here is `linglab train --preset tiny` as it is (its default 600 steps) unless
+--pretrain-steps shortens it. Runs go to runs/<arm>/seed<k> (a finished run with the same config is reused, so an
+interrupted comparison continues). Writes results/convert_vs_scratch.json (per seed and mean/stdev per arm, loss
+curves) and .png after every run, so a comparison cut short still leaves the runs it finished.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from linglab.config import load_config, to_toml  # noqa: E402
 from linglab.convert import convert_to_linear  # noqa: E402
 from linglab.data import build_data  # noqa: E402
 from linglab.evals import evaluate_run  # noqa: E402
+from linglab.flops import matmul_peak_flops  # noqa: E402
 from linglab.plots import plt, save  # noqa: E402
 from linglab.run import read_jsonl  # noqa: E402
 from linglab.train import run_training  # noqa: E402
@@ -46,16 +49,19 @@ REUSED: list[str] = []  # runs found finished, so this invocation's wall time le
 LAYER_GROUP_SIZE, GROUP_NORM_SIZE = 2, 2
 
 
-def pretrained(path: str | None, steps: int) -> Path:
-    """The tiny BailingMoeV2 every arm starts from: --pretrained, else the tiny preset trained here for `steps`."""
+def pretrained(path: str | None, steps: int | None) -> Path:
+    """The tiny BailingMoeV2 every arm starts from: --pretrained, else the tiny preset trained here (its own
+    max_steps unless `steps` is given), reused when a finished pretraining has the same config."""
     if path:
         return Path(path)
-    final = RUNS / "pretrain" / "final"
-    if not final.is_dir():
-        cfg = load_config("tiny", overrides=[f"--train.max_steps={steps}", "--train.eval_every=0"])
-        run_training(cfg, RUNS / "pretrain", overwrite=True,
+    out = RUNS / "pretrain"
+    cfg = load_config("tiny", overrides=[f"--train.max_steps={steps}"] if steps else [])
+    if not ((out / "summary.json").is_file() and (out / "config.toml").read_text() == to_toml(cfg)):
+        t0 = time.time()
+        run_training(cfg, out, overwrite=True,
                      command="linglab train --preset tiny (experiments/linear/convert_vs_scratch.py)")
-    return final
+        print(f"  pretraining: {time.time() - t0:.0f} s", flush=True)
+    return out / "final"
 
 
 def arm_config(arm: str, seed: int, start: Path, pretrain_steps: int, args):
@@ -82,7 +88,7 @@ def run_arm(arm: str, seed: int, start: Path, converted: Path, pretrain_steps: i
     t0 = time.time()
     run_training(cfg, out, overwrite=True, init_from=init,
                  command=f"linglab train --preset {PRESET[arm]} (experiments/linear/convert_vs_scratch.py, {arm})")
-    print(f"  {arm} seed {seed}: {time.time() - t0:.0f} s", flush=True)
+    print(f"  {arm} seed {seed}: {time.time() - t0:.0f} s, {time.strftime('%H:%M:%S')}", flush=True)
     return out
 
 
@@ -132,7 +138,7 @@ def plot(result: dict, path: Path) -> None:
     pretrain_steps = result["setup"]["pretrain_steps"]
     colors = {"converted": "tab:orange", "softmax": "tab:blue", "scratch": "tab:green"}
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
-    for arm in ARMS:
+    for arm in result["arms"]:
         for k, run in enumerate(result["runs"][arm]):
             offset = 0 if arm == "scratch" else pretrain_steps
             steps = [offset + s for s, _ in run["loss_curve"]]
@@ -150,6 +156,8 @@ def plot(result: dict, path: Path) -> None:
     left.legend()
     width = 0.25
     for j, arm in enumerate(ARMS):
+        if arm not in result["arms"]:
+            continue
         xs = [i + (j - 1) * width for i in range(len(TIERS))]
         means = [result["arms"][arm][f"accuracy_{t}"]["mean"] for t in TIERS]
         right.bar(xs, means, width, color=colors[arm], label=arm)
@@ -157,17 +165,32 @@ def plot(result: dict, path: Path) -> None:
             values = result["arms"][arm][f"accuracy_{tier}"]["values"]
             right.scatter([x] * len(values), values, color="black", s=10, zorder=3)
     right.set(xticks=range(len(TIERS)), xticklabels=TIERS, ylabel="held-out greedy exact match", ylim=(0, 1),
-              title=f"per tier, {result['setup']['seeds']} seeds")
+              title="per tier, seeds " + ", ".join(f"{arm} {n}" for arm, n in result["setup"]["seeds"].items()))
     right.grid(alpha=0.3, axis="y")
     right.legend()
     save(fig, path)
 
 
+def write(result: dict, runs: dict, name: str, t0: float) -> None:
+    """The JSON and PNG of the runs finished so far: an arm's mean is over the seeds it has."""
+    result["setup"]["seeds"] = {arm: len(runs[arm]) for arm in ARMS}
+    result["setup"]["wall_time_s"] = time.time() - t0
+    result["setup"]["reused_runs"] = REUSED
+    result["setup"]["run_wall_time_s"] = {arm: [r["wall_time_s"] for r in runs[arm]] for arm in ARMS}
+    result["arms"] = {arm: summarise(runs[arm]) for arm in ARMS if runs[arm]}
+    result["runs"] = runs
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, RESULTS / f"{name}.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pretrained", help="tiny BailingMoeV2 checkpoint with tokenizer (default: train one here)")
-    parser.add_argument("--pretrain-steps", type=int, default=300, help="steps of the pretraining trained here")
-    parser.add_argument("--steps", type=int, default=60, help="K: continued steps (scratch: pretraining + K)")
+    parser.add_argument("--pretrain-steps", type=int,
+                        help="steps of the pretraining trained here (default: the tiny preset's); with --pretrained, "
+                             "the steps it was trained for when its run's summary.json is not beside it")
+    parser.add_argument("--steps", type=int, default=150, help="K: continued steps (scratch: pretraining + K)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak LR of the continued runs")
     parser.add_argument("--warmup", type=int, default=10, help="warmup steps of the continued runs")
     parser.add_argument("--seeds", type=int, default=2)
@@ -176,34 +199,34 @@ def main() -> None:
     args = parser.parse_args()
 
     t0 = time.time()
+    # The machine is shared: the GEMM rate now says how loaded it was, next to the wall time.
+    gemm_rate = matmul_peak_flops(repeats=2)
+    print(f"fp32 GEMM {gemm_rate / 1e9:.0f} GFLOP/s", flush=True)
     start = pretrained(args.pretrained, args.pretrain_steps)
-    pretrain_steps = json.loads((start.parent / "summary.json").read_text())["steps"] if args.pretrained is None \
-        else args.pretrain_steps
+    summary = start.parent / "summary.json"
+    pretrain = json.loads(summary.read_text()) if summary.is_file() else {}
+    pretrain_steps = pretrain.get("steps", args.pretrain_steps)
+    if pretrain_steps is None:
+        parser.error("--pretrained without its run's summary.json needs --pretrain-steps")
     converted = RUNS / "converted_start"
-    if not (converted / "config.json").is_file():
-        convert_to_linear(start, converted, LAYER_GROUP_SIZE, GROUP_NORM_SIZE, overwrite=True)
+    # Converted every time (seconds, no random numbers): a reused one could come from another pretraining.
+    convert_to_linear(start, converted, LAYER_GROUP_SIZE, GROUP_NORM_SIZE, overwrite=True)
+    result = {
+        "setup": {"pretrained": str(start), "pretrain_steps": pretrain_steps, "continued_steps": args.steps,
+                  "scratch_steps": pretrain_steps + args.steps, "lr": args.lr, "warmup": args.warmup,
+                  "seeds": {}, "eval_problems_per_tier": args.eval_problems,
+                  "layer_group_size": LAYER_GROUP_SIZE, "group_norm_size": GROUP_NORM_SIZE,
+                  "presets": PRESET, "fp32_gemm_flops_per_s": gemm_rate, "wall_time_s": None,
+                  "pretrain_wall_time_s": pretrain.get("wall_time_s")},
+        "start": {"pretrained": eval_checkpoint(start, start, args.eval_problems),
+                  "converted_before_training": eval_checkpoint(converted, start, args.eval_problems)},
+        "pretrain_curve": pretrain_curve(start),
+    }
     runs = {arm: [] for arm in ARMS}
     for seed in range(args.seeds):  # seed by seed, so a cut-short comparison still has every arm
         for arm in ARMS:
             runs[arm].append(read_arm_run(run_arm(arm, seed, start, converted, pretrain_steps, args)))
-    result = {
-        "setup": {"pretrained": str(start), "pretrain_steps": pretrain_steps, "continued_steps": args.steps,
-                  "scratch_steps": pretrain_steps + args.steps, "lr": args.lr, "warmup": args.warmup,
-                  "seeds": args.seeds, "eval_problems_per_tier": args.eval_problems,
-                  "layer_group_size": LAYER_GROUP_SIZE, "group_norm_size": GROUP_NORM_SIZE,
-                  "presets": PRESET, "wall_time_s": None},
-        "start": {"pretrained": eval_checkpoint(start, start, args.eval_problems),
-                  "converted_before_training": eval_checkpoint(converted, start, args.eval_problems)},
-        "arms": {arm: summarise(runs[arm]) for arm in ARMS},
-        "pretrain_curve": pretrain_curve(start),
-        "runs": runs,
-    }
-    result["setup"]["wall_time_s"] = time.time() - t0
-    result["setup"]["reused_runs"] = REUSED
-    result["setup"]["run_wall_time_s"] = {arm: [r["wall_time_s"] for r in runs[arm]] for arm in ARMS}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, RESULTS / f"{args.name}.png")
+            write(result, runs, args.name, t0)
     for arm in ARMS:
         a = result["arms"][arm]
         tiers = ", ".join(f"{t} {a[f'accuracy_{t}']['mean']:.1%}" for t in TIERS)
