@@ -96,8 +96,13 @@ class GroupedExperts(nn.Module):
         return grouped_mm(h, self.down_proj.transpose(1, 2), offs)
 
 
+@torch.compiler.disable
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Segment-wise x[seg_e] @ w[e] for contiguous segments ending at `offs` (int32 cumulative counts)."""
+    """Segment-wise x[seg_e] @ w[e] for contiguous segments ending at `offs` (int32 cumulative counts).
+
+    Kept out of compiled blocks (train.compile): torch's shape-inference kernel of `_grouped_mm` takes bf16 only,
+    so a compiled layer breaks its graph here and runs the grouped GEMM itself, unchanged, eagerly.
+    """
     return torch._grouped_mm(x, w, offs=offs)
 
 
