@@ -10,6 +10,9 @@ operand rounding is exactly FP8's, it runs on any device, and it is what the tes
 the FP8 operands and scales to `torch._scaled_mm` (CPU: per-tensor scales only; CUDA sm90+: 1x128/128x128).
 `resolve_backend("auto", ...)` takes scaled_mm only where a probe GEMM ran there and matched the emulation.
 
+Each emulated quantise -> dequantise (and the SwiGLU that feeds the down projection's) runs as one compiled kernel
+(`_Fused`), the eager quantisers below compiled, so bit for bit theirs; LINGLAB_FP8_FUSED=0 keeps them eager.
+
 The autograd Functions save the high-precision x, not Q(x): wgrad needs x^T quantised along the token dim,
 which cannot be derived from Q(x) without quantising twice. A fused kernel would save Q(x) and Q(x^T).
 
@@ -119,7 +122,6 @@ def dequantize_per_tensor(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 _QUANTIZE = {"tile": quantize_tilewise, "block": quantize_blockwise, "tensor": quantize_per_tensor}
-_DEQUANTIZE = {"tile": dequantize_tilewise, "block": dequantize_blockwise, "tensor": dequantize_per_tensor}
 
 
 def _qdq_groups(groups: torch.Tensor, amax_dims, pow2_scales: bool) -> torch.Tensor:
