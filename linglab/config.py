@@ -195,7 +195,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps that stop the run
     num_samples: int = 12  # generated samples written at the end
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when one is visible): pretraining, SFT and RL; fp32
-    compile: bool = False  # torch.compile each decoder layer (inductor); same loss, checkpoints and resume
+    compile: bool = False  # pretraining: torch.compile each decoder layer (inductor); same loss, checkpoints, resume
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "ckpt_every", "keep_last", "log_every",
