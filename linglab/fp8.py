@@ -132,7 +132,7 @@ def _qdq_groups(groups: torch.Tensor, amax_dims, pow2_scales: bool) -> torch.Ten
 
 
 # The emulated GEMMs' hot paths, for whole tiles and blocks: the same arithmetic as quantize + dequantize without
-# the padding and the per-element scale tensor (bit-identical; tested). Each is one `_fused` kernel.
+# the padding and the per-element scale tensor (bit-identical; tested). Each runs as one `_Fused` kernel.
 
 def _qdq_tilewise(x: torch.Tensor, pow2_scales: bool) -> torch.Tensor:
     if x.shape[-1] % TILE == 0:
@@ -165,7 +165,8 @@ class _Fused:
     kernel, or `fn` itself, eager, when fusing is off (`fused_enabled`).
 
     Dynamic shapes from the first call: an MoE's expert segments change size every step and must not recompile.
-    Inside a region already being compiled (train.compile) `fn` is traced into that region's graph instead.
+    Inside a region already being compiled `fn` is traced into that region's graph instead (train.compile keeps the
+    FP8 layers out of its graphs, `linglab.fp8_convert`).
     A compile that fails (no C++ compiler, a backend's refusal) logs one line and leaves every quantiser eager;
     `fn` then reruns eagerly, so an error of the arguments themselves still surfaces as eager's own.
     """
