@@ -238,6 +238,7 @@ class TrainConfig:
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when one is visible): pretraining, SFT and RL
     precision: str = "fp32"  # pretraining compute: "fp32" | "bf16" (bf16 autocast on fp32 master weights, SPEC §3)
     recompute: str = "none"  # pretraining activation recompute (SPEC §7): "none" | "mtp" | "experts" | "full"
+    compile: bool = False  # pretraining: torch.compile each decoder layer (inductor); same loss, checkpoints, resume
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "ckpt_every", "keep_last", "log_every",

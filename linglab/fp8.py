@@ -10,6 +10,9 @@ operand rounding is exactly FP8's, it runs on any device, and it is what the tes
 the FP8 operands and scales to `torch._scaled_mm` (CPU: per-tensor scales only; CUDA sm90+: 1x128/128x128).
 `resolve_backend("auto", ...)` takes scaled_mm only where a probe GEMM ran there and matched the emulation.
 
+Each emulated quantise -> dequantise (and the SwiGLU that feeds the down projection's) runs as one compiled kernel
+(`_Fused`), the eager quantisers below compiled, so bit for bit theirs; LINGLAB_FP8_FUSED=0 keeps them eager.
+
 The autograd Functions save the high-precision x, not Q(x): wgrad needs x^T quantised along the token dim,
 which cannot be derived from Q(x) without quantising twice. A fused kernel would save Q(x) and Q(x^T).
 
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,6 +42,8 @@ E4M3_MAX = 448.0
 TILE = 128  # 1 x TILE activation tiles and TILE x TILE weight blocks
 
 Granularity = Literal["tile", "block", "tensor"]
+
+_log = logging.getLogger(__name__)
 
 
 def _scale_from_amax(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
@@ -115,7 +122,6 @@ def dequantize_per_tensor(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 _QUANTIZE = {"tile": quantize_tilewise, "block": quantize_blockwise, "tensor": quantize_per_tensor}
-_DEQUANTIZE = {"tile": dequantize_tilewise, "block": dequantize_blockwise, "tensor": dequantize_per_tensor}
 
 
 def _qdq_groups(groups: torch.Tensor, amax_dims, pow2_scales: bool) -> torch.Tensor:
@@ -125,22 +131,76 @@ def _qdq_groups(groups: torch.Tensor, amax_dims, pow2_scales: bool) -> torch.Ten
     return (groups / scale).to(E4M3).float() * scale
 
 
+# The emulated GEMMs' hot paths, for whole tiles and blocks: the same arithmetic as quantize + dequantize without
+# the padding and the per-element scale tensor (bit-identical; tested). Each runs as one `_Fused` kernel.
+
+def _qdq_tilewise(x: torch.Tensor, pow2_scales: bool) -> torch.Tensor:
+    if x.shape[-1] % TILE == 0:
+        return _qdq_groups(x.float().unflatten(-1, (-1, TILE)), -1, pow2_scales).flatten(-2)
+    return dequantize_tilewise(*quantize_tilewise(x, pow2_scales=pow2_scales))
+
+
+def _qdq_blockwise(x: torch.Tensor, pow2_scales: bool) -> torch.Tensor:
+    if x.shape[-1] % TILE == 0 and x.shape[-2] % TILE == 0:
+        blocks = x.float().unflatten(-1, (-1, TILE)).unflatten(-3, (-1, TILE))
+        return _qdq_groups(blocks, (-3, -1), pow2_scales).flatten(-2).flatten(-3, -2)
+    return dequantize_blockwise(*quantize_blockwise(x, pow2_scales=pow2_scales))
+
+
+def _qdq_per_tensor(x: torch.Tensor, pow2_scales: bool) -> torch.Tensor:
+    return dequantize_per_tensor(*quantize_per_tensor(x, pow2_scales))
+
+
+FUSED_ENV = "LINGLAB_FP8_FUSED"
+_fused_failed: list[str] = []  # the first compile error, once seen: every quantiser is eager from then on
+
+
+def fused_enabled() -> bool:
+    """Whether the quantisers run compiled: unless LINGLAB_FP8_FUSED=0, or a compile has failed in this process."""
+    return os.environ.get(FUSED_ENV, "1") != "0" and not _fused_failed
+
+
+class _Fused:
+    """`fn` compiled by torch.compile (inductor: the CPU and CUDA kernels come from the same code) into one fused
+    kernel, or `fn` itself, eager, when fusing is off (`fused_enabled`).
+
+    Dynamic shapes from the first call: an MoE's expert segments change size every step and must not recompile.
+    Inside a region already being compiled `fn` is traced into that region's graph instead (train.compile keeps the
+    FP8 layers out of its graphs, `linglab.fp8_convert`).
+    A compile that fails (no C++ compiler, a backend's refusal) logs one line and leaves every quantiser eager;
+    `fn` then reruns eagerly, so an error of the arguments themselves still surfaces as eager's own.
+    """
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, None
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args):
+        if not fused_enabled() or torch.compiler.is_compiling():
+            return self.fn(*args)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=True)
+        try:
+            return self.compiled(*args)
+        except Exception as err:  # noqa: BLE001 -- torch.compile raises a dozen unrelated types; eager reruns below
+            _fused_failed.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            _log.warning("fp8: compiling the fused quantisers failed (%s); running them eagerly", _fused_failed[0])
+            return self.fn(*args)
+
+
+_QDQ = {"tile": _Fused(_qdq_tilewise), "block": _Fused(_qdq_blockwise), "tensor": _Fused(_qdq_per_tensor)}
+
+
 def quantize_dequantize(x: torch.Tensor, granularity: Granularity, pow2_scales: bool = False,
                         parts: tuple[int, ...] | None = None, dim: int = -1) -> torch.Tensor:
-    """The fp32 reconstruction of x through E4M3 at `granularity` (tile: 1x128, block: 128x128, tensor).
+    """The fp32 reconstruction of x through E4M3 at `granularity` (tile: 1x128, block: 128x128, tensor),
+    as one fused kernel (`_Fused`).
 
     `parts`: the sizes along `dim` of the tensors stacked in x, each quantised on its own (module docstring).
     """
     if parts is not None:
         return torch.cat([quantize_dequantize(t, granularity, pow2_scales) for t in x.split(parts, dim)], dim)
-    # The emulated GEMMs' hot paths, for whole tiles and blocks: the same arithmetic as quantize + dequantize
-    # without the padding and the per-element scale tensor (bit-identical; tested).
-    if granularity == "tile" and x.shape[-1] % TILE == 0:
-        return _qdq_groups(x.float().unflatten(-1, (-1, TILE)), -1, pow2_scales).flatten(-2)
-    if granularity == "block" and x.shape[-1] % TILE == 0 and x.shape[-2] % TILE == 0:
-        blocks = x.float().unflatten(-1, (-1, TILE)).unflatten(-3, (-1, TILE))
-        return _qdq_groups(blocks, (-3, -1), pow2_scales).flatten(-2).flatten(-3, -2)
-    return _DEQUANTIZE[granularity](*_QUANTIZE[granularity](x, pow2_scales=pow2_scales))
+    return _QDQ[granularity](x, pow2_scales)
 
 
 @dataclass(frozen=True)
@@ -437,6 +497,18 @@ def swiglu_quantize(gate_up: torch.Tensor, tile: int = TILE, pow2_scales: bool =
     return _QUANTIZE[granularity](h, pow2_scales=pow2_scales)
 
 
+def _swiglu_qdq_tilewise(gate_up: torch.Tensor, row_weights: torch.Tensor | None, pow2_scales: bool) -> torch.Tensor:
+    return _qdq_tilewise(_swiglu(*gate_up.float().chunk(2, dim=-1), row_weights), pow2_scales)
+
+
+def _swiglu_qdq_per_tensor(gate_up: torch.Tensor, row_weights: torch.Tensor | None, pow2_scales: bool) -> torch.Tensor:
+    return _qdq_per_tensor(_swiglu(*gate_up.float().chunk(2, dim=-1), row_weights), pow2_scales)
+
+
+# The down projection's input as its GEMM sees it: SwiGLU, routing weight, quantise, dequantise in one fused kernel.
+_SWIGLU_QDQ = {"tile": _Fused(_swiglu_qdq_tilewise), "tensor": _Fused(_swiglu_qdq_per_tensor)}
+
+
 class _Fp8SwiGLUDown(torch.autograd.Function):
     """down(silu(gate) * up [* routing weight]) in FP8 with the SwiGLU fused into the input quantisation (SPEC §3).
 
@@ -454,8 +526,7 @@ class _Fp8SwiGLUDown(torch.autograd.Function):
             op.observe("act", h, r.act)
             op.observe("weight", weight, r.weight)
             return _scaled_gemm(h, r.act, weight.float(), r.weight, p).to(gate_up.dtype)
-        q, scale = swiglu_quantize(gate_up.float(), pow2_scales=p, row_weights=row_weights, granularity=r.act)
-        h_deq = _DEQUANTIZE[r.act](q, scale)
+        h_deq = _SWIGLU_QDQ[r.act](gate_up, row_weights, p)
         if op.watching:  # the monitor quantises h itself, so it needs h before quantisation
             op.observe("act", _swiglu(*gate_up.float().chunk(2, dim=-1), row_weights), r.act)
         op.observe("weight", weight, r.weight)

@@ -72,6 +72,10 @@ class Fp8Linear(nn.Linear):
 
     op: Fp8Op
 
+    # Kept out of compiled blocks (train.compile), as every FP8 training layer here: the autograd Functions run as
+    # they are, with their quantisers as their own fused kernels. Traced into a layer's graph, they gave the MTP
+    # layer's FP8 weights wrong gradients (torch 2.13, CPU; the routed experts' grouped GEMM cannot be traced at all).
+    @torch.compiler.disable
     @_fp8_under_autocast
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, op=self.op)
@@ -83,6 +87,7 @@ class Fp8SwiGLU(SwiGLU):
     gate_up_op: Fp8Op
     down_op: Fp8Op
 
+    @torch.compiler.disable  # see Fp8Linear.forward
     @_fp8_under_autocast
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One GEMM on [gate; up], so x is quantised once; gate and up keep their own blocks (parts).
@@ -97,6 +102,7 @@ class Fp8GroupedExperts(GroupedExperts):
     gate_up_op: Fp8Op
     down_op: Fp8Op
 
+    @torch.compiler.disable  # see Fp8Linear.forward
     @_fp8_under_autocast
     def forward(self, x_sorted: torch.Tensor, weights_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offs = counts.cumsum(0).to(torch.int32)

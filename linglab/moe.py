@@ -98,9 +98,14 @@ class GroupedExperts(nn.Module):
         return grouped_mm(h, self.down_proj.transpose(1, 2), offs)
 
 
+@torch.compiler.disable
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Segment-wise x[seg_e] @ w[e] for contiguous segments ending at `offs` (int32 cumulative counts); in bf16
-    under bf16 autocast (`linglab.precision`), which does not cast this op itself."""
+    under bf16 autocast (`linglab.precision`), which does not cast this op itself.
+
+    Kept out of compiled blocks (train.compile): torch's shape-inference kernel of `_grouped_mm` takes bf16 only,
+    so a compiled layer breaks its graph here and runs the grouped GEMM itself, unchanged, eagerly.
+    """
     x, w = autocast_operands(x, w)
     return torch._grouped_mm(x, w, offs=offs)
 

@@ -345,11 +345,12 @@ class RunDir:
 
 
 # What a resumed run may change (`RunDir.resume_changes`): how often it logs, evaluates and checkpoints, where it runs
-# and on how many ranks (checkpoints are layout-agnostic), what it recomputes (the same numbers), and the [eval] section
-# of `linglab eval`. Everything else changes what was trained.
+# and on how many ranks (checkpoints are layout-agnostic), what it recomputes and whether its layers run compiled (the
+# same numbers), and the [eval] section of `linglab eval`. Everything else changes what was trained.
 RESUME_SAFE = frozenset({
     "train.log_every", "train.eval_every", "train.eval_problems", "train.ckpt_every", "train.keep_last",
-    "train.load_every", "train.num_samples", "train.max_bad_steps", "train.device", "train.recompute", "fp8.monitor_every",
+    "train.load_every", "train.num_samples", "train.max_bad_steps", "train.device", "train.recompute", "train.compile",
+    "fp8.monitor_every",
     "fp8.underflow_warn", "fp8.distortion_warn", "rl.ckpt_every", "rl.keep_last"})
 
 
@@ -406,9 +407,9 @@ def resolve_device(name: str, command: str = "train") -> torch.device:
 
 
 def refuse_pretraining_only_keys(tcfg, command: str) -> None:
-    """SFT and RL train in fp32 without recompute: a train.precision or train.recompute given to them is refused with
-    one line instead of being ignored."""
-    for key, default in (("precision", "fp32"), ("recompute", "none")):
+    """SFT and RL train in fp32, eagerly, without recompute: a train.precision, train.recompute or train.compile given
+    to them is refused with one line instead of being ignored."""
+    for key, default in (("precision", "fp32"), ("recompute", "none"), ("compile", False)):
         if getattr(tcfg, key) != default:
             raise LinglabError(f"{command}: train.{key}={getattr(tcfg, key)} applies to `linglab train` only; "
                                f"{command} trains with train.{key}={default}")

@@ -110,6 +110,23 @@ def apply_fp8(model: LingForCausalLM, cfg: FP8Config) -> Fp8Monitor | None:
     return monitor
 
 
+def compile_blocks(model: LingForCausalLM) -> None:
+    """train.compile: torch.compile each decoder layer, the MTP layer's too, in place (torchtitan's per-block choice:
+    one graph serves every layer of a kind, and the state dict keeps its names, so checkpoints are unchanged).
+
+    Static shapes: a layer's are fixed by batch and sequence length. The MoE's varying expert segments reach only the
+    grouped GEMM, which runs outside the graph (`linglab.moe.grouped_mm`), as do the FP8 autograd Functions' own
+    fused quantisers. Evaluation and sampling run eagerly (`eagerly`): their shapes change from call to call.
+    """
+    for layer in [*model.model.layers, *model.model.mtp_layers]:
+        layer.compile(dynamic=False)
+
+
+def eagerly():
+    """A context in which compiled layers run their eager forward (evaluation and sampling of a train.compile run)."""
+    return torch.compiler.set_stance("force_eager")
+
+
 def make_optimizer(model: LingForCausalLM | PipelineRunner, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with the pretraining betas and weight decay (SPEC §2), over a pipeline's `parameters()` (this rank's
     stages, shared-weight copies included) under pipeline parallel."""
@@ -429,6 +446,8 @@ def build_trainer(cfg: Config, run: RunDir, data: RunData, model: LingForCausalL
                            f"(parallel.pp={dims.pp}) yet; use train.precision=fp32 there")
     monitor = apply_fp8(model, cfg.fp8)  # converts modules in place: before sharding
     apply_recompute(model, cfg.train.recompute)
+    if cfg.train.compile:
+        compile_blocks(model)
     model = dims.parallelize(model)
     runner, micro_batches = None, cfg.train.grad_accum
     if dims.pp > 1:  # every rank keeps the full model; its stages hold (and train) this rank's share of it
@@ -520,7 +539,10 @@ def _run(cfg: Config, run: RunDir, dims: ParallelDims, resume: bool, overwrite: 
 
     def evaluate(step: int) -> dict | None:
         full = trainer.full_model()
-        return None if full is None else evals.evaluate_run(full, data, step)
+        if full is None:
+            return None
+        with eagerly():
+            return evals.evaluate_run(full, data, step)
 
     layout = f"pp={dims.pp}" if dims.pp > 1 else f"dp={dims.dp}, ep={dims.ep}"
     ranks = f" on {dims.world} ranks ({layout})" if dims.world > 1 else ""
@@ -541,12 +563,14 @@ def _run(cfg: Config, run: RunDir, dims: ParallelDims, resume: bool, overwrite: 
         return summary
 
     run.finalize()
-    final_eval = evals.evaluate_run(model, data, trainer.step)
+    with eagerly():
+        final_eval = evals.evaluate_run(model, data, trainer.step)
+        samples = evals.sample_completions(model, data, cfg.train.num_samples)
     trainer.write_metrics(final_eval)
     tiers = {TIERS[t].name: {"accuracy": final_eval["accuracy"][TIERS[t].name], "n": len(data.heldout_problems[t]),
                              "description": TIERS[t].description} for t in data.heldout_problems}
     run.write_json("final_eval.json", {"step": trainer.step, "heldout_loss": final_eval.get("heldout_loss"), "tiers": tiers})
-    run.write_json("samples.json", evals.sample_completions(model, data, cfg.train.num_samples))
+    run.write_json("samples.json", samples)
     run.write_json("summary.json", summary)
     report_path = report.write_report(run.path)  # draws the plots too
     for name, tier in tiers.items():

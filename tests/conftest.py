@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# The suite runs the eager FP8 quantisers: compiling each kernel costs seconds. The fused (compiled) ones are
+# tested against them in test_fp8_fused.py. Set here, before any test, so that subprocesses inherit it too.
+os.environ["LINGLAB_FP8_FUSED"] = "0"
 
 from linglab.config import load_config
 
