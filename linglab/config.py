@@ -260,6 +260,10 @@ class TrainConfig:
         _check(self.precision in ("fp32", "bf16"), "train.precision", f"must be 'fp32' or 'bf16', got {self.precision!r}")
         _check(self.recompute in ("none", "mtp", "experts", "full"), "train.recompute",
                f"must be 'none', 'mtp', 'experts' or 'full', got {self.recompute!r}")
+        # torch 2.13's dynamo cannot trace the non-reentrant checkpoint recompute wraps a layer in.
+        _check(not (self.compile and self.recompute != "none"), "train.compile",
+               f"cannot be combined with train.recompute={self.recompute} yet (torch.compile does not trace the "
+               "recomputed layers); choose one")
 
 
 @dataclass

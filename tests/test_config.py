@@ -39,6 +39,10 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     (["--model.num_nextn_predict_layers=2"], "must be 0 or 1"),
     (["--model.hidden_size"], "needs a value"),
     (["hidden_size=3"], "cannot read argument"),
+    (["--train.compile=true", "--train.recompute=full"], "train.compile cannot be combined with train.recompute=full"),
+    (["--data.corpus=wiki"], "data.corpus must be one of stdlib"),
+    (["--rl.rollout_engine=paged"], "rl.rollout_engine must be 'static' or 'continuous'"),
+    (["--rl.reward_workers=0"], "rl.reward_workers must be >= 1"),
 ])
 def test_bad_overrides_raise_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as e:
