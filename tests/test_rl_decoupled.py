@@ -1,11 +1,13 @@
-"""Decoupled rollout ranks (issue 15 item 2): 1 trainer + 1 rollout rank on gloo CPU ranks.
+"""Decoupled rollout ranks (issue 15 item 2) on gloo CPU ranks: 1 trainer + 1 rollout rank, and 2 FSDP2 trainers + 1.
 
 One 2-rank launch runs a bad layout, a max_staleness 0 run for 2 steps resumed to step 3, a max_staleness 1 run, and
-a run whose rollout rank raises; the single-process run happens in the test process. With S = 0 the rollout rank
-samples from the weights the single process samples from, and the trainer is one process, so rewards, losses
-and final weights are equal (compared at 1e-5, as the colocated test does). With S = 1 the recorded versions bound
-the lag of every trained token; the trainer checks every sync's digest against the rollout rank's (a mismatch
-stops the run), and the bucketed broadcast is checked directly on models that start different.
+a run whose rollout rank raises; one 3-rank launch a bad layout and a max_staleness 0 run on 2 trainer ranks; the
+single-process run happens in the test process. With S = 0 the rollout rank samples from the weights the single
+process samples from, so rewards, losses and final weights are equal (at 1e-5, the colocated test's tolerance: with
+one trainer they are equal, with two the FSDP2 average sums in another order; at lr 1e-4, see that test). With
+S = 1 the recorded versions bound the lag of every trained token; the trainers check every sync's digest against
+the rollout rank's (a mismatch stops the run), and the bucketed broadcast is checked directly on models that start
+different.
 """
 
 import functools
@@ -62,6 +64,13 @@ def _decoupled(rank, world_size, ckpt, root):
         run_rl(rl_config(**OPTIONS), ckpt, root / "broken")
 
 
+def _two_trainers(rank, world_size, ckpt, root):
+    linglab.rl.report.write_rl_report = lambda run_dir: run_dir / "report.md"
+    with pytest.raises(LinglabError, match=r"rl.prompts_per_step=3 groups do not split evenly over 2 trainer ranks"):
+        run_rl(rl_config(**OPTIONS, prompts_per_step=3), ckpt, root / "bad")
+    run_rl(rl_config(**OPTIONS), ckpt, root / "t2")
+
+
 def _train_rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
 
@@ -73,17 +82,20 @@ def test_one_trainer_and_one_rollout_rank(start, tmp_path, monkeypatch):  # noqa
     assert not (tmp_path / "bad").exists()
     run_rl(rl_config(**{**OPTIONS, "rollout_ranks": 0}), start, tmp_path / "single")
     run_on_ranks(functools.partial(_decoupled, ckpt=start, root=tmp_path), tmp_path, world_size=2)
+    (tmp_path / "three").mkdir()
+    run_on_ranks(functools.partial(_two_trainers, ckpt=start, root=tmp_path), tmp_path / "three", world_size=3)
 
     single, s0, s1 = (_train_rows(tmp_path / run) for run in ("single", "s0", "s1"))
     assert [r["step"] for r in s0] == [1, 2, 3]
-    for one, two in zip(single, s0):
-        assert one["response_tokens"] == two["response_tokens"]
-        for key in ("reward", "loss", "kl", "grad_norm", "entropy", "response_length"):
-            assert two[key] == pytest.approx(one[key], abs=TOL, rel=TOL), key
-        assert two["staleness_max"] == 0 and two["sync_bytes"] == one["sync_bytes"] > 0
-    ours, theirs = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("s0", "single"))
-    for name, tensor in theirs.items():
-        torch.testing.assert_close(ours[name], tensor, atol=TOL, rtol=0, msg=name)
+    for run in ("s0", "t2"):  # 1 trainer + 1 rollout rank (resumed at step 2), 2 FSDP2 trainers + 1 rollout rank
+        for one, two in zip(single, _train_rows(tmp_path / run), strict=True):
+            assert one["response_tokens"] == two["response_tokens"] and two["groups_sampled"] == 2
+            for key in ("reward", "loss", "kl", "grad_norm", "entropy", "response_length"):
+                assert two[key] == pytest.approx(one[key], abs=TOL, rel=TOL), (run, key)
+            assert two["staleness_max"] == 0 and two["sync_bytes"] == one["sync_bytes"] > 0
+        ours, theirs = (load_file(tmp_path / name / "final" / "model.safetensors") for name in (run, "single"))
+        for name, tensor in theirs.items():
+            torch.testing.assert_close(ours[name], tensor, atol=TOL, rtol=0, msg=f"{run}: {name}")
 
     # S = 1: step 0 samples the start, every later step the weights one step old; the last ones are never sent.
     assert [r["staleness_max"] for r in s1] == [0, 1, 1]

@@ -5,7 +5,7 @@ in buckets over a torch.distributed group, so a rollout rank's copy equals the t
     broadcast_weights(copy.state_dict(), src=0, group=sync_group)           # rollout rank: filled in place
 
 Every rank holds a model of the same architecture, so the names, shapes and dtypes are known on both sides and
-only the values travel. Tensors are packed, in state-dict order, into flat buckets of one dtype of at most
+only the values travel. Tensors are packed, in name order, into flat buckets of one dtype of at most
 `bucket_bytes` (a tensor larger than that is a bucket of its own): few large messages rather than one per
 tensor, and a bounded staging buffer rather than a copy of the whole model. gloo on CPU, NCCL on GPU (the
 tensors are on the rank's device).
@@ -43,7 +43,7 @@ def broadcast_weights(state: dict[str, torch.Tensor], src: int, group: dist.Proc
                       bucket_bytes: int = BUCKET_BYTES) -> int:
     """Broadcast `state` from rank `src` to every rank of `group`, bucket by bucket; the receivers' tensors are
     overwritten in place (pass the live `model.state_dict()`). Returns the bytes of the weights."""
-    names = list(state)
+    names = sorted(state)  # the sender's full state and a receiver's state_dict() may list them in other orders
     sending = dist.get_rank() == src
     for bucket in weight_buckets(names, state, bucket_bytes):
         tensors = [state[n] for n in bucket]
@@ -59,9 +59,9 @@ def broadcast_weights(state: dict[str, torch.Tensor], src: int, group: dist.Proc
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
-    """BLAKE2b of every tensor's name and bytes, in state-dict order: equal digests mean bitwise-equal weights."""
+    """BLAKE2b of every tensor's name and bytes, in name order: equal digests mean bitwise-equal weights."""
     digest = hashlib.blake2b(digest_size=16)
-    for name, t in state.items():
+    for name, t in sorted(state.items()):
         digest.update(name.encode())
         digest.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

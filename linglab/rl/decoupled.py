@@ -1,12 +1,13 @@
 """Decoupled rollout ranks (SPEC §9; docs/rl.md, "Distributed RL: decoupled rollout ranks"): R ranks only generate,
-rank 0 trains, and the weights flow back after every optimizer step.
+the others train, and the weights flow back after every optimizer step.
 
     torchrun --nproc_per_node 2 -m linglab rl --ckpt CKPT --out runs/rl-async --rl.rollout_ranks=1 --rl.max_staleness=1
 
-Layout: ranks 0 .. W-R-1 train (one trainer for now, `check_decoupled`), ranks W-R .. W-1 generate. Every rank
-draws each step's `rl.prompts_per_step` prompts from the same prompt stream; group g of a step goes to rollout rank
-g * R // prompts_per_step (contiguous), and every rollout draws from its own generator (`rollout.rollout_seed`),
-so what is sampled depends on the seed alone, not on timing.
+Layout: ranks 0 .. T-1 train (T = W - R; FSDP2 over them when T > 1, as colocated RL trains), ranks T .. W-1
+generate. Every rank draws each step's `rl.prompts_per_step` prompts from the same prompt stream; group g of a step
+is sampled by rollout rank T + g * R // prompts_per_step and trained by trainer rank g * T // prompts_per_step
+(contiguous: a group never straddles ranks), and every rollout draws from its own generator
+(`rollout.rollout_seed`), so what is sampled depends on the seed alone, not on timing.
 
 The schedule (`RolloutLink.weights_for`): step s is sampled from the weights after max(s - S, start) optimizer
 steps (S = `rl.max_staleness`, start = the step the run started or resumed at). So a rollout rank runs up to S
@@ -14,15 +15,16 @@ steps ahead of the trainer and never further, and every trained token is exactly
 old; S = 0 is synchronous and samples what one process samples. A fixed lag rather than "the newest weights that
 have arrived" keeps runs reproducible.
 
-Transport, all torch.distributed: the trainer broadcasts the weights in buckets over a group of all ranks
-(`weight_sync.broadcast_weights`); a rollout rank sends each step's finished groups to the trainer point to point
-(`isend` of the pickled message, on the default group), so it goes on generating while the trainer trains.
+Transport, all torch.distributed: trainer rank 0 broadcasts the full weights (gathered from the trainers' FSDP2
+shards) in buckets over a group of itself and the rollout ranks (`weight_sync.broadcast_weights`); a rollout rank
+sends each step's finished groups to the trainer ranks that train them, point to point (`isend` of the pickled
+message, on the default group), so it goes on generating while the trainers train.
 A message holds, per group, its index in the step, its prompt ids and every response's tokens, log pi_infer and
 the policy version of each token; the trainer finds the payload (answer) from its own prompt stream by the index
-and checks the prompt matches. It also holds the digest of the weights that sampled it, which the trainer checks
-against the weights it broadcast: the rollout copy equals the trainer's bitwise, or the run stops.
+and checks the prompt matches. It also holds the digest of the weights that sampled it, which the trainers check
+against the weights broadcast: the rollout copy equals the trainer's bitwise, or the run stops.
 
-A rollout rank that raises sends its error in place of the step's groups; the trainer then stops with that one
+A rollout rank that raises sends its error in place of the step's groups; the trainers then stop with that one
 line, which names the rank.
 """
 
@@ -47,14 +49,15 @@ TRAINER = 0
 
 
 def check_decoupled(cfg: Config, dims: ParallelDims) -> None:
-    """One line, before anything is written, for a layout decoupled rollout ranks cannot run."""
+    """One line, before anything is written, for a layout decoupled rollout ranks cannot run (yet)."""
     rl, world = cfg.rl, dims.world
     if rl.rollout_ranks >= world:
         raise LinglabError(f"rl: rl.rollout_ranks={rl.rollout_ranks} leaves no trainer among {world} rank(s); launch "
                            f"rl.rollout_ranks + 1 ranks (torchrun --nproc_per_node {rl.rollout_ranks + 1} -m linglab rl ...)")
-    if world - rl.rollout_ranks > 1:
-        raise LinglabError(f"rl: {world - rl.rollout_ranks} trainer ranks with rl.rollout_ranks={rl.rollout_ranks}: "
-                           "decoupled rollouts train on one rank for now; launch rl.rollout_ranks + 1 ranks")
+    trainers = world - rl.rollout_ranks
+    if rl.prompts_per_step % trainers:
+        raise LinglabError(f"rl: rl.prompts_per_step={rl.prompts_per_step} groups do not split evenly over {trainers} "
+                           "trainer ranks; make it a multiple of the number of ranks minus rl.rollout_ranks")
     if dims.ep > 1 or dims.pp > 1:
         raise LinglabError("rl: rl.rollout_ranks with parallel.ep or parallel.pp > 1 is not supported yet")
     if rl.c3po:
@@ -83,22 +86,29 @@ class RolloutLink:
 
     @classmethod
     def for_run(cls, cfg: Config, dims: ParallelDims) -> RolloutLink:
-        """Collective: every rank creates the weight-sync group (all ranks: the trainer and the rollout ranks)."""
+        """Collective: every rank creates the weight-sync group (trainer rank 0 and the rollout ranks)."""
         rl = cfg.rl
+        sync = [TRAINER, *range(dims.world - rl.rollout_ranks, dims.world)]
         return cls(dims.rank, dims.world, rl.rollout_ranks, rl.max_staleness, rl.steps, rl.prompts_per_step,
-                   dims.device, dist.new_group(ranks=list(range(dims.world))))
+                   dims.device, dist.new_group(ranks=sync))
+
+    @property
+    def trainers(self) -> int:
+        return self.world - self.rollout_ranks
 
     @property
     def is_trainer(self) -> bool:
-        return self.rank < self.world - self.rollout_ranks
+        return self.rank < self.trainers
 
     def rollout_rank_ids(self) -> range:
-        return range(self.world - self.rollout_ranks, self.world)
+        return range(self.trainers, self.world)
 
     def groups_of(self, rank: int) -> list[int]:
-        """The step's group indices that rollout rank `rank` samples (contiguous, in order)."""
-        r, n = rank - (self.world - self.rollout_ranks), self.prompts_per_step
-        return [g for g in range(n) if g * self.rollout_ranks // n == r]
+        """The step's group indices that rank `rank` samples (a rollout rank) or trains (a trainer rank):
+        contiguous, in order, so a group never straddles ranks."""
+        first, ranks = (TRAINER, self.trainers) if rank < self.trainers else (self.trainers, self.rollout_ranks)
+        n = self.prompts_per_step
+        return [g for g in range(n) if g * ranks // n == rank - first]
 
     def weights_for(self, step: int, start: int) -> int:
         """How many optimizer steps the weights that sample `step` have seen: step - S, not before the run's start."""
@@ -131,10 +141,11 @@ def receive_message(src: int, step: int, device: torch.device) -> dict:
 
 
 class TrainerEnd:
-    """The trainer's side: broadcast the weights at the start of a step, then receive the step's groups."""
+    """A trainer rank's side: broadcast the weights at the start of a step (rank 0; the trainer ranks gather their
+    FSDP2 shards first), then receive the step's groups this rank trains. `dims`: the trainer ranks' layout."""
 
-    def __init__(self, link: RolloutLink):
-        self.link = link
+    def __init__(self, link: RolloutLink, dims: ParallelDims):
+        self.link, self.dims = link, dims
         self.start: int | None = None
         self.digests: dict[int, str] = {}  # policy version -> digest of the weights broadcast as it
 
@@ -143,20 +154,23 @@ class TrainerEnd:
         then the weights (after `step` optimizer steps, policy version step + 1) if a step will sample from them.
         {sync_s, sync_bytes}: 0 when nothing was sent."""
         start_time = time.perf_counter()
+        sending = self.link.rank == TRAINER
         if self.start is None:
             self.start = step
-            dist.broadcast_object_list([{"step": step, "prompts": prompt_state}], src=TRAINER,
-                                       group=self.link.sync_group)
+            if sending:
+                dist.broadcast_object_list([{"step": step, "prompts": prompt_state}], src=TRAINER,
+                                           group=self.link.sync_group)
         if not self.link.publishes(step, self.start):
             return {"sync_s": 0.0, "sync_bytes": 0}
-        state = model.state_dict()
-        sent = broadcast_weights(state, TRAINER, self.link.sync_group)
+        state = model.state_dict() if self.dims.world == 1 else self.dims.full_state(model)[0]
+        sent = broadcast_weights(state, TRAINER, self.link.sync_group) if sending else 0
         self.digests[step + 1] = weights_digest(state)
         return {"sync_s": time.perf_counter() - start_time, "sync_bytes": sent}
 
     def receive(self, step: int, pairs: list[tuple[list[int], object]]) -> tuple[list[RolloutGroup], dict]:
-        """The step's groups from every rollout rank, in group order, with the payloads of `pairs` (this step's
-        (prompt ids, example)); the engines' work summed. A rollout rank's error is raised here, as one line."""
+        """The step's groups this rank trains, from every rollout rank, in group order, with the payloads of `pairs`
+        (this step's (prompt ids, example)); the engines' work (sent to trainer rank 0 only, so a sum over the trainer
+        ranks counts it once). A rollout rank's error is raised here, as one line."""
         groups, stats = [], {"tokens_generated": 0}
         for rank in self.link.rollout_rank_ids():
             message = receive_message(rank, step, self.link.device)
@@ -181,7 +195,7 @@ class TrainerEnd:
 def serve_rollouts(link: RolloutLink, engine: RolloutEngine, model: LingForCausalLM, stream,
                    encode: Callable[[list], list[list[int]]], group_size: int, seed: int) -> None:
     """A rollout rank's whole job: receive the start and the weights, generate its groups of every step with the
-    weights the schedule names, send them to the trainer. `model` is the buffer the weights arrive in (same
+    weights the schedule names, send each trainer rank the groups it trains. `model` is the buffer the weights arrive in (same
     architecture as the trainer's); `stream` the run's `PromptStream`, moved to the trainer's position;
     `encode` renders and tokenizes examples as the trainer does."""
     header = [None]
@@ -200,18 +214,24 @@ def serve_rollouts(link: RolloutLink, engine: RolloutEngine, model: LingForCausa
                 digest = weights_digest(model.state_dict())
             examples = stream.next(link.prompts_per_step)
             work = dict(engine.work)
-            groups = []
+            groups = {}
             if mine:
                 prompts = encode([examples[g] for g in mine])
-                groups = engine.generate_groups(prompts, group_size, seed, step, mine[0])
-            message = {"version": engine.version, "digest": digest,
-                       "work": {k: v - work[k] for k, v in engine.work.items()},
-                       "groups": [(index, g.prompt, [(r.tokens, r.logprobs, r.versions, r.eos, r.truncated)
-                                                     for r in g.rollouts]) for index, g in zip(mine, groups)]}
-        except Exception as e:  # to the trainer, which stops the run with it
-            message = {"error": f"rl: rollout rank {link.rank} failed at step {step}: {type(e).__name__}: {e}"}
-        pending = [p for p in pending if not p[0].is_completed()] + send_message(message, TRAINER, step, link.device)
-        if "error" in message:
+                groups = dict(zip(mine, engine.generate_groups(prompts, group_size, seed, step, mine[0]), strict=True))
+            messages = [{"version": engine.version, "digest": digest,
+                         "work": {k: (v - work[k]) * (trainer == TRAINER) for k, v in engine.work.items()},
+                         "groups": [(index, groups[index].prompt,
+                                     [(r.tokens, r.logprobs, r.versions, r.eos, r.truncated)
+                                      for r in groups[index].rollouts])
+                                    for index in link.groups_of(trainer) if index in groups]}
+                        for trainer in range(link.trainers)]
+        except Exception as e:  # to the trainers, which stop the run with it
+            messages = [{"error": f"rl: rollout rank {link.rank} failed at step {step}: {type(e).__name__}: {e}"}
+                        ] * link.trainers
+        pending = [p for p in pending if not p[0].is_completed()]
+        for trainer, message in enumerate(messages):
+            pending += send_message(message, trainer, step, link.device)
+        if "error" in messages[0]:
             finish_sends(pending)
-            raise LinglabError(message["error"])
+            raise LinglabError(messages[0]["error"])
     finish_sends(pending)

@@ -66,7 +66,7 @@ from linglab.datasets import Example, PromptSet
 from linglab.errors import LinglabError
 from linglab.evals import first_per_subset
 from linglab.model import LingForCausalLM, build_model
-from linglab.parallel.parallel_dims import ParallelDims, init_parallel
+from linglab.parallel.parallel_dims import ParallelDims, init_parallel, sub_layout
 from linglab.rl import losses
 from linglab.rl.decoupled import RolloutLink, TrainerEnd, check_decoupled, serve_rollouts
 from linglab.rl.rewards import evo_cot_length_reward, format_reward
@@ -388,7 +388,8 @@ class RLTrainer:
             prompt_state = self.prompts.state_dict()  # before this step draws its prompts
             sync = self.rollout_ranks.publish(self.model, self.step, prompt_state)
             groups, stats = self.rollout_ranks.receive(self.step, self._new_prompts(self.cfg.prompts_per_step))
-            return groups, {**sync, **stats}
+            totals = self.dims.sum(torch.tensor([float(v) for v in stats.values()])).tolist()
+            return groups, {**sync, **{k: int(v) for k, v in zip(stats, totals)}}
         sync = self.sync_weights()
         work_before = dict(self.engine.work)
         if self.pool is not None:
@@ -611,6 +612,11 @@ class RLTrainer:
                 self.save()
 
 
+def _reraise(error: BaseException | None) -> None:
+    if error is not None:
+        raise error
+
+
 def _quiet(*args, **kwargs) -> None:
     """The log of ranks other than 0."""
 
@@ -724,14 +730,15 @@ def _run(cfg: Config, ckpt: str | Path | None, run: RunDir, dims: ParallelDims, 
         checkpoint.write_atomically(start_dir, write_start)
 
     link = RolloutLink.for_run(cfg, dims) if rl.rollout_ranks else None
+    trainer_dims = dims if link is None else sub_layout(dims, link.trainers)  # with rollout ranks: the trainer ranks
     if link is not None and not link.is_trainer:
         return _serve(cfg, run, dims, link, model, tokenizer, prompts)
-    trainer_dims = dims if link is None else ParallelDims(device=device)  # one trainer: the others generate
 
     def setup() -> RLTrainer:
         trainer_dims.on_main(begin)
+        rollout_ranks = None if link is None else TrainerEnd(link, trainer_dims)
         trainer = RLTrainer(rl, run, model, checkpoint.from_pretrained(start_dir, device=device), tokenizer, prompts,
-                            log=console.print, dims=trainer_dims, rollout_ranks=None if link is None else TrainerEnd(link))
+                            log=console.print, dims=trainer_dims, rollout_ranks=rollout_ranks)
         if resume:
             resumed_from = trainer.resume()
             console.print(f"resumed from {resumed_from}" if resumed_from else "no RL checkpoint yet: starting from step 0")
@@ -746,8 +753,15 @@ def _run(cfg: Config, ckpt: str | Path | None, run: RunDir, dims: ParallelDims, 
             trainer_dims.on_main(record_resume)
         return trainer
 
-    try:  # with rollout ranks, they wait for the trainer's setup and hear of its failure
-        trainer = setup() if link is None else dims.on_main(setup)
+    failure = None
+    try:
+        trainer = setup()
+    except BaseException as e:
+        failure = e
+    try:
+        if link is not None:  # the rollout ranks wait for the trainers' setup, and hear of rank 0's failure
+            dims.on_main(lambda: _reraise(failure))
+        _reraise(failure)
     except BaseException:
         if dims.is_main:
             run.rollback()
@@ -755,7 +769,7 @@ def _run(cfg: Config, ckpt: str | Path | None, run: RunDir, dims: ParallelDims, 
     dims.on_main(run.commit)
     ranks = f" on {dims.world} ranks (dp={dims.dp}, ep={dims.ep})" if dims.world > 1 else ""
     if link is not None:
-        ranks = f" on 1 trainer + {rl.rollout_ranks} rollout rank(s), max staleness {rl.max_staleness}"
+        ranks = f" on {link.trainers} trainer + {rl.rollout_ranks} rollout rank(s), max staleness {rl.max_staleness}"
     console.print(f"RL: {rl.algo} + {rl.correction}, {rl.rollout_precision} rollouts"
                   f"{' (C3PO++)' if rl.c3po else ''}, {rl.steps} steps{ranks} -> {run.path}")
     trainer.fit()
