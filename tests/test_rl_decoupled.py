@@ -1,13 +1,15 @@
 """Decoupled rollout ranks (issue 15 item 2) on gloo CPU ranks: 1 trainer + 1 rollout rank, and 2 FSDP2 trainers + 1.
 
 One 2-rank launch runs a bad layout, a max_staleness 0 run for 2 steps resumed to step 3, a max_staleness 1 run, and
-a run whose rollout rank raises; one 3-rank launch a bad layout and a max_staleness 0 run on 2 trainer ranks; the
-single-process run happens in the test process. With S = 0 the rollout rank samples from the weights the single
-process samples from, so rewards, losses and final weights are equal (at 1e-5, the colocated test's tolerance: with
-one trainer they are equal, with two the FSDP2 average sums in another order; at lr 1e-4, see that test). With
-S = 1 the recorded versions bound the lag of every trained token; the trainers check every sync's digest against
-the rollout rank's (a mismatch stops the run), and the bucketed broadcast is checked directly on models that start
-different.
+a max_staleness 1 run whose rollout rank raises at step 1 (the trainer then waits in the broadcast of the weights
+step 2 would have sampled: the failing rank joins it, so both stop with its line). One 3-rank launch runs a bad
+layout and a max_staleness 0 run on 2 trainer ranks. The single-process run happens in the test process.
+
+With S = 0 the rollout rank samples from the weights the single process samples from, so rewards, losses and final
+weights are equal (at 1e-5, the colocated test's tolerance: with one trainer they are equal, with two the FSDP2
+average sums in another order; at lr 1e-4, see that test). With S = 1 the recorded versions bound the lag of every
+trained token; the trainers check every sync's digest against the rollout rank's (a mismatch stops the run), and
+the bucketed broadcast is checked directly on models that start different.
 """
 
 import functools
@@ -61,7 +63,7 @@ def _decoupled(rank, world_size, ckpt, root):
     if rank == 1:
         RolloutEngine.generate_groups = _fail_at_step_one(RolloutEngine.generate_groups)
     with pytest.raises(LinglabError, match=r"^rl: rollout rank 1 failed at step 1: ValueError: injected failure$"):
-        run_rl(rl_config(**OPTIONS), ckpt, root / "broken")
+        run_rl(rl_config(**OPTIONS, max_staleness=1), ckpt, root / "broken")  # fails before the trainer's 2nd sync
 
 
 def _two_trainers(rank, world_size, ckpt, root):

@@ -232,6 +232,11 @@ def serve_rollouts(link: RolloutLink, engine: RolloutEngine, model: LingForCausa
         for trainer, message in enumerate(messages):
             pending += send_message(message, trainer, step, link.device)
         if "error" in messages[0]:
+            # The trainers broadcast the weights of the steps up to this one before they look for its groups (with
+            # S > 0 this rank has not needed them yet): join those broadcasts, or neither side gets further.
+            for later in range(start if have is None else have + 1, step + 1):
+                if link.publishes(later, start):
+                    broadcast_weights(model.state_dict(), TRAINER, link.sync_group)
             finish_sends(pending)
             raise LinglabError(messages[0]["error"])
     finish_sends(pending)
