@@ -4,6 +4,7 @@
     linglab rl --out runs/tiny-rl --resume                                      # continue bit-exactly
     linglab rl --ckpt CKPT --out runs/rl --data gsm8k.jsonl --verifier numeric   # your own prompt file (SPEC §10)
     torchrun --nproc_per_node 2 -m linglab rl --ckpt CKPT --out runs/rl-dp2      # colocated on 2 ranks
+    torchrun --nproc_per_node 2 -m linglab rl --ckpt CKPT --out runs/rl-async --rl.rollout_ranks=1 --rl.max_staleness=1
 
 Prompts come from a prompt set (`sft.load_prompts`: `rl.data`, or the embedded tiers through the same path),
 drawn in a new seeded order each epoch (`PromptStream`) and rendered through the tokenizer's chat template in
@@ -37,6 +38,11 @@ rank's loss is its share of the loss over all ranks' rollouts (global counts), s
 single-process one; metrics are reduced over the ranks and rank 0 writes. Every rollout draws from its own
 generator (`rollout.rollout_seed`), so N ranks sample what one process samples. C3PO++, DAPO refill rounds and
 SFT are single-process for now (`check_colocated`).
+
+With `rl.rollout_ranks=R` (`linglab.rl.decoupled`; docs/rl.md, "Distributed RL: decoupled rollout ranks") the last R
+ranks only generate and the others only train, as above but without a rollout engine: `collect` broadcasts the
+weights to the rollout ranks and receives the groups they sampled, at most `rl.max_staleness` versions old;
+`staleness_max` and `staleness_mean` log the lag of the trained tokens (on one process too).
 
 A run directory holds `config.toml`, the tokenizer files, `metrics.jsonl` (`sft` rows, one `train` row per RL
 step, `eval` rows before and after), `rl_start/` (the policy RL starts from, after SFT: the KL reference),
