@@ -446,6 +446,8 @@ class RLConfig(PromptDataConfig):
             _check(getattr(self, name) >= 0, f"rl.{name}", f"must be >= 0, got {getattr(self, name)}")
         _check(self.dapo_overlong_cache <= self.max_new_tokens, "rl.dapo_overlong_cache", "must be <= max_new_tokens")
         _check(self.dapo_max_rounds >= 0, "rl.dapo_max_rounds", f"must be >= 0, got {self.dapo_max_rounds}")
+        _check(self.max_staleness == 0 or self.rollout_ranks > 0, "rl.max_staleness",
+               f"({self.max_staleness}) needs rl.rollout_ranks > 0: only rollout ranks generate ahead of the trainer")
         _check(not (self.c3po and self.algo == "dapo" and self.dapo_max_rounds > 0), "rl.dapo_max_rounds",
                f"({self.dapo_max_rounds}) must be 0 with rl.c3po: C3PO++'s token budget, not refill rounds, sizes its "
                "batch (DAPO then drops uniform groups without refilling)")

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from test_rl_trainer import rl_config, start  # noqa: F401 - the module fixture: a tiny start checkpoint
 
 import linglab.rl.report
-from linglab.config import load_config
+from linglab.config import ConfigError, load_config
 from linglab.errors import LinglabError
 from linglab.model import build_model
 from linglab.parallel.weight_sync import broadcast_weights, weights_digest
@@ -81,6 +81,8 @@ def test_one_trainer_and_one_rollout_rank(start, tmp_path, monkeypatch):  # noqa
     monkeypatch.setattr(linglab.rl.report, "write_rl_report", lambda run_dir: run_dir / "report.md")
     with pytest.raises(LinglabError, match=r"^rl: rl.rollout_ranks=1 leaves no trainer among 1 rank\(s\)"):
         run_rl(rl_config(**OPTIONS), start, tmp_path / "bad")
+    with pytest.raises(ConfigError, match=r"^config: rl.max_staleness \(1\) needs rl.rollout_ranks > 0"):
+        rl_config(max_staleness=1)
     assert not (tmp_path / "bad").exists()
     run_rl(rl_config(**{**OPTIONS, "rollout_ranks": 0}), start, tmp_path / "single")
     run_on_ranks(functools.partial(_decoupled, ckpt=start, root=tmp_path), tmp_path, world_size=2)
