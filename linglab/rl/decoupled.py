@@ -195,9 +195,9 @@ class TrainerEnd:
 def serve_rollouts(link: RolloutLink, engine: RolloutEngine, model: LingForCausalLM, stream,
                    encode: Callable[[list], list[list[int]]], group_size: int, seed: int) -> None:
     """A rollout rank's whole job: receive the start and the weights, generate its groups of every step with the
-    weights the schedule names, send each trainer rank the groups it trains. `model` is the buffer the weights arrive in (same
-    architecture as the trainer's); `stream` the run's `PromptStream`, moved to the trainer's position;
-    `encode` renders and tokenizes examples as the trainer does."""
+    weights the schedule names, send each trainer rank the groups it trains. `model` is the buffer the weights
+    arrive in (same architecture as the trainers'); `stream` the run's `PromptStream`, moved to the trainers'
+    position; `encode` renders and tokenizes examples as the trainers do."""
     header = [None]
     dist.broadcast_object_list(header, src=TRAINER, group=link.sync_group)
     start = header[0]["step"]

@@ -784,7 +784,8 @@ def _run(cfg: Config, ckpt: str | Path | None, run: RunDir, dims: ParallelDims, 
                "rollout_precision": rl.rollout_precision, "c3po": rl.c3po, "start_checkpoint": str(ckpt or source),
                "data": rl.data or "embedded tiers", "verifier": trainer.verifier, "mode": rl.mode,
                "train_prompts": len(prompts.train), "heldout_prompts": len(prompts.heldout),
-               "skipped_rows": prompts.skipped, "ranks": dims.world,
+               "skipped_rows": prompts.skipped, "ranks": dims.world, "rollout_ranks": rl.rollout_ranks,
+               "max_staleness": rl.max_staleness,
                "tokens_generated": trainer.counters["tokens_generated"], "wall_time_s": trainer.counters["elapsed"],
                "final_checkpoint": str(run.final_path), "command": command}
     final = trainer.full_model() if rl.eval_problems else None  # the trainers' last collective
@@ -804,10 +805,10 @@ def _run(cfg: Config, ckpt: str | Path | None, run: RunDir, dims: ParallelDims, 
 
 def _serve(cfg: Config, run: RunDir, dims: ParallelDims, link: RolloutLink, model: LingForCausalLM,
            tokenizer: Tokenizer, prompts: PromptSet) -> dict:
-    """A rollout rank's part of `_run`: the collectives rank 0's setup makes, then `decoupled.serve_rollouts`."""
+    """A rollout rank's part of `_run`: the world's collectives of the trainers' setup, then `decoupled.serve_rollouts`."""
     rl = cfg.rl
-    dims.on_main(lambda: None)  # rank 0 sets the trainer up
-    dims.on_main(lambda: None)  # and commits the run directory
+    dims.on_main(lambda: None)  # the trainers set up (rank 0 tells how it went)
+    dims.on_main(lambda: None)  # rank 0 commits the run directory
     serve_rollouts(link, rollout_engine(rl, model.cfg, tokenizer, dims.device), model, PromptStream(prompts.train, rl.seed),
                    lambda examples: encode_prompts(tokenizer, rl, examples), rl.group_size, rl.seed)
     dims.barrier()
