@@ -21,6 +21,9 @@ The same math as one process on the global batch:
 Checkpoints hold the full single-device state (`full_state`, `load_full_state`), so any layout resumes any
 other. WORLD_SIZE=1 (`torchrun --nproc_per_node 1`) is the single-process run.
 
+RL with rollout ranks trains on the first ranks only (`sub_layout`): their ParallelDims holds their process `group`,
+and every collective above stays within it.
+
 Pipeline parallel (`--parallel.pp=W`, dp = ep = 1) is a layout of its own: every rank reads the whole global
 batch (`data_rank` 0 of `data_world` 1) and the Trainer runs it through `linglab.parallel.pipeline`.
 """
