@@ -8,8 +8,8 @@ layout and a max_staleness 0 run on 2 trainer ranks. The single-process run happ
 With S = 0 the rollout rank samples from the weights the single process samples from, so rewards, losses and final
 weights are equal (at 1e-5, the colocated test's tolerance: with one trainer they are equal, with two the FSDP2
 average sums in another order; at lr 1e-4, see that test). With S = 1 the recorded versions bound the lag of every
-trained token; the trainers check every sync's digest against the rollout rank's (a mismatch stops the run), and
-the bucketed broadcast is checked directly on models that start different.
+trained token; the trainers check every sync's digest against the rollout rank's (a mismatch stops the run: checked
+on a forged message), and the bucketed broadcast is checked directly on models that start different.
 """
 
 import functools
@@ -26,7 +26,9 @@ import linglab.rl.report
 from linglab.config import ConfigError, load_config
 from linglab.errors import LinglabError
 from linglab.model import build_model
+from linglab.parallel.parallel_dims import ParallelDims
 from linglab.parallel.weight_sync import broadcast_weights, weights_digest
+from linglab.rl.decoupled import RolloutLink, TrainerEnd, finish_sends, send_message
 from linglab.rl.rollout import RolloutEngine
 from linglab.rl.trainer import run_rl
 
@@ -53,6 +55,14 @@ def _decoupled(rank, world_size, ckpt, root):
     digests = [None, None]
     dist.all_gather_object(digests, weights_digest(model.state_dict()))
     assert digests[0] == digests[1] and sent > 4096
+    link = RolloutLink(rank, world_size, 1, 0, 1, 1, torch.device("cpu"), None)  # a rollout rank that sampled stale
+    if rank == 1:
+        finish_sends(send_message({"version": 1, "digest": "stale", "work": {}, "groups": []}, 0, 99, link.device))
+    else:
+        trainer = TrainerEnd(link, ParallelDims())
+        trainer.digests[1] = "broadcast"
+        with pytest.raises(RuntimeError, match=r"rollout rank 1 sampled step 99 from weights that differ"):
+            trainer.receive(99, [])
 
     with pytest.raises(LinglabError, match=r"rl.c3po with rl.rollout_ranks is not supported yet"):
         run_rl(rl_config(**OPTIONS, c3po=True), ckpt, root / "bad")
