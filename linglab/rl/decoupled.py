@@ -146,20 +146,20 @@ class TrainerEnd:
 
     def __init__(self, link: RolloutLink, dims: ParallelDims):
         self.link, self.dims = link, dims
-        self.start: int | None = None
+        self.start = 0  # the step the run starts at (`begin`)
         self.digests: dict[int, str] = {}  # policy version -> digest of the weights broadcast as it
 
-    def publish(self, model: LingForCausalLM, step: int, prompt_state: dict) -> dict:
-        """At the start of `step`: the run's first call tells the rollout ranks where it starts (step, prompt stream);
-        then the weights (after `step` optimizer steps, policy version step + 1) if a step will sample from them.
-        {sync_s, sync_bytes}: 0 when nothing was sent."""
+    def begin(self, step: int, prompt_state: dict) -> None:
+        """Tell the rollout ranks where the run starts (or resumed): its step and the prompt stream's state."""
+        self.start = step
+        if self.link.rank == TRAINER:
+            dist.broadcast_object_list([{"step": step, "prompts": prompt_state}], src=TRAINER, group=self.link.sync_group)
+
+    def publish(self, model: LingForCausalLM, step: int) -> dict:
+        """At the start of `step`: the weights (after `step` optimizer steps, policy version step + 1), if a step will
+        sample from them. {sync_s, sync_bytes}: 0 when nothing was sent."""
         start_time = time.perf_counter()
         sending = self.link.rank == TRAINER
-        if self.start is None:
-            self.start = step
-            if sending:
-                dist.broadcast_object_list([{"step": step, "prompts": prompt_state}], src=TRAINER,
-                                           group=self.link.sync_group)
         if not self.link.publishes(step, self.start):
             return {"sync_s": 0.0, "sync_bytes": 0}
         state = model.state_dict() if self.dims.world == 1 else self.dims.full_state(model)[0]

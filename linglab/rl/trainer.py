@@ -391,8 +391,7 @@ class RLTrainer:
         bytes and the engine's work counters (summed over the ranks). With rollout ranks: broadcast the weights
         to them, and receive the groups they sampled (`decoupled.TrainerEnd`)."""
         if self.rollout_ranks is not None:
-            prompt_state = self.prompts.state_dict()  # before this step draws its prompts
-            sync = self.rollout_ranks.publish(self.model, self.step, prompt_state)
+            sync = self.rollout_ranks.publish(self.model, self.step)
             groups, stats = self.rollout_ranks.receive(self.step, self._new_prompts(self.cfg.prompts_per_step))
             totals = self.dims.sum(torch.tensor([float(v) for v in stats.values()])).tolist()
             return groups, {**sync, **{k: int(v) for k, v in zip(stats, totals)}}
@@ -606,6 +605,8 @@ class RLTrainer:
 
     def fit(self) -> None:
         """Train to rl.steps, a metrics row per step, checkpoints every rl.ckpt_every steps and at the end."""
+        if self.rollout_ranks is not None:  # where the rollout ranks start: also when there is no step left to run
+            self.rollout_ranks.begin(self.step, self.prompts.state_dict())
         while self.step < self.cfg.steps:
             row = self.train_step()
             if self.dims.is_main:
