@@ -52,8 +52,8 @@ def check_decoupled(cfg: Config, dims: ParallelDims) -> None:
     """One line, before anything is written, for a layout decoupled rollout ranks cannot run (yet)."""
     rl, world = cfg.rl, dims.world
     if rl.rollout_ranks >= world:
-        raise LinglabError(f"rl: rl.rollout_ranks={rl.rollout_ranks} leaves no trainer among {world} rank(s); launch "
-                           f"rl.rollout_ranks + 1 ranks (torchrun --nproc_per_node {rl.rollout_ranks + 1} -m linglab rl ...)")
+        raise LinglabError(f"rl: rl.rollout_ranks={rl.rollout_ranks} leaves no trainer among {world} rank(s); launch at "
+                           f"least rl.rollout_ranks + 1 ranks (torchrun --nproc_per_node {rl.rollout_ranks + 1} -m linglab rl ...)")
     trainers = world - rl.rollout_ranks
     if rl.prompts_per_step % trainers:
         raise LinglabError(f"rl: rl.prompts_per_step={rl.prompts_per_step} groups do not split evenly over {trainers} "
