@@ -423,6 +423,8 @@ class RLConfig(PromptDataConfig):
     # wrong (0 = drop them and train on fewer groups); synchronous rollouts only (C3PO++'s budget sizes its batch)
     dapo_max_rounds: int = 3
     reward_workers: int = 1  # verifier processes scoring a step's rollouts side by side (SPEC §9 parallel rewards)
+    rollout_ranks: int = 0  # ranks that only generate, the last ones under torchrun (0 = every rank trains: colocated)
+    max_staleness: int = 0  # with rollout_ranks: versions a trained token's policy may lag (0 = synchronous)
 
     def validate(self) -> None:
         self.validate_data("rl")
@@ -444,10 +446,13 @@ class RLConfig(PromptDataConfig):
             _check(getattr(self, name) >= 1, f"rl.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(self.c3po_capacity >= self.group_size, "rl.c3po_capacity",
                f"({self.c3po_capacity}) must hold at least one group of group_size={self.group_size}")
-        for name in ("c3po_max_retention", "dapo_overlong_cache", "sft_steps", "eval_problems"):
+        for name in ("c3po_max_retention", "dapo_overlong_cache", "sft_steps", "eval_problems", "rollout_ranks",
+                     "max_staleness"):
             _check(getattr(self, name) >= 0, f"rl.{name}", f"must be >= 0, got {getattr(self, name)}")
         _check(self.dapo_overlong_cache <= self.max_new_tokens, "rl.dapo_overlong_cache", "must be <= max_new_tokens")
         _check(self.dapo_max_rounds >= 0, "rl.dapo_max_rounds", f"must be >= 0, got {self.dapo_max_rounds}")
+        _check(self.max_staleness == 0 or self.rollout_ranks > 0, "rl.max_staleness",
+               f"({self.max_staleness}) needs rl.rollout_ranks > 0: only rollout ranks generate ahead of the trainer")
         _check(not (self.c3po and self.algo == "dapo" and self.dapo_max_rounds > 0), "rl.dapo_max_rounds",
                f"({self.dapo_max_rounds}) must be 0 with rl.c3po: C3PO++'s token budget, not refill rounds, sizes its "
                "batch (DAPO then drops uniform groups without refilling)")

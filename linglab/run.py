@@ -345,13 +345,14 @@ class RunDir:
 
 
 # What a resumed run may change (`RunDir.resume_changes`): how often it logs, evaluates and checkpoints, where it runs
-# and on how many ranks (checkpoints are layout-agnostic), what it recomputes and whether its layers run compiled (the
-# same numbers), and the [eval] section of `linglab eval`. Everything else changes what was trained.
+# and on how many ranks (checkpoints are layout-agnostic; RL's rollout ranks and their lag too, which restarts at a
+# resume), what it recomputes and whether its layers run compiled (the same numbers), and the [eval] section of
+# `linglab eval`. Everything else changes what was trained.
 RESUME_SAFE = frozenset({
     "train.log_every", "train.eval_every", "train.eval_problems", "train.ckpt_every", "train.keep_last",
     "train.load_every", "train.num_samples", "train.max_bad_steps", "train.device", "train.recompute", "train.compile",
-    "fp8.monitor_every",
-    "fp8.underflow_warn", "fp8.distortion_warn", "rl.ckpt_every", "rl.keep_last"})
+    "fp8.monitor_every", "fp8.underflow_warn", "fp8.distortion_warn", "rl.ckpt_every", "rl.keep_last",
+    "rl.rollout_ranks", "rl.max_staleness"})
 
 
 def config_diff(a, b) -> list[tuple[str, object, object]]:

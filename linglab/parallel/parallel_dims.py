@@ -21,6 +21,9 @@ The same math as one process on the global batch:
 Checkpoints hold the full single-device state (`full_state`, `load_full_state`), so any layout resumes any
 other. WORLD_SIZE=1 (`torchrun --nproc_per_node 1`) is the single-process run.
 
+RL with rollout ranks trains on the first ranks only (`sub_layout`): their ParallelDims holds their process `group`,
+and every collective above stays within it.
+
 Pipeline parallel (`--parallel.pp=W`, dp = ep = 1) is a layout of its own: every rank reads the whole global
 batch (`data_rank` 0 of `data_world` 1) and the Trainer runs it through `linglab.parallel.pipeline`.
 """
@@ -71,6 +74,7 @@ class ParallelDims:
     world_mesh: DeviceMesh | None = None  # all ranks: FSDP2 of everything but the routed experts
     expert_mesh: DeviceMesh | None = None  # the dp ranks holding this rank's expert slice (ep > 1)
     ep_group: dist.ProcessGroup | None = None  # the ep ranks of this rank's group (ep > 1)
+    group: dist.ProcessGroup | None = None  # the ranks of this layout when they are not all (RL's trainer ranks)
     owns_group: bool = False  # init_parallel created the process group, so close() destroys it
 
     @property
@@ -108,7 +112,7 @@ class ParallelDims:
             return [(1.0, 1.0)] * len(masks)
         local = torch.stack([torch.stack([(k != 0).sum(), (k[:, 1:] != 0).sum()]) for k in masks])
         total = local.clone()
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=self.group)
         return [tuple(row) for row in (local.double() * self.world / total.clamp(min=1).double()).tolist()]
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
@@ -116,7 +120,7 @@ class ParallelDims:
         if self.world == 1:
             return t
         t = t.clone()
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=self.group)
         return t / self.world
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -124,7 +128,7 @@ class ParallelDims:
         if self.world == 1:
             return t
         t = t.to(self.device, copy=True)
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=self.group)
         return t
 
     def gather_objects(self, obj) -> list:
@@ -132,7 +136,7 @@ class ParallelDims:
         if self.world == 1:
             return [obj]
         out = [None] * self.world
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def all_reduce_expert_loads(self, model: LingForCausalLM) -> None:
@@ -213,7 +217,7 @@ class ParallelDims:
         if self.world > 1:
             message = [None if error is None else str(error) if isinstance(error, LinglabError)
                        else f"rank 0 failed: {type(error).__name__}: {error}"]
-            dist.broadcast_object_list(message, src=0)
+            dist.broadcast_object_list(message, src=0, group=self.group)
             if error is None and message[0] is not None:
                 raise LinglabError(message[0])
         if error is not None:
@@ -222,12 +226,22 @@ class ParallelDims:
 
     def barrier(self) -> None:
         if self.world > 1:
-            dist.barrier()
+            dist.barrier(group=self.group)
 
     def close(self) -> None:
         """Destroy the process group if init_parallel created it (after the run's last collective)."""
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def sub_layout(dims: ParallelDims, ranks: int) -> ParallelDims:
+    """Data parallel over the first `ranks` of the world (RL's trainer ranks, the others generate), for the ranks in
+    it; a one-rank ParallelDims for `ranks` = 1. Collective: every rank of the world calls it (`dist.new_group`)."""
+    group = dist.new_group(ranks=list(range(ranks))) if ranks > 1 else None
+    if dims.rank >= ranks or ranks == 1:
+        return ParallelDims(device=dims.device)
+    return ParallelDims(rank=dims.rank, world=ranks, dp=ranks, device=dims.device, group=group,
+                        world_mesh=DeviceMesh.from_group(group, dims.device.type, mesh_dim_names=("world",)))
 
 
 def init_parallel(cfg: ParallelConfig, device: torch.device, command: str = "train") -> ParallelDims:

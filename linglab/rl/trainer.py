@@ -4,6 +4,7 @@
     linglab rl --out runs/tiny-rl --resume                                      # continue bit-exactly
     linglab rl --ckpt CKPT --out runs/rl --data gsm8k.jsonl --verifier numeric   # your own prompt file (SPEC §10)
     torchrun --nproc_per_node 2 -m linglab rl --ckpt CKPT --out runs/rl-dp2      # colocated on 2 ranks
+    torchrun --nproc_per_node 2 -m linglab rl --ckpt CKPT --out runs/rl-async --rl.rollout_ranks=1 --rl.max_staleness=1
 
 Prompts come from a prompt set (`sft.load_prompts`: `rl.data`, or the embedded tiers through the same path),
 drawn in a new seeded order each epoch (`PromptStream`) and rendered through the tokenizer's chat template in
@@ -38,6 +39,11 @@ single-process one; metrics are reduced over the ranks and rank 0 writes. Every 
 generator (`rollout.rollout_seed`), so N ranks sample what one process samples. C3PO++, DAPO refill rounds and
 SFT are single-process for now (`check_colocated`).
 
+With `rl.rollout_ranks=R` (`linglab.rl.decoupled`; docs/rl.md, "Distributed RL: decoupled rollout ranks") the last R
+ranks only generate and the others only train, as above but without a rollout engine: `collect` broadcasts the
+weights to the rollout ranks and receives the groups they sampled, at most `rl.max_staleness` versions old;
+`staleness_max` and `staleness_mean` log the lag of the trained tokens (on one process too).
+
 A run directory holds `config.toml`, the tokenizer files, `metrics.jsonl` (`sft` rows, one `train` row per RL
 step, `eval` rows before and after), `rl_start/` (the policy RL starts from, after SFT: the KL reference),
 `checkpoints/step_NNNNNN/` (HF checkpoint + `rl_state.pt`: optimizer, step, RNGs, prompt stream, C3PO++
@@ -66,8 +72,9 @@ from linglab.datasets import Example, PromptSet
 from linglab.errors import LinglabError
 from linglab.evals import first_per_subset
 from linglab.model import LingForCausalLM, build_model
-from linglab.parallel.parallel_dims import ParallelDims, init_parallel
+from linglab.parallel.parallel_dims import ParallelDims, init_parallel, sub_layout
 from linglab.rl import losses
+from linglab.rl.decoupled import RolloutLink, TrainerEnd, check_decoupled, serve_rollouts
 from linglab.rl.rewards import evo_cot_length_reward, format_reward
 from linglab.rl.rollout import Rollout, RolloutEngine, RolloutGroup, RolloutPool
 from linglab.rl.sft import (
@@ -263,6 +270,17 @@ def correction_weights(cfg: RLConfig, train_logp_old: Tensor, infer_logp: Tensor
     return None
 
 
+def encode_prompts(tokenizer: Tokenizer, cfg: RLConfig, examples: list[Example]) -> list[list[int]]:
+    """The prompt ids of `examples`: each through the chat template in `rl.mode`."""
+    return tokenizer.encode_batch([render_prompt(tokenizer, e.chat(), cfg.mode, cfg.system_prompt) for e in examples])
+
+
+def rollout_engine(cfg: RLConfig, model_cfg, tokenizer: Tokenizer, device: torch.device) -> RolloutEngine:
+    """The run's inference engine (`rl.rollout_engine`, `rl.rollout_precision`, sampling settings)."""
+    return RolloutEngine(model_cfg, tokenizer.stop_ids, cfg.max_new_tokens, cfg.rollout_precision, cfg.temperature,
+                         cfg.top_p, device=device, kind=cfg.rollout_engine, slots=cfg.rollout_slots)
+
+
 def _expert_biases(model: LingForCausalLM) -> dict[str, Tensor]:
     return {name: b.detach().clone() for name, b in model.named_buffers() if name.endswith("expert_bias")}
 
@@ -295,16 +313,16 @@ class RLTrainer:
     """
 
     def __init__(self, cfg: RLConfig, run: RunDir, model: LingForCausalLM, reference: LingForCausalLM,
-                 tokenizer: Tokenizer, prompts: PromptSet, log=print, dims: ParallelDims | None = None):
+                 tokenizer: Tokenizer, prompts: PromptSet, log=print, dims: ParallelDims | None = None,
+                 rollout_ranks: TrainerEnd | None = None):
         self.dims = dims or ParallelDims()
+        self.rollout_ranks = rollout_ranks
         model = self.dims.parallelize(model)  # before the optimizer, which then holds this rank's shards
         self.cfg, self.run, self.model, self.tokenizer = cfg, run, model, tokenizer
         self.log = log if self.dims.is_main else _quiet
         self.reference = reference.eval().requires_grad_(False)
         self.device = self.dims.device if self.dims.world > 1 else model.lm_head.weight.device
-        self.engine = RolloutEngine(model.cfg, tokenizer.stop_ids, cfg.max_new_tokens, cfg.rollout_precision,
-                                    cfg.temperature, cfg.top_p, device=self.device, kind=cfg.rollout_engine,
-                                    slots=cfg.rollout_slots)
+        self.engine = None if rollout_ranks is not None else rollout_engine(cfg, model.cfg, tokenizer, self.device)
         self.pool = (RolloutPool(cfg.c3po_capacity, cfg.c3po_budget, cfg.c3po_max_retention, cfg.group_size)
                      if cfg.c3po else None)
         self.optimizer = build_adamw(model.parameters(), cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
@@ -322,7 +340,7 @@ class RLTrainer:
         `keep_last`. Its path on rank 0, None elsewhere."""
         model_state, optimizer_state = self.dims.full_state(self.model, self.optimizer)
         state = {"step": self.step, "optimizer": optimizer_state, "rng": rng_state(), "prompts": self.prompts.state_dict(),
-                 "pool": None if self.pool is None else self.pool.state_dict(), "engine_version": self.engine.version,
+                 "pool": None if self.pool is None else self.pool.state_dict(), "engine_version": self.step,
                  "counters": dict(self.counters)}
         return self.dims.on_main(lambda: self.run.save_checkpoint(self.step, self.model, self.tokenizer, state,
                                                                   self.cfg.keep_last, model_state=model_state))
@@ -350,7 +368,9 @@ class RLTrainer:
             raise checkpoint.CheckpointError(f"checkpoint {path}: unreadable RL state ({e})") from None
         if (pool is None) != (self.pool is None):
             raise LinglabError(f"rl: {path} was written with rl.c3po={pool is not None}; resume with the same")
-        self.step, self.engine.version = state["step"], state["engine_version"]
+        self.step = state["step"]
+        if self.engine is not None:
+            self.engine.version = state["engine_version"]
         self.prompts.load_state_dict(state["prompts"])
         if self.pool is not None:
             self.pool.load_state_dict(pool, self.device)
@@ -362,14 +382,19 @@ class RLTrainer:
     def _new_prompts(self, n: int) -> list[tuple[list[int], Example]]:
         """n (prompt ids, example) pairs: the next examples of the stream through the chat template (`rl.mode`)."""
         examples = self.prompts.next(n)
-        texts = [render_prompt(self.tokenizer, e.chat(), self.cfg.mode, self.cfg.system_prompt) for e in examples]
-        return list(zip(self.tokenizer.encode_batch(texts), examples))
+        return list(zip(encode_prompts(self.tokenizer, self.cfg, examples), examples))
 
     def collect(self) -> tuple[list[RolloutGroup], dict]:
         """Sync the engine to the trainer's weights, then this step's groups: C3PO++ from the pool, or
         `prompts_per_step` groups generated to completion (with DAPO, refilled: `dynamic_sampling`); on several
         ranks, this rank's share of them. Returns the groups this rank sampled, with the weight sync's time and
-        bytes and the engine's work counters (summed over the ranks)."""
+        bytes and the engine's work counters (summed over the ranks). With rollout ranks: broadcast the weights
+        to them, and receive the groups they sampled (`decoupled.TrainerEnd`)."""
+        if self.rollout_ranks is not None:
+            sync = self.rollout_ranks.publish(self.model, self.step)
+            groups, stats = self.rollout_ranks.receive(self.step, self._new_prompts(self.cfg.prompts_per_step))
+            totals = self.dims.sum(torch.tensor([float(v) for v in stats.values()])).tolist()
+            return groups, {**sync, **{k: int(v) for k, v in zip(stats, totals)}}
         sync = self.sync_weights()
         work_before = dict(self.engine.work)
         if self.pool is not None:
@@ -453,7 +478,8 @@ class RLTrainer:
                 "truncated": torch.tensor([r.truncated for r in rollouts]),
                 "tiers": [g.payload.subset for g in groups for _ in g.rollouts], "problems": problems,
                 "entropy": entropy[response].cpu(), "train_logp": old_logp[response].cpu(),
-                "infer_logp": batch.infer_logp[response].cpu(), "ref_logp": ref_logp[response].cpu()}
+                "infer_logp": batch.infer_logp[response].cpu(), "ref_logp": ref_logp[response].cpu(),
+                "staleness": self._staleness(rollouts, keep)}
         every = self.dims.gather_objects(mine)
         cat = {k: torch.cat([r[k] for r in every]) for k in mine if k not in ("tiers", "problems")}
         tiers = [t for r in every for t in r["tiers"]]
@@ -471,8 +497,20 @@ class RLTrainer:
                "mask_fraction": mismatch["icepop_mask_fraction"], "mean_abs_logdiff": mismatch["mean_abs_logdiff"],
                "max_abs_logdiff": mismatch["max_abs_logdiff"], "groups_sampled": len(cat["rewards"]) // cfg.group_size,
                "groups_trained": int(cat["keep"].sum()) // cfg.group_size,
+               "staleness_max": int(cat["staleness"].max()) if len(cat["staleness"]) else 0,
+               "staleness_mean": cat["staleness"].float().mean().item() if len(cat["staleness"]) else 0.0,
                **{k: sum(r["problems"].get(k, 0) for r in every) for k in problems}}
         return ScoredRollouts(rewards, keep, batch, old_logp, ref_logp, row)
+
+    def _staleness(self, rollouts: list[Rollout], keep: Tensor) -> Tensor:
+        """Per trained token, how many versions its policy lags the one this step trains (step + 1 after `step`
+        optimizer steps); with rollout ranks, checked against `rl.max_staleness`."""
+        lags = torch.tensor([self.step + 1 - v for r, k in zip(rollouts, keep.tolist(), strict=True) if k
+                             for v in r.versions], dtype=torch.long)
+        if self.rollout_ranks is not None and len(lags) and int(lags.max()) > self.cfg.max_staleness:
+            raise RuntimeError(f"rl: step {self.step} trains a token {int(lags.max())} versions old, beyond "
+                               f"rl.max_staleness={self.cfg.max_staleness}")
+        return lags
 
     def update(self, scored: ScoredRollouts) -> dict:
         """`rl.ppo_epochs` AdamW steps on the selected loss times the mismatch correction (+ k3 KL) over the kept
@@ -567,6 +605,8 @@ class RLTrainer:
 
     def fit(self) -> None:
         """Train to rl.steps, a metrics row per step, checkpoints every rl.ckpt_every steps and at the end."""
+        if self.rollout_ranks is not None:  # where the rollout ranks start: also when there is no step left to run
+            self.rollout_ranks.begin(self.step, self.prompts.state_dict())
         while self.step < self.cfg.steps:
             row = self.train_step()
             if self.dims.is_main:
@@ -577,6 +617,11 @@ class RLTrainer:
                      + (" (no update)" if row["skipped"] else ""))
             if self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.steps:
                 self.save()
+
+
+def _reraise(error: BaseException | None) -> None:
+    if error is not None:
+        raise error
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -613,12 +658,12 @@ def run_rl(cfg: Config, ckpt: str | Path | None, out: str | Path, resume: bool =
            console=None, command: str = "") -> dict:
     """The whole job: [SFT], RL steps with checkpoints, before/after evaluation, rl_eval.json, plots, report.
 
-    Under torchrun every rank runs this (colocated: each trains and generates its share, see the module docstring);
-    rank 0 alone prints and writes.
+    Under torchrun every rank runs this (colocated: each trains and generates its share, see the module docstring;
+    with `rl.rollout_ranks`, the last ranks only generate: `linglab.rl.decoupled`); rank 0 alone prints and writes.
     """
     dims = init_parallel(cfg.parallel, resolve_device(cfg.train.device, "rl"), command="rl")
     try:
-        check_colocated(cfg, dims)
+        (check_decoupled if cfg.rl.rollout_ranks else check_colocated)(cfg, dims)
         return _run(cfg, ckpt, RunDir(out, "rl", STATE_NAME), dims, resume, overwrite, console, command)
     finally:
         dims.close()
@@ -691,10 +736,16 @@ def _run(cfg: Config, ckpt: str | Path | None, run: RunDir, dims: ParallelDims, 
 
         checkpoint.write_atomically(start_dir, write_start)
 
-    try:
-        dims.on_main(begin)
+    link = RolloutLink.for_run(cfg, dims) if rl.rollout_ranks else None
+    trainer_dims = dims if link is None else sub_layout(dims, link.trainers)  # with rollout ranks: the trainer ranks
+    if link is not None and not link.is_trainer:
+        return _serve(cfg, run, dims, link, model, tokenizer, prompts)
+
+    def setup() -> RLTrainer:
+        trainer_dims.on_main(begin)
+        rollout_ranks = None if link is None else TrainerEnd(link, trainer_dims)
         trainer = RLTrainer(rl, run, model, checkpoint.from_pretrained(start_dir, device=device), tokenizer, prompts,
-                            log=console.print, dims=dims)
+                            log=console.print, dims=trainer_dims, rollout_ranks=rollout_ranks)
         if resume:
             resumed_from = trainer.resume()
             console.print(f"resumed from {resumed_from}" if resumed_from else "no RL checkpoint yet: starting from step 0")
@@ -706,13 +757,26 @@ def _run(cfg: Config, ckpt: str | Path | None, run: RunDir, dims: ParallelDims, 
                 run.append_metrics({"kind": "resume", "step": trainer.step, "from": str(resumed_from),
                                     "changes": {k: list(v) for k, v in changes.items()}, "command": command})
 
-            dims.on_main(record_resume)
+            trainer_dims.on_main(record_resume)
+        return trainer
+
+    failure = None
+    try:
+        trainer = setup()
+    except BaseException as e:
+        failure = e
+    try:
+        if link is not None:  # the rollout ranks wait for the trainers' setup, and hear of rank 0's failure
+            dims.on_main(lambda: _reraise(failure))
+        _reraise(failure)
     except BaseException:
         if dims.is_main:
             run.rollback()
         raise
     dims.on_main(run.commit)
     ranks = f" on {dims.world} ranks (dp={dims.dp}, ep={dims.ep})" if dims.world > 1 else ""
+    if link is not None:
+        ranks = f" on {link.trainers} trainer + {rl.rollout_ranks} rollout rank(s), max staleness {rl.max_staleness}"
     console.print(f"RL: {rl.algo} + {rl.correction}, {rl.rollout_precision} rollouts"
                   f"{' (C3PO++)' if rl.c3po else ''}, {rl.steps} steps{ranks} -> {run.path}")
     trainer.fit()
@@ -721,10 +785,11 @@ def _run(cfg: Config, ckpt: str | Path | None, run: RunDir, dims: ParallelDims, 
                "rollout_precision": rl.rollout_precision, "c3po": rl.c3po, "start_checkpoint": str(ckpt or source),
                "data": rl.data or "embedded tiers", "verifier": trainer.verifier, "mode": rl.mode,
                "train_prompts": len(prompts.train), "heldout_prompts": len(prompts.heldout),
-               "skipped_rows": prompts.skipped, "ranks": dims.world,
+               "skipped_rows": prompts.skipped, "ranks": dims.world, "rollout_ranks": rl.rollout_ranks,
+               "max_staleness": rl.max_staleness,
                "tokens_generated": trainer.counters["tokens_generated"], "wall_time_s": trainer.counters["elapsed"],
                "final_checkpoint": str(run.final_path), "command": command}
-    final = trainer.full_model() if rl.eval_problems else None  # the run's last collective
+    final = trainer.full_model() if rl.eval_problems else None  # the trainers' last collective
     dims.barrier()
     if not dims.is_main:
         return summary
@@ -737,3 +802,15 @@ def _run(cfg: Config, ckpt: str | Path | None, run: RunDir, dims: ParallelDims, 
     run.write_json("summary.json", summary)
     console.print(f"report: {write_rl_report(run.path)}")
     return summary
+
+
+def _serve(cfg: Config, run: RunDir, dims: ParallelDims, link: RolloutLink, model: LingForCausalLM,
+           tokenizer: Tokenizer, prompts: PromptSet) -> dict:
+    """A rollout rank's part of `_run`: the world's collectives of the trainers' setup, then `decoupled.serve_rollouts`."""
+    rl = cfg.rl
+    dims.on_main(lambda: None)  # the trainers set up (rank 0 tells how it went)
+    dims.on_main(lambda: None)  # rank 0 commits the run directory
+    serve_rollouts(link, rollout_engine(rl, model.cfg, tokenizer, dims.device), model, PromptStream(prompts.train, rl.seed),
+                   lambda examples: encode_prompts(tokenizer, rl, examples), rl.group_size, rl.seed)
+    dims.barrier()
+    return {"rollout_rank": dims.rank, "steps": rl.steps, "run": str(run.path)}

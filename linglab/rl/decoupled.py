@@ -1,0 +1,242 @@
+"""Decoupled rollout ranks (SPEC §9; docs/rl.md, "Distributed RL: decoupled rollout ranks"): R ranks only generate,
+the others train, and the weights flow back after every optimizer step.
+
+    torchrun --nproc_per_node 2 -m linglab rl --ckpt CKPT --out runs/rl-async --rl.rollout_ranks=1 --rl.max_staleness=1
+
+Layout: ranks 0 .. T-1 train (T = W - R; FSDP2 over them when T > 1, as colocated RL trains), ranks T .. W-1
+generate. Every rank draws each step's `rl.prompts_per_step` prompts from the same prompt stream; group g of a step
+is sampled by rollout rank T + g * R // prompts_per_step and trained by trainer rank g * T // prompts_per_step
+(contiguous: a group never straddles ranks), and every rollout draws from its own generator
+(`rollout.rollout_seed`), so what is sampled depends on the seed alone, not on timing.
+
+The schedule (`RolloutLink.weights_for`): step s is sampled from the weights after max(s - S, start) optimizer
+steps (S = `rl.max_staleness`, start = the step the run started or resumed at). So a rollout rank runs up to S
+steps ahead of the trainer and never further, and every trained token is exactly min(s - start, S) versions
+old; S = 0 is synchronous and samples what one process samples. A fixed lag rather than "the newest weights that
+have arrived" keeps runs reproducible.
+
+Transport, all torch.distributed: trainer rank 0 broadcasts the full weights (gathered from the trainers' FSDP2
+shards) in buckets over a group of itself and the rollout ranks (`weight_sync.broadcast_weights`); a rollout rank
+sends each step's finished groups to the trainer ranks that train them, point to point (`isend` of the pickled
+message, on the default group), so it goes on generating while the trainers train.
+A message holds, per group, its index in the step, its prompt ids and every response's tokens, log pi_infer and
+the policy version of each token; the trainer finds the payload (answer) from its own prompt stream by the index
+and checks the prompt matches. It also holds the digest of the weights that sampled it, which the trainers check
+against the weights broadcast: the rollout copy equals the trainer's bitwise, or the run stops.
+
+A rollout rank that raises sends its error in place of the step's groups; the trainers then stop with that one
+line, which names the rank.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from linglab.config import Config
+from linglab.errors import LinglabError
+from linglab.model import LingForCausalLM
+from linglab.parallel.parallel_dims import ParallelDims
+from linglab.parallel.weight_sync import broadcast_weights, weights_digest
+from linglab.rl.rollout import Rollout, RolloutEngine, RolloutGroup
+
+TRAINER = 0
+
+
+def check_decoupled(cfg: Config, dims: ParallelDims) -> None:
+    """One line, before anything is written, for a layout decoupled rollout ranks cannot run (yet)."""
+    rl, world = cfg.rl, dims.world
+    if rl.rollout_ranks >= world:
+        raise LinglabError(f"rl: rl.rollout_ranks={rl.rollout_ranks} leaves no trainer among {world} rank(s); launch at "
+                           f"least rl.rollout_ranks + 1 ranks (torchrun --nproc_per_node {rl.rollout_ranks + 1} -m linglab rl ...)")
+    trainers = world - rl.rollout_ranks
+    if rl.prompts_per_step % trainers:
+        raise LinglabError(f"rl: rl.prompts_per_step={rl.prompts_per_step} groups do not split evenly over {trainers} "
+                           "trainer ranks; make it a multiple of the number of ranks minus rl.rollout_ranks")
+    if dims.ep > 1 or dims.pp > 1:
+        raise LinglabError("rl: rl.rollout_ranks with parallel.ep or parallel.pp > 1 is not supported yet")
+    if rl.c3po:
+        raise LinglabError("rl: rl.c3po with rl.rollout_ranks is not supported yet (the rollout ranks generate whole "
+                           "groups); drop one of them")
+    if rl.algo == "dapo" and rl.dapo_max_rounds > 0:
+        raise LinglabError(f"rl: DAPO refill rounds (rl.dapo_max_rounds={rl.dapo_max_rounds}) with rl.rollout_ranks "
+                           "are not supported yet; set rl.dapo_max_rounds=0")
+    if rl.sft_steps:
+        raise LinglabError(f"rl: rl.sft_steps={rl.sft_steps} with rl.rollout_ranks: run `linglab sft` first and start "
+                           "RL from its checkpoint (--ckpt) with rl.sft_steps=0")
+
+
+@dataclass
+class RolloutLink:
+    """What both ends agree on: who generates which groups, with which weights, and the weight-sync group."""
+
+    rank: int
+    world: int
+    rollout_ranks: int
+    max_staleness: int
+    steps: int
+    prompts_per_step: int
+    device: torch.device
+    sync_group: dist.ProcessGroup
+
+    @classmethod
+    def for_run(cls, cfg: Config, dims: ParallelDims) -> RolloutLink:
+        """Collective: every rank creates the weight-sync group (trainer rank 0 and the rollout ranks)."""
+        rl = cfg.rl
+        sync = [TRAINER, *range(dims.world - rl.rollout_ranks, dims.world)]
+        return cls(dims.rank, dims.world, rl.rollout_ranks, rl.max_staleness, rl.steps, rl.prompts_per_step,
+                   dims.device, dist.new_group(ranks=sync))
+
+    @property
+    def trainers(self) -> int:
+        return self.world - self.rollout_ranks
+
+    @property
+    def is_trainer(self) -> bool:
+        return self.rank < self.trainers
+
+    def rollout_rank_ids(self) -> range:
+        return range(self.trainers, self.world)
+
+    def groups_of(self, rank: int) -> list[int]:
+        """The step's group indices that rank `rank` samples (a rollout rank) or trains (a trainer rank):
+        contiguous, in order, so a group never straddles ranks."""
+        first, ranks = (TRAINER, self.trainers) if rank < self.trainers else (self.trainers, self.rollout_ranks)
+        n = self.prompts_per_step
+        return [g for g in range(n) if g * ranks // n == rank - first]
+
+    def weights_for(self, step: int, start: int) -> int:
+        """How many optimizer steps the weights that sample `step` have seen: step - S, not before the run's start."""
+        return max(step - self.max_staleness, start)
+
+    def publishes(self, step: int, start: int) -> bool:
+        """Whether the trainer broadcasts its weights at the start of `step`: the start, and any a later step samples."""
+        return step == start or step + self.max_staleness < self.steps
+
+
+def send_message(message: dict, dst: int, step: int, device: torch.device) -> list:
+    """isend the pickled `message` (its size, then its bytes); returns what `finish_sends` waits on."""
+    data = torch.frombuffer(bytearray(pickle.dumps(message)), dtype=torch.uint8).to(device)
+    size = torch.tensor([data.numel()], dtype=torch.long, device=device)
+    return [(dist.isend(size, dst, tag=2 * step), size), (dist.isend(data, dst, tag=2 * step + 1), data)]
+
+
+def finish_sends(pending: list) -> None:
+    for work, _ in pending:  # the tensors stay referenced until their send completes
+        work.wait()
+    pending.clear()
+
+
+def receive_message(src: int, step: int, device: torch.device) -> dict:
+    size = torch.empty(1, dtype=torch.long, device=device)
+    dist.recv(size, src, tag=2 * step)
+    data = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.recv(data, src, tag=2 * step + 1)
+    return pickle.loads(data.cpu().numpy().tobytes())
+
+
+class TrainerEnd:
+    """A trainer rank's side: broadcast the weights at the start of a step (rank 0; the trainer ranks gather their
+    FSDP2 shards first), then receive the step's groups this rank trains. `dims`: the trainer ranks' layout."""
+
+    def __init__(self, link: RolloutLink, dims: ParallelDims):
+        self.link, self.dims = link, dims
+        self.start = 0  # the step the run starts at (`begin`)
+        self.digests: dict[int, str] = {}  # policy version -> digest of the weights broadcast as it
+
+    def begin(self, step: int, prompt_state: dict) -> None:
+        """Tell the rollout ranks where the run starts (or resumed): its step and the prompt stream's state."""
+        self.start = step
+        if self.link.rank == TRAINER:
+            dist.broadcast_object_list([{"step": step, "prompts": prompt_state}], src=TRAINER, group=self.link.sync_group)
+
+    def publish(self, model: LingForCausalLM, step: int) -> dict:
+        """At the start of `step`: the weights (after `step` optimizer steps, policy version step + 1), if a step will
+        sample from them. {sync_s, sync_bytes}: 0 when nothing was sent."""
+        start_time = time.perf_counter()
+        sending = self.link.rank == TRAINER
+        if not self.link.publishes(step, self.start):
+            return {"sync_s": 0.0, "sync_bytes": 0}
+        state = model.state_dict() if self.dims.world == 1 else self.dims.full_state(model)[0]
+        sent = broadcast_weights(state, TRAINER, self.link.sync_group) if sending else 0
+        self.digests[step + 1] = weights_digest(state)
+        return {"sync_s": time.perf_counter() - start_time, "sync_bytes": sent}
+
+    def receive(self, step: int, pairs: list[tuple[list[int], object]]) -> tuple[list[RolloutGroup], dict]:
+        """The step's groups this rank trains, from every rollout rank, in group order, with the payloads of `pairs`
+        (this step's (prompt ids, example)); the engines' work (sent to trainer rank 0 only, so a sum over the trainer
+        ranks counts it once). A rollout rank's error is raised here, as one line."""
+        groups, stats = [], {"tokens_generated": 0}
+        for rank in self.link.rollout_rank_ids():
+            message = receive_message(rank, step, self.link.device)
+            if message.get("error"):
+                raise LinglabError(message["error"])
+            if self.digests.get(message["version"]) != message["digest"]:
+                raise RuntimeError(f"rl: rollout rank {rank} sampled step {step} from weights that differ from the "
+                                   f"trainer's version {message['version']}")
+            for index, prompt, rollouts in message["groups"]:
+                if prompt != pairs[index][0]:
+                    raise RuntimeError(f"rl: rollout rank {rank} sampled group {index} of step {step} from another "
+                                       "prompt than the trainer's stream holds")
+                members = [Rollout(list(prompt), tokens, logprobs, versions, eos, truncated)
+                           for tokens, logprobs, versions, eos, truncated in rollouts]
+                groups.append(RolloutGroup(list(prompt), members, pairs[index][1]))
+            for k, v in message["work"].items():
+                stats[k] = stats.get(k, 0) + v
+        stats["tokens_generated"] = sum(r.cost for g in groups for r in g.rollouts)
+        return groups, stats
+
+
+def serve_rollouts(link: RolloutLink, engine: RolloutEngine, model: LingForCausalLM, stream,
+                   encode: Callable[[list], list[list[int]]], group_size: int, seed: int) -> None:
+    """A rollout rank's whole job: receive the start and the weights, generate its groups of every step with the
+    weights the schedule names, send each trainer rank the groups it trains. `model` is the buffer the weights
+    arrive in (same architecture as the trainers'); `stream` the run's `PromptStream`, moved to the trainers'
+    position; `encode` renders and tokenizes examples as the trainers do."""
+    header = [None]
+    dist.broadcast_object_list(header, src=TRAINER, group=link.sync_group)
+    start = header[0]["step"]
+    stream.load_state_dict(header[0]["prompts"])
+    have, digest, pending = None, "", []
+    mine = link.groups_of(link.rank)
+    for step in range(start, link.steps):
+        try:
+            while have != link.weights_for(step, start):
+                broadcast_weights(model.state_dict(), TRAINER, link.sync_group)
+                have = start if have is None else have + 1
+                engine.sync_weights(model)
+                engine.version = have + 1  # the trainer's count: the weights after `have` optimizer steps
+                digest = weights_digest(model.state_dict())
+            examples = stream.next(link.prompts_per_step)
+            work = dict(engine.work)
+            groups = {}
+            if mine:
+                prompts = encode([examples[g] for g in mine])
+                groups = dict(zip(mine, engine.generate_groups(prompts, group_size, seed, step, mine[0]), strict=True))
+            messages = [{"version": engine.version, "digest": digest,
+                         "work": {k: (v - work[k]) * (trainer == TRAINER) for k, v in engine.work.items()},
+                         "groups": [(index, groups[index].prompt,
+                                     [(r.tokens, r.logprobs, r.versions, r.eos, r.truncated)
+                                      for r in groups[index].rollouts])
+                                    for index in link.groups_of(trainer) if index in groups]}
+                        for trainer in range(link.trainers)]
+        except Exception as e:  # to the trainers, which stop the run with it
+            messages = [{"error": f"rl: rollout rank {link.rank} failed at step {step}: {type(e).__name__}: {e}"}
+                        ] * link.trainers
+        pending = [p for p in pending if not p[0].is_completed()]
+        for trainer, message in enumerate(messages):
+            pending += send_message(message, trainer, step, link.device)
+        if "error" in messages[0]:
+            # The trainers broadcast the weights of the steps up to this one before they look for its groups (with
+            # S > 0 this rank has not needed them yet): join those broadcasts, or neither side gets further.
+            for later in range(start if have is None else have + 1, step + 1):
+                if link.publishes(later, start):
+                    broadcast_weights(model.state_dict(), TRAINER, link.sync_group)
+            finish_sends(pending)
+            raise LinglabError(messages[0]["error"])
+    finish_sends(pending)

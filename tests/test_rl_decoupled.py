@@ -1,0 +1,119 @@
+"""Decoupled rollout ranks (issue 15 item 2) on gloo CPU ranks: 1 trainer + 1 rollout rank, and 2 FSDP2 trainers + 1.
+
+One 2-rank launch runs a bad layout, a max_staleness 0 run for 2 steps resumed to step 3, a max_staleness 1 run, and
+a max_staleness 1 run whose rollout rank raises at step 1 (the trainer then waits in the broadcast of the weights
+step 2 would have sampled: the failing rank joins it, so both stop with its line). One 3-rank launch runs a bad
+layout and a max_staleness 0 run on 2 trainer ranks. The single-process run happens in the test process.
+
+With S = 0 the rollout rank samples from the weights the single process samples from, so rewards, losses and final
+weights are equal (at 1e-5, the colocated test's tolerance: with one trainer they are equal, with two the FSDP2
+average sums in another order; at lr 1e-4, see that test). With S = 1 the recorded versions bound the lag of every
+trained token; the trainers check every sync's digest against the rollout rank's (a mismatch stops the run: checked
+on a forged message), and the bucketed broadcast is checked directly on models that start different.
+"""
+
+import functools
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_utils import requires_gloo, run_on_ranks
+from safetensors.torch import load_file
+from test_rl_trainer import rl_config, start  # noqa: F401 - the module fixture: a tiny start checkpoint
+
+import linglab.rl.report
+from linglab.config import ConfigError, load_config
+from linglab.errors import LinglabError
+from linglab.model import build_model
+from linglab.parallel.parallel_dims import ParallelDims
+from linglab.parallel.weight_sync import broadcast_weights, weights_digest
+from linglab.rl.decoupled import RolloutLink, TrainerEnd, finish_sends, send_message
+from linglab.rl.rollout import RolloutEngine
+from linglab.rl.trainer import run_rl
+
+pytestmark = requires_gloo
+OPTIONS = dict(kl_coef=0.1, lr=1e-4, rollout_ranks=1)
+TOL = 1e-5
+
+
+def _fail_at_step_one(original):
+    def generate_groups(self, prompts, group_size, seed, step=0, *args, **kwargs):
+        if step == 1:
+            raise ValueError("injected failure")
+        return original(self, prompts, group_size, seed, step, *args, **kwargs)
+    return generate_groups
+
+
+def _decoupled(rank, world_size, ckpt, root):
+    linglab.rl.report.write_rl_report = lambda run_dir: run_dir / "report.md"  # plots are not what is compared
+    model = build_model(load_config("tiny").model)  # a different init on each rank (spawn seeds alike: perturb)
+    if rank:
+        for p in model.parameters():
+            p.data.add_(1.0)
+    sent = broadcast_weights(model.state_dict(), src=0, bucket_bytes=4096)
+    digests = [None, None]
+    dist.all_gather_object(digests, weights_digest(model.state_dict()))
+    assert digests[0] == digests[1] and sent > 4096
+    link = RolloutLink(rank, world_size, 1, 0, 1, 1, torch.device("cpu"), None)  # a rollout rank that sampled stale
+    if rank == 1:
+        finish_sends(send_message({"version": 1, "digest": "stale", "work": {}, "groups": []}, 0, 99, link.device))
+    else:
+        trainer = TrainerEnd(link, ParallelDims())
+        trainer.digests[1] = "broadcast"
+        with pytest.raises(RuntimeError, match=r"rollout rank 1 sampled step 99 from weights that differ"):
+            trainer.receive(99, [])
+
+    with pytest.raises(LinglabError, match=r"rl.c3po with rl.rollout_ranks is not supported yet"):
+        run_rl(rl_config(**OPTIONS, c3po=True), ckpt, root / "bad")
+    assert not (root / "bad").exists()
+    run_rl(rl_config(**OPTIONS, steps=2), ckpt, root / "s0")
+    run_rl(rl_config(**OPTIONS, steps=3), None, root / "s0", resume=True)
+    run_rl(rl_config(**OPTIONS, max_staleness=1), ckpt, root / "s1")
+    if rank == 1:
+        RolloutEngine.generate_groups = _fail_at_step_one(RolloutEngine.generate_groups)
+    with pytest.raises(LinglabError, match=r"^rl: rollout rank 1 failed at step 1: ValueError: injected failure$"):
+        run_rl(rl_config(**OPTIONS, max_staleness=1), ckpt, root / "broken")  # fails before the trainer's 2nd sync
+
+
+def _two_trainers(rank, world_size, ckpt, root):
+    linglab.rl.report.write_rl_report = lambda run_dir: run_dir / "report.md"
+    with pytest.raises(LinglabError, match=r"rl.prompts_per_step=3 groups do not split evenly over 2 trainer ranks"):
+        run_rl(rl_config(**OPTIONS, prompts_per_step=3), ckpt, root / "bad")
+    run_rl(rl_config(**OPTIONS), ckpt, root / "t2")
+
+
+def _train_rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+
+
+def test_one_trainer_and_one_rollout_rank(start, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(linglab.rl.report, "write_rl_report", lambda run_dir: run_dir / "report.md")
+    with pytest.raises(LinglabError, match=r"^rl: rl.rollout_ranks=1 leaves no trainer among 1 rank\(s\)"):
+        run_rl(rl_config(**OPTIONS), start, tmp_path / "bad")
+    with pytest.raises(ConfigError, match=r"^config: rl.max_staleness \(1\) needs rl.rollout_ranks > 0"):
+        rl_config(max_staleness=1)
+    assert not (tmp_path / "bad").exists()
+    run_rl(rl_config(**{**OPTIONS, "rollout_ranks": 0}), start, tmp_path / "single")
+    run_on_ranks(functools.partial(_decoupled, ckpt=start, root=tmp_path), tmp_path, world_size=2)
+    (tmp_path / "three").mkdir()
+    run_on_ranks(functools.partial(_two_trainers, ckpt=start, root=tmp_path), tmp_path / "three", world_size=3)
+
+    single, s0, s1 = (_train_rows(tmp_path / run) for run in ("single", "s0", "s1"))
+    assert [r["step"] for r in s0] == [1, 2, 3]
+    for run in ("s0", "t2"):  # 1 trainer + 1 rollout rank (resumed at step 2), 2 FSDP2 trainers + 1 rollout rank
+        for one, two in zip(single, _train_rows(tmp_path / run), strict=True):
+            assert one["response_tokens"] == two["response_tokens"] and two["groups_sampled"] == 2
+            for key in ("reward", "loss", "kl", "grad_norm", "entropy", "response_length"):
+                assert two[key] == pytest.approx(one[key], abs=TOL, rel=TOL), (run, key)
+            assert two["staleness_max"] == 0 and two["sync_bytes"] == one["sync_bytes"] > 0
+        ours, theirs = (load_file(tmp_path / name / "final" / "model.safetensors") for name in (run, "single"))
+        for name, tensor in theirs.items():
+            torch.testing.assert_close(ours[name], tensor, atol=TOL, rtol=0, msg=f"{run}: {name}")
+
+    # S = 1: step 0 samples the start, every later step the weights one step old; the last ones are never sent.
+    assert [r["staleness_max"] for r in s1] == [0, 1, 1]
+    assert all(r["staleness_mean"] == r["staleness_max"] for r in s1)
+    assert [r["sync_bytes"] > 0 for r in s1] == [True, True, False]
+    assert s1[0]["reward"] == single[0]["reward"]
+    assert not (tmp_path / "broken" / "final").exists()
