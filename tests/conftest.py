@@ -6,6 +6,11 @@ import torch
 # The suite runs the eager FP8 quantisers: compiling each kernel costs seconds. The fused (compiled) ones are
 # tested against them in test_fp8_fused.py. Set here, before any test, so that subprocesses inherit it too.
 os.environ["LINGLAB_FP8_FUSED"] = "0"
+# Under pytest-xdist (pyproject: one worker per core) each worker and its subprocesses use one thread, so the two
+# workers do not fight over the two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 from linglab.config import load_config
 
