@@ -14,6 +14,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 from linglab.config import load_config
 
+# Tests that compile many inductor kernels cost minutes on a cold cache (a fresh clone, as CI runs): they run when
+# LINGLAB_SLOW_TESTS=1 (`LINGLAB_SLOW_TESTS=1 make test`). The default suite keeps the 1x128 and SwiGLU fused
+# quantisers bit for bit, the no-recompile check, and a compiled training run resumed across modes.
+slow = pytest.mark.skipif(not os.environ.get("LINGLAB_SLOW_TESTS"),
+                          reason="compiles many kernels (minutes on a cold cache); set LINGLAB_SLOW_TESTS=1")
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():

@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from conftest import slow
 
 from linglab import fp8
 from linglab.fp8 import (
@@ -48,7 +49,7 @@ def _hard_values(*shape, seed=0):
     return x
 
 
-@pytest.mark.parametrize("granularity", ["tile", "block", "tensor"])
+@pytest.mark.parametrize("granularity", ["tile", pytest.param("block", marks=slow), pytest.param("tensor", marks=slow)])
 def test_fused_quantize_dequantize_is_bit_identical(granularity):
     # whole tiles and blocks; odd sizes (zero-padded edge tiles and blocks); for blocks, stacked expert weights
     xs = [_hard_values(256, 384), _hard_values(129, 200, seed=1)]
@@ -83,6 +84,7 @@ def _offs(counts):
     return torch.tensor(counts).cumsum(0).to(torch.int32)
 
 
+@slow
 def test_autograd_functions_give_the_same_outputs_and_gradients_fused():
     # Ling's recipe only: the other recipes run the same quantisers, tested bit for bit above.
     op = Fp8Op(Fp8Recipe(), "emulate")

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import slow
 from test_train import FAST
 
 from linglab.cli import main
@@ -23,6 +24,7 @@ def _loss_and_grads(model, ids):
     return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
 
+@slow
 @pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8"])
 def test_a_compiled_step_matches_eager(fp8, one_thread):
     cfg = load_config("tiny", overrides=FAST + [f"--fp8.enabled={str(fp8).lower()}"])
