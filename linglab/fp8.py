@@ -165,9 +165,10 @@ class _Fused:
     kernel, or `fn` itself, eager, when fusing is off (`fused_enabled`).
 
     Dynamic shapes from the first call: an MoE's expert segments change size every step and must not recompile.
-    Parameters (a weight's `.float()` is the parameter itself) are passed detached: dynamo keeps a parameter's shape
-    static, so each weight shape would compile its own graph until the recompile limit sent the rest back to eager.
-    The quantisers are never differentiated through (the FP8 autograd Functions own their backward).
+    Every tensor is passed detached: dynamo keeps a parameter's shape static (a weight's `.float()` is the parameter
+    itself) and guards on `requires_grad`, so either would compile another graph per call site until the recompile
+    limit sent the rest back to eager (seen in benchmarks/fp8_step). The quantisers are never differentiated through:
+    the FP8 autograd Functions own their backward.
     Inside a region already being compiled `fn` is traced into that region's graph instead (train.compile keeps the
     FP8 layers out of its graphs, `linglab.fp8_convert`).
     A compile that fails (no C++ compiler, a backend's refusal) logs one line and leaves every quantiser eager;
@@ -183,7 +184,7 @@ class _Fused:
             return self.fn(*args)
         if self.compiled is None:
             self.compiled = torch.compile(self.fn, dynamic=True)
-        args = tuple(a.detach() if isinstance(a, torch.nn.Parameter) else a for a in args)
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         try:
             return self.compiled(*args)
         except Exception as err:  # noqa: BLE001 -- torch.compile raises a dozen unrelated types; eager reruns below

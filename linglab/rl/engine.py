@@ -76,7 +76,7 @@ class ContinuousEngine:
             self.model.train(was_training)
         return result
 
-    def _prefill(self, admitted: list[tuple[int, list[int]]]) -> dict[int, torch.Tensor]:
+    def _prefill(self, admitted: list[tuple[int, list[int]]], result: GenerationResult) -> dict[int, torch.Tensor]:
         """Packed prefill of (slot, sequence) pairs; equal sequences are computed once and their cache copied.
         Returns each slot's logits for its first sample."""
         first_slot: dict[tuple[int, ...], int] = {}
@@ -93,7 +93,7 @@ class ContinuousEngine:
         batch = SlotBatch(self.cache, torch.tensor([slot for _, slot in unique], device=device),
                           [len(key) for key, _ in unique])
         logits = self.model(ids, cache=batch)
-        self.prefilled += ids.shape[1]
+        result.prefill_tokens += ids.shape[1]
         out = {}
         for (_, slot), row in zip(unique, logits):
             out[slot] = row
@@ -110,7 +110,6 @@ class ContinuousEngine:
         owner: dict[int, int] = {}  # slot -> prompt index
         pending: dict[int, torch.Tensor] = {}  # slot -> logits of its next sample
         device = self.model.lm_head.weight.device
-        self.prefilled = 0
         while queue or owner:
             admitted, budget = [], 0
             while queue and free and (not admitted or budget + len(prompts[queue[0]]) <= self.prefill_tokens):
@@ -120,7 +119,7 @@ class ContinuousEngine:
                 admitted.append((slot, prompts[i]))
                 budget += len(prompts[i])
             if admitted:
-                pending.update(self._prefill(admitted))
+                pending.update(self._prefill(admitted, result))
             live = sorted(pending)
             rows = None if generators is None else [generators[owner[s]] for s in live]
             ids, logp = sample_next(torch.stack([pending[s] for s in live]), temperature, top_p, generator, rows)
@@ -147,4 +146,3 @@ class ContinuousEngine:
                 pending.update(zip((slot for slot, _ in decode), logits))
                 result.decode_steps += 1
                 result.decode_rows += len(decode)
-        result.prefill_tokens += self.prefilled
