@@ -17,6 +17,7 @@ few seconds on two cores instead of 4500 calls to a scalar optimiser.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -300,6 +301,25 @@ def bootstrap_loss_vs_compute(compute, loss, n_boot: int = 200, seed: int = 0, l
     from the full-data fit and a few of the data-driven starts, all as one batch. A resample needs >= 3 distinct
     points for 3 coefficients; those with fewer are drawn again.
     """
+    curves = bootstrap_loss_curves(compute, loss, n_boot, seed, delta, fit)
+    tail = 100 * (1 - level) / 2
+    return {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail)))
+            for k, v in zip(("E", "A", "alpha"), curves.T)}
+
+
+def bootstrap_prediction(compute, loss, at: float, n_boot: int = 200, seed: int = 0, level: float = 0.9,
+                         delta: float = 1e-3, fit: LossCurve | None = None) -> tuple[float, float]:
+    """Percentile interval (central `level`) of L(at) over the bootstrap refits of `fit_loss_vs_compute`: how far the
+    frontier points alone pin the prediction (not the run-to-run noise of the run being predicted)."""
+    e, a, alpha = bootstrap_loss_curves(compute, loss, n_boot, seed, delta, fit).T
+    predicted = e + a * float(at) ** -alpha
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(predicted, tail)), float(np.percentile(predicted, 100 - tail))
+
+
+def bootstrap_loss_curves(compute, loss, n_boot: int = 200, seed: int = 0, delta: float = 1e-3,
+                          fit: LossCurve | None = None) -> np.ndarray:
+    """[n_boot, 3] = (E, A, alpha) of `fit_loss_vs_compute` refitted on bootstrap resamples of the points."""
     compute, loss = _columns("bootstrap_loss_vs_compute", compute, loss)
     fit = fit_loss_vs_compute(compute, loss, delta) if fit is None else fit
     rng = np.random.default_rng(seed)
@@ -315,9 +335,7 @@ def bootstrap_loss_vs_compute(compute, loss, n_boot: int = 200, seed: int = 0, l
                                                           rng.choice([0.05, 0.1, 0.3, 0.5, 1.0], 4))]])
                        for _ in range(n_boot)])
     theta = _fit_lse(log_c[:, None], np.log(loss), starts, np.array(counts), delta)
-    values = {"E": np.exp(theta[:, 0]), "A": np.exp(theta[:, 1]), "alpha": theta[:, 2]}
-    tail = 100 * (1 - level) / 2
-    return {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for k, v in values.items()}
+    return np.stack([np.exp(theta[:, 0]), np.exp(theta[:, 1]), theta[:, 2]], axis=1)
 
 
 def bootstrap_power_law(x, y, n_boot: int = 1000, seed: int = 0, level: float = 0.9) -> dict[str, tuple[float, float]]:
@@ -410,6 +428,41 @@ def _hyper_optimum(rows: list[dict], key: str, other: str) -> list[tuple[float, 
     return points
 
 
+NEAR_OPTIMAL = 0.0025  # Ling's near-optimal band: runs within 0.25% of the best loss at a budget (SPEC §4)
+
+
+def hyper_scans(rows: list[dict], key: str, other: str, tol: float = NEAR_OPTIMAL) -> list[dict]:
+    """Per budget where runs of one shape (and one value of `other`) vary `key` (lr or batch_tokens): the values
+    and losses, the best value, the near-optimal band (values of the runs within `tol` of the best loss, relative),
+    and, when the best is inside the scan, the vertex of a parabola in log(value) through it and its neighbours.
+
+    The band, not only the argmin, is what a law for the hyperparameter should pass through (Ling fits eta_opt and
+    B_opt to near-optimal runs, SPEC §4): at small scale a loss this flat in the LR picks its argmin by noise.
+    """
+    scans = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["budget"], json.dumps(r["model"], sort_keys=True), r[other]), []).append(r)
+    for (budget, _, _), peers in sorted(groups.items(), key=lambda item: item[0][0]):
+        if len({r[key] for r in peers}) < 3:
+            continue
+        peers = sorted(peers, key=lambda r: r[key])
+        values, losses = np.array([r[key] for r in peers], float), np.array([_loss(r) for r in peers])
+        best = int(np.argmin(losses))
+        near = values[losses <= losses[best] * (1 + tol)]
+        model = peers[0]["model"]
+        scan = {"budget": budget, "shape": f"d{model['hidden_size']} x {model['num_hidden_layers']}", "values": values.tolist(),
+                "losses": losses.tolist(), "best": float(values[best]), "band": [float(near.min()), float(near.max())],
+                "vertex": None, "edge": best in (0, len(values) - 1)}
+        if not scan["edge"]:
+            x, y = np.log(values[best - 1:best + 2]), losses[best - 1:best + 2]
+            a, b, _ = np.polyfit(x, y, 2)
+            if a > 0:
+                scan["vertex"] = float(np.exp(-b / (2 * a)))
+        scans.append(scan)
+    return scans
+
+
 def fit_results(rows: list[dict], n_boot: int = 200) -> dict:
     """Every fit of SPEC §4 the results support; a note for each one they do not.
 
@@ -469,6 +522,13 @@ def fit_results(rows: list[dict], n_boot: int = 200) -> dict:
             fit[f"{law}_optima"] = points
         else:
             notes.append(f"optimal {key} vs compute: the sweep did not vary {key} at >= 2 budgets")
+        if scans := hyper_scans(shape_rows, key, other):
+            fit[f"{law}_scans"] = scans
+            vertices = [(s["budget"], s["vertex"]) for s in scans if s["vertex"] is not None]
+            if len(vertices) >= 2:
+                fit["laws"][f"{law}_vertex"] = fit_power_law(*zip(*vertices)).as_dict()
+            if edges := [f"{s['budget']:.3g}" for s in scans if s["edge"]]:
+                notes.append(f"{key} scans: at C = {', '.join(edges)} the best {key} is at the edge of the scan")
     # The rules the sweep itself used, for `suggest` where no optimum was fitted (exact for fixed and published rules).
     plain = runs_on_rule(rows) or rows
     fit["sweep_rules"] = {key: fit_power_law([r["budget"] for r in plain], [r[key] for r in plain]).as_dict()

@@ -32,15 +32,17 @@ from pathlib import Path
 import numpy as np
 
 from linglab.config import Config, load_config, read_toml
+from linglab.corpora import CORPORA
 from linglab.errors import LinglabError
 from linglab.flops import flops_per_token
 from linglab.plots import si
 from linglab.scaling.laws import (
+    OPTIMAL_BATCH_TOKENS,
+    OPTIMAL_LR,
+    PowerLaw,
     activation_ratio,
     compute_optimal,
     non_embedding_flops_per_token,
-    optimal_batch_tokens,
-    optimal_lr,
 )
 
 AXES = ("shape", "activation", "granularity")
@@ -59,6 +61,8 @@ STEP_OVERHEAD_S = 0.013  # measured 11-14 ms per step (Python, MoE routing, Adam
 RUN_OVERHEAD_S = 5.0
 CORPUS_S_PER_DOC = 1.5e-4  # building the embedded corpus and its packed datasets: measured 28 s for 200000 documents
 CORPUS_TOKENS_PER_DOC = 51  # embedded-corpus document length with the default tiers (2.05M tokens in 40000)
+NAMED_CORPUS_S = 30.0  # a named corpus (stdlib): reading, tokenizer training and packing, measured ~20 s
+BYTES_PER_TOKEN = 3.0  # stdlib code under the trained byte-level BPE: measured 3.0 at vocab 2048, 3.4 at 4096
 
 
 class SweepError(LinglabError):
@@ -84,10 +88,17 @@ class SweepGrid:
     axis_budgets: list[float] = field(default_factory=lambda: [1e12, 3e12])
     num_experts: list[int] = field(default_factory=lambda: [8, 16, 64])  # activation axis, top-4 + 1 shared: A 0.56-0.08
     granularities: list[int] = field(default_factory=lambda: [2, 4, 8])  # granularity axis
-    lr: float | str = 3e-3  # a fixed peak LR (why: the module docstring), or "published" = eta_opt(C) of SPEC §4
-    batch_tokens: float | str = "published"  # "published" = B_opt(C) of SPEC §4, else fixed; rounded to sequences
+    # A fixed peak LR (why: the module docstring), "published" = eta_opt(C) of SPEC §4, or a law of your own fit,
+    # {coef = .., exponent = ..} = coef * C^exponent (what `fit` writes as laws.lr; the wind tunnel's ladder uses one).
+    lr: float | str | dict = 3e-3
+    batch_tokens: float | str | dict = "published"  # the same three forms for B_opt(C); rounded to whole sequences
     lr_multipliers: list[float] = field(default_factory=lambda: [1.0])  # shape axis: >1 value to fit eta_opt(C)
     batch_multipliers: list[float] = field(default_factory=lambda: [1.0])  # shape axis: >1 value to fit B_opt(C)
+    # Shape-axis budgets that get the multipliers above (the others train at multiplier 1 only); [] = every budget.
+    hyper_budgets: list[float] = field(default_factory=list)
+    corpus: str = ""  # "" = the embedded arithmetic corpus; a named real-text corpus of linglab.corpora ("stdlib")
+    vocab_size: int = 512  # the trained tokenizer's (the tiny preset's)
+    heldout_tokens: int = 65536  # corpus: held-out tokens scored for each run's held-out loss
     warmup_frac: float = 0.05
     decay_frac: float = 0.3  # WSD, as the tiny preset: each run decays, so its final loss is its budget's
     min_steps: int = 50  # a run shorter than this is dropped from the plan (mostly warmup and decay)
@@ -99,11 +110,14 @@ class SweepGrid:
     def validate(self) -> None:
         """Types first (a grid file can hold anything), then ranges: one line naming the key, never a traceback."""
         defaults = SweepGrid()
-        special = {"lr": (lambda v: v == "published" or _fits(v, 1.0), "'published' or a positive number"),
-                   "batch_tokens": (lambda v: v == "published" or _fits(v, 1.0), "'published' or a positive number"),
+        rule = "'published', a positive number or {coef = positive number, exponent = number}"
+        special = {"lr": (_is_rule, rule), "batch_tokens": (_is_rule, rule),
                    "warmup_frac": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
                    "decay_frac": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-                   "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0")}
+                   "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+                   "hyper_budgets": (lambda v: isinstance(v, list) and all(_fits(b, 1.0) for b in v),
+                                     "a list of positive numbers (shape-axis budgets; [] = all)"),
+                   "corpus": (lambda v: v in ("", *CORPORA), f"'' or one of {', '.join(CORPORA)}")}
         for f in dataclasses.fields(self):
             value, default = getattr(self, f.name), getattr(defaults, f.name)
             if f.name in special:
@@ -120,6 +134,11 @@ class SweepGrid:
             check_axis(axis)
         if any(w % 32 for w in self.ladder):
             raise SweepError(f"scaling grid: ladder widths must be multiples of 32 (the head width), got {self.ladder}")
+        if missing := [b for b in self.hyper_budgets if b not in self.budgets]:
+            raise SweepError(f"scaling grid: hyper_budgets [{', '.join(f'{b:g}' for b in missing)}] are not in budgets "
+                             f"[{', '.join(f'{b:g}' for b in self.budgets)}]")
+        if self.vocab_size < 258:
+            raise SweepError(f"scaling grid: vocab_size must be >= 258 (256 bytes + eos + pad), got {self.vocab_size}")
         if self.sizes_per_budget > len(self.ladder):
             raise SweepError(f"scaling grid: sizes_per_budget ({self.sizes_per_budget}) exceeds the ladder's {len(self.ladder)} rungs")
 
@@ -131,6 +150,23 @@ def _fits(value, default) -> bool:
     if isinstance(default, int):
         return isinstance(value, int) and not isinstance(value, bool) and value > 0
     return is_number(value) and math.isfinite(value) and value > 0
+
+
+def _is_rule(value) -> bool:
+    """An LR or batch rule of a grid: "published", a positive number, or a power law {coef, exponent}."""
+    if isinstance(value, dict):
+        return (set(value) == {"coef", "exponent"} and _fits(value["coef"], 1.0) and is_number(value["exponent"])
+                and math.isfinite(value["exponent"]))
+    return value == "published" or _fits(value, 1.0)
+
+
+def _rule_at(rule, published: PowerLaw, budget: float) -> float:
+    """The value of an LR or batch rule at compute `budget`."""
+    if rule == "published":
+        return float(published.predict(budget))
+    if isinstance(rule, dict):
+        return float(PowerLaw(rule["coef"], rule["exponent"]).predict(budget))
+    return float(rule)
 
 
 def _kind(default) -> str:
@@ -259,13 +295,17 @@ class PlannedRun:
                      warmup_steps=max(1, round(g.warmup_frac * self.steps)), seed=g.seed, eval_every=0, num_samples=0,
                      ckpt_every=self.steps, keep_last=1, log_every=self.steps, load_every=self.steps,
                      eval_problems=g.eval_problems)
-        data = dict(seq_len=g.seq_len, num_documents=g.num_documents, seed=g.seed)
-        overrides = [f"--{section}.{k}={v}" for section, values in (("model", self.shape), ("train", train), ("data", data))
+        data = dict(seq_len=g.seq_len, num_documents=g.num_documents, seed=g.seed, vocab_size=g.vocab_size)
+        if g.corpus:
+            data |= dict(corpus=g.corpus, heldout_tokens=g.heldout_tokens)
+        model = {**self.shape, "vocab_size": g.vocab_size}  # the tokenizer's: trained with data.vocab_size
+        overrides = [f"--{section}.{k}={v}" for section, values in (("model", model), ("train", train), ("data", data))
                      for k, v in values.items()]
         return load_config(BASE_PRESET, overrides=overrides)
 
     def estimated_seconds(self) -> float:
-        full = flops_per_token(model_config(self.shape), self.grid.seq_len, include_mtp=False)  # with the lm_head
+        full = flops_per_token(model_config({**self.shape, "vocab_size": self.grid.vocab_size}), self.grid.seq_len,
+                               include_mtp=False)  # with the lm_head
         return self.tokens * full / CPU_FLOPS + self.steps * STEP_OVERHEAD_S + RUN_OVERHEAD_S
 
 
@@ -274,13 +314,14 @@ def _short(c: float) -> str:
     return f"{c:.3g}".replace("e+", "e")
 
 
-def _lr_for(grid: SweepGrid, budget: float) -> float:
-    return float(optimal_lr(budget)) if grid.lr == "published" else float(grid.lr)
+def lr_for(grid: SweepGrid, budget: float) -> float:
+    """The grid's peak LR at compute `budget` (multiplier 1)."""
+    return _rule_at(grid.lr, OPTIMAL_LR, budget)
 
 
-def _batch_for(grid: SweepGrid, budget: float, multiplier: float) -> int:
-    tokens = float(optimal_batch_tokens(budget)) if grid.batch_tokens == "published" else float(grid.batch_tokens)
-    return max(1, round(tokens * multiplier / grid.seq_len))
+def batch_for(grid: SweepGrid, budget: float, multiplier: float = 1.0) -> int:
+    """The grid's batch at compute `budget`, in whole sequences of grid.seq_len."""
+    return max(1, round(_rule_at(grid.batch_tokens, OPTIMAL_BATCH_TOKENS, budget) * multiplier / grid.seq_len))
 
 
 def shape_window(grid: SweepGrid, budget: float) -> list[int]:
@@ -297,9 +338,10 @@ def _variants(grid: SweepGrid, axis: str, budget: float):
     """(tag, shape, lr multiplier, batch multiplier) of every run of one axis at one budget."""
     window = shape_window(grid, budget)
     if axis == "shape":
+        varied = not grid.hyper_budgets or budget in grid.hyper_budgets
         for w in window:
-            for lm in grid.lr_multipliers:
-                for bm in grid.batch_multipliers:
+            for lm in grid.lr_multipliers if varied else [1.0]:
+                for bm in grid.batch_multipliers if varied else [1.0]:
                     tag = f"d{w}" + (f"-lrx{lm:g}" if lm != 1 else "") + (f"-bx{bm:g}" if bm != 1 else "")
                     yield tag, rung_shape(w), lm, bm
         return
@@ -321,12 +363,12 @@ def plan_runs(grid: SweepGrid) -> tuple[list[PlannedRun], list[str]]:
         for budget in grid.budgets if axis == "shape" else grid.axis_budgets:
             for tag, shape, lm, bm in _variants(grid, axis, budget):
                 name = f"{axis}-C{_short(budget)}-{tag}"
-                batch = _batch_for(grid, budget, bm)
+                batch = batch_for(grid, budget, bm)
                 steps = round(budget / (shape_flops(shape, grid.seq_len) * batch * grid.seq_len))
                 if steps < grid.min_steps:
                     notes.append(f"dropped {name}: {steps} steps < min_steps {grid.min_steps}")
                     continue
-                runs.append(PlannedRun(name, axis, float(budget), shape, _lr_for(grid, budget) * lm, batch, steps, grid, lm, bm))
+                runs.append(PlannedRun(name, axis, float(budget), shape, lr_for(grid, budget) * lm, batch, steps, grid, lm, bm))
     return runs, notes
 
 
@@ -355,13 +397,23 @@ def describe_plan(runs: list[PlannedRun], notes: list[str], grid: SweepGrid) -> 
                      f"{si(active_params(s)[0]):>6s} {si(r.m):>6s} {r.batch_size:>5d} {r.steps:>6d} "
                      f"{si(r.tokens):>6s} {r.compute:7.2e} {r.compute / r.budget:8.4f} {r.lr:7.1e} "
                      f"{minutes(r.estimated_seconds()):>7s}")
-    total = sum(r.estimated_seconds() for r in runs) + grid.num_documents * CORPUS_S_PER_DOC
+    build_s, corpus = corpus_estimate(grid)
+    total = sum(r.estimated_seconds() for r in runs) + build_s
     largest = max((r.tokens for r in runs), default=0)
-    corpus = grid.num_documents * CORPUS_TOKENS_PER_DOC
     lines += notes
     lines.append(f"{len(runs)} runs, {sum(r.compute for r in runs):.2e} FLOPs, estimated {minutes(total)} on this CPU "
                  f"(assumed {CPU_FLOPS / 1e9:.0f} GFLOP/s, {STEP_OVERHEAD_S * 1e3:.0f} ms/step, {RUN_OVERHEAD_S:.0f} s/run, "
-                 f"{grid.num_documents * CORPUS_S_PER_DOC:.0f} s for the corpus); "
-                 f"largest run reads ~{largest / corpus:.1f} epochs of the corpus")
+                 f"{build_s:.0f} s for the corpus); largest run reads ~{largest / corpus:.2g} epochs of the "
+                 f"{grid.corpus or 'embedded'} corpus (~{si(corpus)} training tokens)")
     return lines
+
+
+def corpus_estimate(grid: SweepGrid) -> tuple[float, float]:
+    """(seconds to build, training tokens) of the grid's corpus, estimated without tokenizing it."""
+    if not grid.corpus:
+        return grid.num_documents * CORPUS_S_PER_DOC, grid.num_documents * CORPUS_TOKENS_PER_DOC
+    from linglab.corpora import load_corpus
+
+    info = load_corpus(grid.corpus).info
+    return NAMED_CORPUS_S, info["bytes"] * (1 - info["heldout_percent"] / 100) / BYTES_PER_TOKEN
 

@@ -130,7 +130,10 @@ def write_fit(rows: list[dict], out: str | Path, n_boot: int = 200, commands: li
     md = ["# Scaling-law sweep (SPEC §4)", ""]
     if fit["commands"]:
         md += ["Commands:", "", "```", *fit["commands"], "```", ""]
-    md += [f"{len(rows)} finished runs; losses are held-out losses on answer tokens of the embedded arithmetic tasks.", ""]
+    corpora = sorted({r.get("corpus", {}).get("name", "embedded") for r in rows})
+    held_out = ("answer tokens of the embedded arithmetic tasks" if corpora == ["embedded"]
+                else f"the held-out files of the {', '.join(corpora)} corpus")
+    md += [f"{len(rows)} finished runs; losses are held-out losses on {held_out}.", ""]
     laws, rules = fit["laws"], fit["sweep_rules"]
     md += ["## Fits", "", f"- the sweep's rules: lr = {rules['lr']['coef']:.4g} C^{rules['lr']['exponent']:.4f}, "
            f"batch = {rules['batch_tokens']['coef']:.4g} C^{rules['batch_tokens']['exponent']:.4f} tokens"]

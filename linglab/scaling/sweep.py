@@ -138,7 +138,8 @@ def train_run(run: PlannedRun, data, run_dir: Path, log=print) -> dict:
             "lr": run.lr, "lr_multiplier": run.lr_multiplier, "batch_size": run.batch_size,
             "batch_tokens": run.batch_size * cfg.data.seq_len, "batch_multiplier": run.batch_multiplier,
             "seq_len": cfg.data.seq_len, "train_loss": float(np.mean(losses)) if losses else None,
-            "heldout_loss": heldout, "train_time_s": trainer.counters["elapsed"], "wall_time_s": time.perf_counter() - start}
+            "heldout_loss": heldout, "train_time_s": trainer.counters["elapsed"], "wall_time_s": time.perf_counter() - start,
+            "corpus": {k: data.corpus[k] for k in ("name", "sha256")} if data.corpus else {"name": "embedded"}}
 
 
 def run_sweep(grid: SweepGrid, out: str | Path, log=print, command: str = "") -> list[dict]:
