@@ -1,5 +1,7 @@
-"""The RL system of issue 15 (SPEC §9), measured side by side on the `long` tier: the continuous-batching engine, C3PO++
-on the RL trainer, decoupled rollout ranks, and the weight sync.
+"""The RL system of issue 15 (SPEC §9) on the `long` tier: continuous batching, C3PO++, rollout ranks, weight sync.
+
+Its ratios are measured side by side in one run: the continuous-batching engine, C3PO++ on the RL trainer, decoupled
+rollout ranks, and the weight sync's seconds and bytes.
 
 Every figure decodes the `long` tier's (tier 3) heavy-tailed response lengths: a response is exactly as long as its
 prompt's worked solution in the runs' default tokenizer plus one token for its EOS (~30 to ~380 tokens, median ~30),
@@ -23,7 +25,8 @@ engine (`rl.rollout_engine=continuous`) throughout.
 - async_over_sync_steps: RL steps per second of 1 trainer + 1 rollout rank at `rl.max_staleness=1` over the colocated
   synchronous run (both ranks train and generate) on the same 2 gloo CPU ranks: `linglab.rl.trainer.run_rl` on
   ranks spawned by `torch.multiprocessing` (as tests/test_rl_decoupled.py launches them, one thread each), the same
-  `--rl-steps` steps of the same prompts; the steps' `step_time`, the first left out.
+  `--rl-steps` steps of the same prompts, each rank building its rollout engine as a `SolutionLengthEngine` (in place
+  of `trainer.rollout_engine`); the steps' `step_time`, the first left out.
 - weight sync (JSON `weight_sync`): seconds and bytes of one step's hand-over for the `tiny` and `small` presets,
   1 trainer + 1 rollout rank on gloo: `TrainerEnd.publish` on the trainer (its logged `sync_s`: the bucketed
   broadcast and the digest) and, on the rollout rank, the time until `decoupled.hold_weights` returns (received,
