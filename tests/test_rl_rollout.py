@@ -302,3 +302,25 @@ def test_a_group_samples_the_same_rollouts_alone_or_batched_with_others(model, k
     assert len({tuple(r.tokens) for r in alone[0].rollouts}) > 1, "the members must draw different streams"
     other_step = engine.generate_groups([target], 3, seed=7, step=3, first_group=1)
     assert [r.tokens for r in other_step[0].rollouts] != [r.tokens for r in alone[0].rollouts]
+
+
+class PerPromptLimit(RolloutEngine):
+    """Each response as long as its prompt (as benchmarks/rl_system.py gives each its solution's length)."""
+
+    def response_limit(self, rollout):
+        return min(len(rollout.prompt), self.max_new_tokens)
+
+
+@pytest.mark.parametrize("kind", ["static", "continuous"])
+def test_a_per_prompt_response_limit_ends_each_rollout_there_and_c3po_counts_it_done(model, kind):
+    engine = PerPromptLimit(model.cfg, [], max_new_tokens=9, precision="fp32", kind=kind, slots=6)
+    engine.sync_weights(model)
+    groups = engine.generate_groups(prompts_of([3, 12, 5]), 2, seed=0)
+    assert [[(len(r.tokens), r.truncated, r.eos) for r in g.rollouts] for g in groups] == [
+        [(3, True, False)] * 2, [(9, True, False)] * 2, [(5, True, False)] * 2]
+    # C3PO++: the groups of 2 x 3 and 2 x 5 tokens complete; a budget of 16 stops before the 9-token group ends.
+    pool = RolloutPool(capacity=6, budget=16, max_retention=2, group_size=2)
+    prompts = iter([(p, len(p)) for p in prompts_of([3, 9, 5])])
+    completed, stats = pool.collect(engine, lambda n: [next(prompts) for _ in range(n)], seed=0, step=0)
+    assert [g.payload for g in completed] == [3, 5] and stats["completed_tokens"] == 16
+    assert [len(r.tokens) for g in pool.groups for r in g.rollouts] == [5, 5]

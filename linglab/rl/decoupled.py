@@ -192,6 +192,15 @@ class TrainerEnd:
         return groups, stats
 
 
+def hold_weights(link: RolloutLink, engine: RolloutEngine, model: LingForCausalLM, steps: int) -> str:
+    """A rollout rank's end of one `TrainerEnd.publish`: receive the weights after `steps` optimizer steps into
+    `model`, load them into `engine` as policy version steps + 1 (the trainer's count), and return their digest."""
+    broadcast_weights(model.state_dict(), TRAINER, link.sync_group)
+    engine.sync_weights(model)
+    engine.version = steps + 1
+    return weights_digest(model.state_dict())
+
+
 def serve_rollouts(link: RolloutLink, engine: RolloutEngine, model: LingForCausalLM, stream,
                    encode: Callable[[list], list[list[int]]], group_size: int, seed: int) -> None:
     """A rollout rank's whole job: receive the start and the weights, generate its groups of every step with the
@@ -207,11 +216,8 @@ def serve_rollouts(link: RolloutLink, engine: RolloutEngine, model: LingForCausa
     for step in range(start, link.steps):
         try:
             while have != link.weights_for(step, start):
-                broadcast_weights(model.state_dict(), TRAINER, link.sync_group)
                 have = start if have is None else have + 1
-                engine.sync_weights(model)
-                engine.version = have + 1  # the trainer's count: the weights after `have` optimizer steps
-                digest = weights_digest(model.state_dict())
+                digest = hold_weights(link, engine, model, have)
             examples = stream.next(link.prompts_per_step)
             work = dict(engine.work)
             groups = {}

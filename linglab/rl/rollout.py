@@ -61,7 +61,7 @@ class Rollout:
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     eos: bool = False  # ended by EOS
-    truncated: bool = False  # reached the engine's max_new_tokens without EOS
+    truncated: bool = False  # reached its limit (`RolloutEngine.response_limit`) without EOS
     retained: int = 0
     generator: torch.Generator | None = field(default=None, repr=False, compare=False)  # None: torch's global RNG
 
@@ -149,9 +149,14 @@ class RolloutEngine:
         self.version += 1
         return sum(t.numel() * t.element_size() for t in full.values())
 
+    def response_limit(self, rollout: Rollout) -> int:
+        """The most tokens `rollout` may have: `max_new_tokens` for every rollout. A subclass may give each prompt
+        its own (benchmarks/rl_system.py makes a response as long as its prompt's worked solution)."""
+        return self.max_new_tokens
+
     def continue_rollouts(self, rollouts: Sequence[Rollout], stop: Callable[[], bool] | None = None) -> int:
         """Sample on for every unfinished rollout, from its prompt + tokens so far, as one batch, until each ends
-        (EOS or max_new_tokens) or `stop()` says so; `stop` is asked after every token step, when the rollouts
+        (EOS or its `response_limit`) or `stop()` says so; `stop` is asked after every token step, when the rollouts
         already hold what was sampled, so it can count completed groups (C3PO++'s budget). Each rollout draws
         from its own generator, so what it samples does not depend on the batch.
 
@@ -161,11 +166,11 @@ class RolloutEngine:
         active = [r for r in rollouts if not r.done]
         if not active:
             return 0
-        start = [len(r.tokens) for r in active]
+        start, ends = [len(r.tokens) for r in active], [self.response_limit(r) for r in active]
 
         def record(result) -> None:
-            for r, n0, tokens, logprobs, eos, eos_logprob, eos_token in zip(
-                    active, start, result.tokens, result.logprobs, result.finished, result.eos_logprobs,
+            for r, n0, limit, tokens, logprobs, eos, eos_logprob, eos_token in zip(
+                    active, start, ends, result.tokens, result.logprobs, result.finished, result.eos_logprobs,
                     result.eos_tokens, strict=True):
                 if r.eos:  # recorded, EOS included, by an earlier call of `stop`
                     continue
@@ -174,13 +179,13 @@ class RolloutEngine:
                 r.logprobs += logprobs[k:] + [eos_logprob] * int(eos)
                 r.versions += [self.version] * (len(tokens) - k + int(eos))
                 r.eos = eos
-                r.truncated = not eos and len(r.tokens) >= self.max_new_tokens
+                r.truncated = not eos and len(r.tokens) >= limit
 
         def record_then_stop(result) -> bool:  # with a budget only: without one, recording once at the end does
             record(result)
             return stop()
 
-        sequences, limits = [r.prompt + r.tokens for r in active], [self.max_new_tokens - n for n in start]
+        sequences, limits = [r.prompt + r.tokens for r in active], [end - n for end, n in zip(ends, start)]
         callback = None if stop is None else record_then_stop
         generators = [r.generator for r in active]
         if self.kind == "continuous":
@@ -203,7 +208,7 @@ class RolloutEngine:
 
     def generate_groups(self, prompts: Sequence[Sequence[int]], group_size: int, seed: int, step: int = 0,
                         first_group: int = 0, payloads: Sequence[object] | None = None) -> list[RolloutGroup]:
-        """G responses per prompt, each generated to EOS or max_new_tokens (the synchronous mode); the groups are
+        """G responses per prompt, each generated to EOS or its limit (the synchronous mode); the groups are
         numbered from `first_group` for their generators (`start_groups`)."""
         payloads = [None] * len(prompts) if payloads is None else payloads
         groups = start_groups(prompts, payloads, group_size, seed, step, first_group, self.device)
