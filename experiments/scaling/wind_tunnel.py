@@ -205,7 +205,9 @@ def report(args, out: Path, found: dict[str, SweepGrid], command: str) -> dict:
                "corpus": ladder_rows[0].get("corpus"), "prediction": record, "measured": row,
                "score": score(record, row) if row else None, "lr_law": lr,
                "published_lr_at_scans": {f"{s['budget']:.3g}": float(optimal_lr(s["budget"])) for s in lr["scans"]},
-               "ladder_fit": {k: fit.get(k) for k in ("laws", "intervals", "frontier", "chinchilla", "holdout", "notes")},
+               # `linglab scaling fit` on ladder + extras (<out>/fit): the frontier there may include the batch scan's runs
+               "fit": {k: fit.get(k) for k in ("laws", "intervals", "frontier", "chinchilla", "holdout", "notes")},
+               "batch_scans": fit.get("batch_tokens_scans"),
                "leverage": fit.get("leverage"), "dense_curve": fit.get("dense_curve"),
                "grids": {k: dataclasses.asdict(g) for k, g in found.items()}}
     (out / "wind_tunnel.json").write_text(json.dumps(summary, indent=2) + "\n")
