@@ -7,6 +7,8 @@
     ladder.py  the grid (`SweepGrid`, `load_grid`), rung shapes, the cost model, `plan_runs`, `describe_plan`
     sweep.py   execution: `run_sweep` trains the planned runs into results.jsonl, resumably
     report.py  `write_fit` (fit.json, scaling.md, plots/*.png), `read_fit`, `suggest_config`
+    tunnel.py  the wind tunnel: `predict` a run past the ladder, `write_prediction` before it runs, `score` it after
+               (experiments/scaling/wind_tunnel.py chains scan, ladder, prediction and run)
 
 Run them from the command line:
 
@@ -15,7 +17,7 @@ Run them from the command line:
     linglab scaling fit --dir runs/scaling                  # fit.json, scaling.md and plots/*.png
     linglab scaling suggest --compute 1e14 --fit runs/scaling/fit.json --out big.toml
 
-Dependencies point one way: laws <- fit and ladder; ladder <- sweep; fit and ladder <- report. Re-exported below are
+Dependencies point one way: laws <- fit and ladder; ladder <- sweep; fit and ladder <- report and tunnel. Re-exported below are
 the names the CLI calls; the law math and the fitters come from their modules (`from linglab.scaling.laws import
 optimal_lr`).
 """
