@@ -2,7 +2,8 @@
 
 One 2-rank launch runs a bad layout, a max_staleness 0 run for 2 steps resumed to step 3, a max_staleness 1 run, and
 a max_staleness 1 run whose rollout rank raises at step 1 (the trainer then waits in the broadcast of the weights
-step 2 would have sampled: the failing rank joins it, so both stop with its line). One 3-rank launch runs a bad
+step 2 would have sampled: the failing rank joins it, so both stop with its line), and one whose trainer raises in
+step 1's update (the rollout rank, waiting for step 2's weights, stops with the trainer's line). One 3-rank launch runs a bad
 layout and a max_staleness 0 run on 2 trainer ranks. The single-process run happens in the test process.
 
 With S = 0 the rollout rank samples from the weights the single process samples from, so rewards, losses and final
@@ -30,7 +31,7 @@ from linglab.parallel.parallel_dims import ParallelDims
 from linglab.parallel.weight_sync import broadcast_weights, weights_digest
 from linglab.rl.decoupled import RolloutLink, TrainerEnd, finish_sends, send_message
 from linglab.rl.rollout import RolloutEngine
-from linglab.rl.trainer import run_rl
+from linglab.rl.trainer import RLTrainer, run_rl
 
 pytestmark = requires_gloo
 OPTIONS = dict(kl_coef=0.1, lr=1e-4, rollout_ranks=1)
@@ -43,6 +44,14 @@ def _fail_at_step_one(original):
             raise ValueError("injected failure")
         return original(self, prompts, group_size, seed, step, *args, **kwargs)
     return generate_groups
+
+
+def _fail_at_step_one_update(original):
+    def update(self, scored):
+        if self.step == 1:
+            raise ValueError("injected trainer failure")
+        return original(self, scored)
+    return update
 
 
 def _decoupled(rank, world_size, ckpt, root):
@@ -70,10 +79,20 @@ def _decoupled(rank, world_size, ckpt, root):
     run_rl(rl_config(**OPTIONS, steps=2), ckpt, root / "s0")
     run_rl(rl_config(**OPTIONS, steps=3), None, root / "s0", resume=True)
     run_rl(rl_config(**OPTIONS, max_staleness=1), ckpt, root / "s1")
+    generate_groups = RolloutEngine.generate_groups
     if rank == 1:
-        RolloutEngine.generate_groups = _fail_at_step_one(RolloutEngine.generate_groups)
+        RolloutEngine.generate_groups = _fail_at_step_one(generate_groups)
     with pytest.raises(LinglabError, match=r"^rl: rollout rank 1 failed at step 1: ValueError: injected failure$"):
         run_rl(rl_config(**OPTIONS, max_staleness=1), ckpt, root / "broken")  # fails before the trainer's 2nd sync
+    RolloutEngine.generate_groups = generate_groups
+    if rank == 0:  # the trainer fails in step 1's update, the rollout rank then waits for the weights of step 2
+        RLTrainer.update = _fail_at_step_one_update(RLTrainer.update)
+        with pytest.raises(ValueError, match="injected trainer failure"):
+            run_rl(rl_config(**OPTIONS, max_staleness=1), ckpt, root / "trainer-broken")
+    else:
+        with pytest.raises(LinglabError, match=r"^rl: rollout rank 1 stops: trainer rank 0 failed at step 1: "
+                                               r"ValueError: injected trainer failure$"):
+            run_rl(rl_config(**OPTIONS, max_staleness=1), ckpt, root / "trainer-broken")
 
 
 def _two_trainers(rank, world_size, ckpt, root):

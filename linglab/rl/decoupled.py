@@ -24,8 +24,12 @@ the policy version of each token; the trainer finds the payload (answer) from it
 and checks the prompt matches. It also holds the digest of the weights that sampled it, which the trainers check
 against the weights broadcast: the rollout copy equals the trainer's bitwise, or the run stops.
 
-A rollout rank that raises sends its error in place of the step's groups; the trainers then stop with that one
-line, which names the rank.
+Every weight broadcast is announced by a small control message from trainer rank 0 (`send_control`), and the run
+ends with one: the trainers' end, or their error. So a failure on either side ends the other with one line that
+names the rank, rather than leaving it waiting in a broadcast: a rollout rank that raises sends its error in place
+of the step's groups (`RolloutRankError` on the trainers); a trainer that raises sends its error as the next control
+message (`TrainerEnd.end`), which the rollout ranks wait for at their next sync or at the end. A rank killed outright
+can say nothing: its peers' transport fails (one line too, where they notice first) and torchrun ends the job.
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ from linglab.parallel.weight_sync import broadcast_weights, weights_digest
 from linglab.rl.rollout import Rollout, RolloutEngine, RolloutGroup
 
 TRAINER = 0
+
+
+class RolloutRankError(LinglabError):
+    """A rollout rank failed, or was lost: the trainers stop, without a word to the rollout ranks (which know)."""
 
 
 def check_decoupled(cfg: Config, dims: ParallelDims) -> None:
@@ -132,6 +140,28 @@ def finish_sends(pending: list) -> None:
     pending.clear()
 
 
+def send_control(message: dict, link: RolloutLink) -> None:
+    """Trainer rank 0 to the rollout ranks: {"version": v} (weights follow), {"end": True}, or {"error": line}."""
+    dist.broadcast_object_list([message], src=TRAINER, group=link.sync_group)
+
+
+def receive_control(link: RolloutLink, step: int) -> dict:
+    """A rollout rank's side of `send_control`; the trainers' error, or their loss, as one line naming this rank."""
+    message = [None]
+    try:
+        dist.broadcast_object_list(message, src=TRAINER, group=link.sync_group)
+    except RuntimeError as e:
+        raise LinglabError(f"rl: rollout rank {link.rank} lost trainer rank {TRAINER} at step {step}: "
+                           f"{first_line(e)}") from None
+    if "error" in message[0]:
+        raise LinglabError(f"rl: rollout rank {link.rank} stops: {message[0]['error']}")
+    return message[0]
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
+
+
 def receive_message(src: int, step: int, device: torch.device) -> dict:
     size = torch.empty(1, dtype=torch.long, device=device)
     dist.recv(size, src, tag=2 * step)
@@ -148,6 +178,7 @@ class TrainerEnd:
         self.link, self.dims = link, dims
         self.start = 0  # the step the run starts at (`begin`)
         self.digests: dict[int, str] = {}  # policy version -> digest of the weights broadcast as it
+        self.syncing = False  # in a weight broadcast: the rollout ranks expect weights, not a control message
 
     def begin(self, step: int, prompt_state: dict) -> None:
         """Tell the rollout ranks where the run starts (or resumed): its step and the prompt stream's state."""
@@ -163,9 +194,26 @@ class TrainerEnd:
         if not self.link.publishes(step, self.start):
             return {"sync_s": 0.0, "sync_bytes": 0}
         state = model.state_dict() if self.dims.world == 1 else self.dims.full_state(model)[0]
-        sent = broadcast_weights(state, TRAINER, self.link.sync_group) if sending else 0
+        sent = 0
+        if sending:
+            send_control({"version": step + 1}, self.link)
+            self.syncing = True
+            sent = broadcast_weights(state, TRAINER, self.link.sync_group)
+            self.syncing = False
         self.digests[step + 1] = weights_digest(state)
         return {"sync_s": time.perf_counter() - start_time, "sync_bytes": sent}
+
+    def end(self, step: int, error: BaseException | None = None) -> None:
+        """Tell the rollout ranks the trainers are done: at the end of the run, or with `error` (raised at `step`),
+        which they stop with. Not after a rollout rank's failure (they know), nor inside a weight broadcast (they
+        cannot hear it; torchrun ends them when this process exits)."""
+        if self.link.rank != TRAINER or isinstance(error, RolloutRankError) or self.syncing:
+            return
+        if error is None:
+            send_control({"end": True}, self.link)
+        else:
+            send_control({"error": f"trainer rank {TRAINER} failed at step {step}: {type(error).__name__}: "
+                                   f"{first_line(error)}"}, self.link)
 
     def receive(self, step: int, pairs: list[tuple[list[int], object]]) -> tuple[list[RolloutGroup], dict]:
         """The step's groups this rank trains, from every rollout rank, in group order, with the payloads of `pairs`
@@ -173,9 +221,12 @@ class TrainerEnd:
         ranks counts it once). A rollout rank's error is raised here, as one line."""
         groups, stats = [], {"tokens_generated": 0}
         for rank in self.link.rollout_rank_ids():
-            message = receive_message(rank, step, self.link.device)
+            try:
+                message = receive_message(rank, step, self.link.device)
+            except RuntimeError as e:
+                raise RolloutRankError(f"rl: lost rollout rank {rank} at step {step}: {first_line(e)}") from None
             if message.get("error"):
-                raise LinglabError(message["error"])
+                raise RolloutRankError(message["error"])
             if self.digests.get(message["version"]) != message["digest"]:
                 raise RuntimeError(f"rl: rollout rank {rank} sampled step {step} from weights that differ from the "
                                    f"trainer's version {message['version']}")
@@ -207,7 +258,7 @@ def serve_rollouts(link: RolloutLink, engine: RolloutEngine, model: LingForCausa
     for step in range(start, link.steps):
         try:
             while have != link.weights_for(step, start):
-                broadcast_weights(model.state_dict(), TRAINER, link.sync_group)
+                receive_weights(link, model, step)
                 have = start if have is None else have + 1
                 engine.sync_weights(model)
                 engine.version = have + 1  # the trainer's count: the weights after `have` optimizer steps
@@ -236,7 +287,14 @@ def serve_rollouts(link: RolloutLink, engine: RolloutEngine, model: LingForCausa
             # S > 0 this rank has not needed them yet): join those broadcasts, or neither side gets further.
             for later in range(start if have is None else have + 1, step + 1):
                 if link.publishes(later, start):
-                    broadcast_weights(model.state_dict(), TRAINER, link.sync_group)
+                    receive_weights(link, model, step)
             finish_sends(pending)
             raise LinglabError(messages[0]["error"])
+    receive_control(link, link.steps)  # the trainers' end, once they have received every group sent
     finish_sends(pending)
+
+
+def receive_weights(link: RolloutLink, model: LingForCausalLM, step: int) -> None:
+    """A weight broadcast of the trainers, into `model` (its control message first)."""
+    receive_control(link, step)
+    broadcast_weights(model.state_dict(), TRAINER, link.sync_group)

@@ -605,8 +605,18 @@ class RLTrainer:
 
     def fit(self) -> None:
         """Train to rl.steps, a metrics row per step, checkpoints every rl.ckpt_every steps and at the end."""
-        if self.rollout_ranks is not None:  # where the rollout ranks start: also when there is no step left to run
-            self.rollout_ranks.begin(self.step, self.prompts.state_dict())
+        if self.rollout_ranks is None:
+            self._train()
+            return
+        self.rollout_ranks.begin(self.step, self.prompts.state_dict())  # also when there is no step left to run
+        try:
+            self._train()
+        except Exception as e:  # the rollout ranks stop with it, rather than wait for weights that never come
+            self.rollout_ranks.end(self.step, e)
+            raise
+        self.rollout_ranks.end(self.step)
+
+    def _train(self) -> None:
         while self.step < self.cfg.steps:
             row = self.train_step()
             if self.dims.is_main:
