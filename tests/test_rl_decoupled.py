@@ -29,15 +29,17 @@ from linglab.errors import LinglabError
 from linglab.model import build_model
 from linglab.parallel.parallel_dims import ParallelDims
 from linglab.parallel.weight_sync import broadcast_weights, weights_digest
+from linglab.rl import trainer as trainer_module
 from linglab.rl.decoupled import RolloutLink, TrainerEnd, finish_sends, send_message
 from linglab.rl.rollout import RolloutEngine
-from linglab.rl.trainer import RLTrainer, run_rl
+from linglab.rl.trainer import RLTrainer, rollout_rewards, run_rl
 
 pytestmark = requires_gloo
 OPTIONS = dict(kl_coef=0.1, lr=1e-4, rollout_ranks=1)
 TOL = 1e-5
 # Carry-overs happen (tests/test_rl_trainer.py's C3PO++ settings): a 30-token budget, 12 rollouts in flight.
 C3PO = dict(c3po=True, c3po_capacity=12, c3po_budget=30, c3po_max_retention=1)
+DAPO = dict(algo="dapo", dapo_max_rounds=2, steps=3)
 
 
 def _fail_at_step_one(original):
@@ -102,6 +104,8 @@ def _two_trainers(rank, world_size, ckpt, root):
         run_rl(rl_config(**OPTIONS, prompts_per_step=3), ckpt, root / "bad")
     with pytest.raises(LinglabError, match=r"rl.c3po with rl.rollout_ranks runs on 1 trainer \+ 1 rollout rank for now"):
         run_rl(rl_config(**OPTIONS, **C3PO), ckpt, root / "bad")
+    with pytest.raises(LinglabError, match=r"DAPO refill rounds \(rl.dapo_max_rounds=2\) with rl.rollout_ranks run on 1 "):
+        run_rl(rl_config(**OPTIONS, **DAPO), ckpt, root / "bad")
     run_rl(rl_config(**OPTIONS), ckpt, root / "t2")
 
 
@@ -158,8 +162,16 @@ def _record_lags(original, path):
     return staleness
 
 
-def _decoupled_c3po(rank, world_size, ckpt, root):
+def _multiple_of_three_is_right(cfg, completions, answers, lengths, kind="numeric"):
+    """The random model is never right: a scripted verdict, so that DAPO finds some groups all wrong and refills."""
+    return (lengths % 3 == 0).float(), lengths % 3 == 0, {}
+
+
+def _decoupled_c3po_and_dapo(rank, world_size, ckpt, root):
     linglab.rl.report.write_rl_report = lambda run_dir: run_dir / "report.md"
+    trainer_module.rollout_rewards = _multiple_of_three_is_right  # both ranks: the rollout rank scores to refill
+    run_rl(rl_config(**OPTIONS, **DAPO), ckpt, root / "dapo-s0")
+    trainer_module.rollout_rewards = rollout_rewards
     run_rl(rl_config(**OPTIONS, **C3PO, steps=2), ckpt, root / "c3po-s0")
     run_rl(rl_config(**OPTIONS, **C3PO, steps=3), None, root / "c3po-s0", resume=True)  # the pool comes back
     if rank == 0:
@@ -167,14 +179,28 @@ def _decoupled_c3po(rank, world_size, ckpt, root):
     run_rl(rl_config(**OPTIONS, **C3PO, steps=4, max_staleness=1), ckpt, root / "c3po-s1")
 
 
-def test_c3po_on_a_rollout_rank(start, tmp_path, monkeypatch):  # noqa: F811
-    """C3PO++ with the pool on the rollout rank. S = 0 equals one process (the pool's state travels with the
-    checkpoint the trainer writes, so a resume between steps 2 and 3 changes nothing). S = 1 (AReaL's head lag, as
-    SPEC §9 has it: partial rollouts span versions): every trained group's newest token is at most 1 version old
-    and its oldest at most 1 + the group's carry-overs; carried groups do train."""
+def test_c3po_and_dapo_refills_on_a_rollout_rank(start, tmp_path, monkeypatch):  # noqa: F811
+    """DAPO's refill rounds on the rollout rank (which scores its groups to find the mixed ones): S = 0 equals one
+    process, refills included. C3PO++ with the pool on the rollout rank (on more than 1 + 1 ranks refused, in the
+    3-rank launch): S = 0 equals one process (the pool's state travels with the checkpoint the trainer writes, so a
+    resume between steps 2 and 3 changes nothing). S = 1 (AReaL's head lag, as SPEC §9 has it: partial rollouts
+    span versions): every trained group's newest token is at most 1 version old and its oldest at most 1 + the
+    group's carry-overs; carried groups do train."""
     monkeypatch.setattr(linglab.rl.report, "write_rl_report", lambda run_dir: run_dir / "report.md")
     run_rl(rl_config(**{**OPTIONS, "rollout_ranks": 0}, **C3PO), start, tmp_path / "c3po-single")
-    run_on_ranks(functools.partial(_decoupled_c3po, ckpt=start, root=tmp_path), tmp_path, world_size=2)
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module, "rollout_rewards", _multiple_of_three_is_right)
+        run_rl(rl_config(**{**OPTIONS, "rollout_ranks": 0}, **DAPO), start, tmp_path / "dapo-single")
+    run_on_ranks(functools.partial(_decoupled_c3po_and_dapo, ckpt=start, root=tmp_path), tmp_path, world_size=2)
+
+    dapo, dapo_s0 = _train_rows(tmp_path / "dapo-single"), _train_rows(tmp_path / "dapo-s0")
+    assert any(r["dapo_rounds"] for r in dapo), "a step with a refill round"
+    for one, two in zip(dapo, dapo_s0, strict=True):
+        for key in ("dapo_rounds", "groups_sampled", "groups_trained", "response_tokens", "reward", "loss", "grad_norm"):
+            assert two[key] == one[key], key
+    ours, theirs = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("dapo-s0", "dapo-single"))
+    assert all(torch.equal(ours[name], tensor) for name, tensor in theirs.items())
+
     single, s0, s1 = (_train_rows(tmp_path / run) for run in ("c3po-single", "c3po-s0", "c3po-s1"))
     assert [r["step"] for r in s0] == [1, 2, 3]
     for one, two in zip(single, s0, strict=True):

@@ -20,6 +20,8 @@ step, as one process does; the trainer gets the finished groups with their examp
 the pool drew (its stream follows). S bounds the head lag, as AReaL's max_head_offpolicyness (SPEC §9): a group
 carried over k times holds tokens up to S + k versions old, as on one process it holds tokens up to k old. The
 pool's state comes along with every step a checkpoint follows, for the trainer to save (`TrainerEnd.pool_state`).
+DAPO's refill rounds (1 + 1 too) run where the groups are generated: the rollout rank scores its groups
+(`refill`, the trainer module's `dapo_refill`), generates the missing ones numbered on, and sends them all.
 
 Transport, all torch.distributed: trainer rank 0 broadcasts the full weights (gathered from the trainers' FSDP2
 shards) in buckets over a group of itself and the rollout ranks (`weight_sync.broadcast_weights`); a rollout rank
@@ -57,6 +59,8 @@ from linglab.parallel.weight_sync import broadcast_weights, weights_digest
 from linglab.rl.rollout import Rollout, RolloutEngine, RolloutGroup, RolloutPool
 
 TRAINER = 0
+# DAPO's refill rounds: (the step's groups, generate_groups(n, first_group)) -> (every group sampled, rounds)
+Refill = Callable[[list[RolloutGroup], Callable[[int, int], list[RolloutGroup]]], tuple[list[RolloutGroup], int]]
 
 
 class RolloutRankError(LinglabError):
@@ -79,9 +83,10 @@ def check_decoupled(cfg: Config, dims: ParallelDims) -> None:
         raise LinglabError(f"rl: rl.c3po with rl.rollout_ranks runs on 1 trainer + 1 rollout rank for now (one pool, "
                            f"and a step's finished groups may be fewer than the trainer ranks), not {trainers} + "
                            f"{rl.rollout_ranks}; launch 2 ranks with rl.rollout_ranks=1")
-    if rl.algo == "dapo" and rl.dapo_max_rounds > 0:
+    if rl.algo == "dapo" and rl.dapo_max_rounds > 0 and (trainers, rl.rollout_ranks) != (1, 1):
         raise LinglabError(f"rl: DAPO refill rounds (rl.dapo_max_rounds={rl.dapo_max_rounds}) with rl.rollout_ranks "
-                           "are not supported yet; set rl.dapo_max_rounds=0")
+                           f"run on 1 trainer + 1 rollout rank for now (the refills go where the missing groups "
+                           f"were), not {trainers} + {rl.rollout_ranks}; set rl.dapo_max_rounds=0 or launch 2 ranks")
     if rl.sft_steps:
         raise LinglabError(f"rl: rl.sft_steps={rl.sft_steps} with rl.rollout_ranks: run `linglab sft` first and start "
                            "RL from its checkpoint (--ckpt) with rl.sft_steps=0")
@@ -270,13 +275,14 @@ class TrainerEnd:
         return groups, stats
 
 
-def step_groups(link: RolloutLink, engine: RolloutEngine, pool: RolloutPool | None, stream,
+def step_groups(link: RolloutLink, engine: RolloutEngine, pool: RolloutPool | None, refill: Refill | None, stream,
                 encode: Callable[[list], list[list[int]]], group_size: int, seed: int, step: int
                 ) -> tuple[list[tuple[int | None, RolloutGroup]], int, dict]:
     """A rollout rank's groups of `step` as (index in the step, group), the number of prompts it drew from the
-    stream, and the pool's statistics. Without C3PO++: its share of the step's `prompts_per_step` groups. With
-    C3PO++: the groups the pool finished (`RolloutPool.collect`, to the token budget), index None: they may have
-    started in an earlier step, and travel with their examples to the one trainer rank."""
+    stream, and the pool's or the refills' statistics. Without C3PO++: its share of the step's `prompts_per_step`
+    groups, then DAPO's refill groups (`refill`, one rollout rank), numbered on. With C3PO++: the groups the pool
+    finished (`RolloutPool.collect`, to the token budget), index None: they may have started in an earlier step,
+    and travel with their examples to the one trainer rank."""
     drawn = 0
 
     def new_prompts(n: int) -> list[tuple[list[int], object]]:
@@ -291,8 +297,17 @@ def step_groups(link: RolloutLink, engine: RolloutEngine, pool: RolloutPool | No
     pairs, mine = new_prompts(link.prompts_per_step), link.groups_of(link.rank)
     if not mine:
         return [], drawn, {}
-    generated = engine.generate_groups([pairs[g][0] for g in mine], group_size, seed, step, mine[0])
-    return list(zip(mine, generated, strict=True)), drawn, {}
+    prompts, payloads = zip(*[pairs[g] for g in mine])
+    groups = engine.generate_groups(prompts, group_size, seed, step, mine[0], payloads)
+    if refill is None:
+        return list(zip(mine, groups, strict=True)), drawn, {}
+
+    def generate_groups(n: int, first_group: int) -> list[RolloutGroup]:
+        prompts, payloads = zip(*new_prompts(n))
+        return engine.generate_groups(prompts, group_size, seed, step, first_group, payloads)
+
+    groups, rounds = refill(groups, generate_groups)
+    return list(enumerate(groups)), drawn, {"dapo_rounds": rounds}
 
 
 def group_message(index: int | None, group: RolloutGroup) -> tuple:
@@ -304,12 +319,13 @@ def group_message(index: int | None, group: RolloutGroup) -> tuple:
 
 def serve_rollouts(link: RolloutLink, engine: RolloutEngine, model: LingForCausalLM, stream,
                    encode: Callable[[list], list[list[int]]], group_size: int, seed: int,
-                   pool: RolloutPool | None = None) -> None:
+                   pool: RolloutPool | None = None, refill: Refill | None = None) -> None:
     """A rollout rank's whole job: receive the start and the weights, generate its groups of every step with the
     weights the schedule names, send each trainer rank the groups it trains. `model` is the buffer the weights
     arrive in (same architecture as the trainers'); `stream` the run's `PromptStream`, moved to the trainers'
     position; `encode` renders and tokenizes examples as the trainers do; `pool` C3PO++'s (`rl.c3po`), moved to
-    the state the trainers resumed (and sent back with every step a checkpoint follows)."""
+    the state the trainers resumed (and sent back with every step a checkpoint follows); `refill` DAPO's refill
+    rounds (`trainer.dapo_refill`: the rollout rank scores its groups to know which are mixed)."""
     header = receive_control(link, 0)
     start = header["step"]
     stream.load_state_dict(header["prompts"])
@@ -325,13 +341,13 @@ def serve_rollouts(link: RolloutLink, engine: RolloutEngine, model: LingForCausa
                 engine.version = have + 1  # the trainer's count: the weights after `have` optimizer steps
                 digest = weights_digest(model.state_dict())
             work = dict(engine.work)
-            groups, drawn, stats = step_groups(link, engine, pool, stream, encode, group_size, seed, step)
+            groups, drawn, stats = step_groups(link, engine, pool, refill, stream, encode, group_size, seed, step)
             stats.update({k: v - work[k] for k, v in engine.work.items()})
             state = pool.state_dict() if pool is not None and link.checkpoints_after(step) else None
             messages = [{"version": engine.version, "digest": digest, "drawn": drawn, "pool": state,
                          "work": {k: v * (trainer == TRAINER) for k, v in stats.items()},
-                         "groups": [group_message(index, group) for index, group in groups
-                                    if index is None or index in link.groups_of(trainer)]}
+                         "groups": [group_message(index, group) for index, group in groups  # C3PO++, refills: 1 trainer
+                                    if link.trainers == 1 or index in link.groups_of(trainer)]}
                         for trainer in range(link.trainers)]
         except Exception as e:  # to the trainers, which stop the run with it
             messages = [{"error": f"rl: rollout rank {link.rank} failed at step {step}: {type(e).__name__}: {e}"}

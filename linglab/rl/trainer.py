@@ -271,6 +271,37 @@ def correction_weights(cfg: RLConfig, train_logp_old: Tensor, infer_logp: Tensor
     return None
 
 
+def group_rewards(cfg: RLConfig, tokenizer: Tokenizer, verifier: str, groups: list[RolloutGroup]
+                  ) -> tuple[Tensor, Tensor, dict[str, int]]:
+    """`rollout_rewards` of every rollout of `groups`, in order: (reward, correct, verifier problem counts)."""
+    rollouts = [r for g in groups for r in g.rollouts]
+    completions = [tokenizer.decode(r.text_tokens) for r in rollouts]
+    lengths = torch.tensor([r.cost for r in rollouts])  # EOS included: the tokens that train
+    return rollout_rewards(cfg, completions, [g.payload.answer for g in groups for _ in g.rollouts], lengths, verifier)
+
+
+def dapo_refill(cfg: RLConfig, tokenizer: Tokenizer, verifier: str, groups: list[RolloutGroup],
+                generate_groups) -> tuple[list[RolloutGroup], int]:
+    """DAPO dynamic sampling (SPEC §5): while fewer than `prompts_per_step` groups have responses both right and
+    wrong, generate as many new groups as are missing (`generate_groups(n, first_group)`, numbered on from the
+    groups so far), for at most `rl.dapo_max_rounds` rounds. Returns every group sampled (`score` keeps the mixed
+    ones) and the rounds spent. Run by the process that generates: the trainer, or a rollout rank.
+
+    Correctness decides, not the total reward: a group all right or all wrong has no signal about what is right,
+    even when its length or format terms differ.
+    """
+    def mixed(batch: list[RolloutGroup]) -> int:
+        _, correct, _ = group_rewards(cfg, tokenizer, verifier, batch)
+        return int(losses.dapo_keep_groups(correct, cfg.group_size).view(-1, cfg.group_size)[:, 0].sum())
+
+    found, rounds = mixed(groups), 0
+    while found < cfg.prompts_per_step and rounds < cfg.dapo_max_rounds:
+        more = generate_groups(cfg.prompts_per_step - found, len(groups))
+        found += mixed(more)
+        groups, rounds = groups + more, rounds + 1
+    return groups, rounds
+
+
 def encode_prompts(tokenizer: Tokenizer, cfg: RLConfig, examples: list[Example]) -> list[list[int]]:
     """The prompt ids of `examples`: each through the chat template in `rl.mode`."""
     return tokenizer.encode_batch([render_prompt(tokenizer, e.chat(), cfg.mode, cfg.system_prompt) for e in examples])
@@ -435,33 +466,9 @@ class RLTrainer:
                                            first_group + mine[0], payloads)
 
     def dynamic_sampling(self, groups: list[RolloutGroup]) -> tuple[list[RolloutGroup], dict]:
-        """DAPO dynamic sampling (SPEC §5): while fewer than `prompts_per_step` groups have responses both right and
-        wrong, generate as many new groups as are missing, for at most `rl.dapo_max_rounds` rounds.
-
-        Correctness decides, not the total reward: a group all right or all wrong has no signal about what is right,
-        even when its length or format terms differ. Returns every group sampled (`score` keeps the mixed ones)
-        and the rounds spent.
-        """
-        mixed = int(self._mixed_correctness(groups).sum())
-        rounds = 0
-        while mixed < self.cfg.prompts_per_step and rounds < self.cfg.dapo_max_rounds:
-            more = self._generate_groups(self.cfg.prompts_per_step - mixed, len(groups))
-            mixed += int(self._mixed_correctness(more).sum())
-            groups, rounds = groups + more, rounds + 1
+        """DAPO's refill rounds (`dapo_refill`) on this process; returns every group sampled and the rounds spent."""
+        groups, rounds = dapo_refill(self.cfg, self.tokenizer, self.verifier, groups, self._generate_groups)
         return groups, {"dapo_rounds": rounds}
-
-    def _mixed_correctness(self, groups: list[RolloutGroup]) -> Tensor:
-        """Per group: whether its responses are neither all right nor all wrong (the verifier's verdict)."""
-        _, correct, _ = self._rewards(groups)
-        return losses.dapo_keep_groups(correct, self.cfg.group_size).view(-1, self.cfg.group_size)[:, 0]
-
-    def _rewards(self, groups: list[RolloutGroup]) -> tuple[Tensor, Tensor, dict[str, int]]:
-        """`rollout_rewards` of every rollout of `groups`, in order: (reward, correct, verifier problem counts)."""
-        rollouts = [r for g in groups for r in g.rollouts]
-        completions = [self.tokenizer.decode(r.text_tokens) for r in rollouts]
-        lengths = torch.tensor([r.cost for r in rollouts])  # EOS included: the tokens that train
-        return rollout_rewards(self.cfg, completions, [g.payload.answer for g in groups for _ in g.rollouts], lengths,
-                               self.verifier)
 
     @torch.no_grad()
     def score(self, groups: list[RolloutGroup]) -> ScoredRollouts:
@@ -470,7 +477,7 @@ class RLTrainer:
         cfg, model = self.cfg, self.model
         rollouts = [r for g in groups for r in g.rollouts]
         lengths = torch.tensor([r.cost for r in rollouts])
-        rewards, correct, problems = self._rewards(groups)
+        rewards, correct, problems = group_rewards(cfg, self.tokenizer, self.verifier, groups)
         keep = (losses.dapo_keep_groups(correct, cfg.group_size) if cfg.algo == "dapo"
                 else torch.ones(len(rollouts), dtype=torch.bool))
         batch = rollout_batch(rollouts, self.tokenizer.pad_id,
@@ -835,7 +842,12 @@ def _serve(cfg: Config, run: RunDir, dims: ParallelDims, link: RolloutLink, mode
     dims.on_main(lambda: None)  # the trainers set up (rank 0 tells how it went)
     dims.on_main(lambda: None)  # rank 0 commits the run directory
     pool = RolloutPool(rl.c3po_capacity, rl.c3po_budget, rl.c3po_max_retention, rl.group_size) if rl.c3po else None
+    verifier = verifier_kind(rl, prompts)
+    refill = None
+    if rl.algo == "dapo" and rl.dapo_max_rounds > 0:
+        def refill(groups, generate_groups):
+            return dapo_refill(rl, tokenizer, verifier, groups, generate_groups)
     serve_rollouts(link, rollout_engine(rl, model.cfg, tokenizer, dims.device), model, PromptStream(prompts.train, rl.seed),
-                   lambda examples: encode_prompts(tokenizer, rl, examples), rl.group_size, rl.seed, pool)
+                   lambda examples: encode_prompts(tokenizer, rl, examples), rl.group_size, rl.seed, pool, refill)
     dims.barrier()
     return {"rollout_rank": dims.rank, "steps": rl.steps, "run": str(run.path)}
