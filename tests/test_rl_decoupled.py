@@ -4,7 +4,9 @@ One 2-rank launch runs a bad layout, a max_staleness 0 run for 2 steps resumed t
 a max_staleness 1 run whose rollout rank raises at step 1 (the trainer then waits in the broadcast of the weights
 step 2 would have sampled: the failing rank joins it, so both stop with its line), and one whose trainer raises in
 step 1's update (the rollout rank, waiting for step 2's weights, stops with the trainer's line). One 3-rank launch runs a bad
-layout and a max_staleness 0 run on 2 trainer ranks. The single-process run happens in the test process.
+layout and a max_staleness 0 run on 2 trainer ranks. A second 2-rank launch runs DAPO with refill rounds and C3PO++
+on the rollout rank (`test_c3po_and_dapo_refills_on_a_rollout_rank`). The single-process runs happen in the test
+process.
 
 With S = 0 the rollout rank samples from the weights the single process samples from, so rewards, losses and final
 weights are equal (at 1e-5, the colocated test's tolerance: with one trainer they are equal, with two the FSDP2

@@ -71,15 +71,18 @@ def test_kill_9_of_a_rank_ends_the_job_and_resume_is_bit_exact(start, uninterrup
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     options = [f"--rl.{k}={v}" for k, v in OPTIONS.items()]
-    proc = subprocess.Popen(torchrun("--ckpt", str(start), "--out", str(out), *options, "--rl.rollout_ranks=1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    log = tmp_path / "stderr.txt"  # a file, not a pipe nobody reads while the job runs
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(torchrun("--ckpt", str(start), "--out", str(out), *options, "--rl.rollout_ranks=1"),
+                                stdout=subprocess.DEVNULL, stderr=stderr, env=env)
     deadline = time.time() + 120
     while time.time() < deadline and not RunDir(out, "rl", "rl_state.pt").checkpoints() and proc.poll() is None:
         time.sleep(0.05)
     pid = rank_pid(proc.pid, RANKS[killed])
-    assert pid is not None, "no checkpoint within 120 s, or the run ended first"
+    assert pid is not None, f"no checkpoint within 120 s, or the run ended first:\n{log.read_text()}"
     os.kill(pid, signal.SIGKILL)
-    _, err = proc.communicate(timeout=120)  # torchrun ends the job: the other rank does not hang
+    proc.wait(timeout=120)  # torchrun ends the job: the other rank does not hang
+    err = log.read_text()
     assert proc.returncode != 0 and f"exitcode  : -9 (pid: {pid})" in err and not (out / "final").exists()
     newest = RunDir(out, "rl", "rl_state.pt").checkpoints()[-1]
     assert newest.name < "step_000008"
