@@ -240,9 +240,9 @@ class TrainerEnd:
         """The step's groups this rank trains, from every rollout rank, in group order, and the engines' work (sent
         to trainer rank 0 only, so a sum over the trainer ranks counts it once). `new_prompts(n)`: the next n
         (prompt ids, example) of this rank's prompt stream, drawn as the rollout ranks drew: the step's
-        `prompts_per_step`, whose examples the groups are matched with by index; with C3PO++ the number the pool
-        started, and the groups bring their examples (a group finishing now may have started steps ago). A rollout
-        rank's error is raised here, as one line."""
+        `prompts_per_step` and DAPO's refills, whose examples the groups are matched with by index; with C3PO++ the
+        number the pool started, and the groups bring their examples (a group finishing now may have started steps
+        ago). A rollout rank's error is raised here, as one line."""
         messages = {}
         for rank in self.link.rollout_rank_ids():
             try:
