@@ -290,7 +290,7 @@ def _weight_sync(rank: int, presets: list[str], repeats: int, out: Path) -> None
             if trainer is not None:
                 rows.append(trainer.publish(model, 0))
             else:
-                hold_weights(link, engine, model, 0)
+                hold_weights(link, engine, model, 0, 0)
                 rows.append({"held_s": time.perf_counter() - start})
         timings[preset] = rows
     (out / f"rank{rank}.json").write_text(json.dumps(timings))

@@ -41,7 +41,8 @@ SFT are single-process for now (`check_colocated`).
 
 With `rl.rollout_ranks=R` (`linglab.rl.decoupled`; docs/rl.md, "Distributed RL: decoupled rollout ranks") the last R
 ranks only generate and the others only train, as above but without a rollout engine: `collect` broadcasts the
-weights to the rollout ranks and receives the groups they sampled, at most `rl.max_staleness` versions old;
+weights to the rollout ranks and receives the groups they sampled from weights at most `rl.max_staleness` versions
+old (C3PO++: the rollout rank keeps the pool, and the trainer saves the pool's state it sends);
 `staleness_max` and `staleness_mean` log the lag of the trained tokens (on one process too).
 
 A run directory holds `config.toml`, the tokenizer files, `metrics.jsonl` (`sft` rows, one `train` row per RL
@@ -270,6 +271,37 @@ def correction_weights(cfg: RLConfig, train_logp_old: Tensor, infer_logp: Tensor
     return None
 
 
+def group_rewards(cfg: RLConfig, tokenizer: Tokenizer, verifier: str, groups: list[RolloutGroup]
+                  ) -> tuple[Tensor, Tensor, dict[str, int]]:
+    """`rollout_rewards` of every rollout of `groups`, in order: (reward, correct, verifier problem counts)."""
+    rollouts = [r for g in groups for r in g.rollouts]
+    completions = [tokenizer.decode(r.text_tokens) for r in rollouts]
+    lengths = torch.tensor([r.cost for r in rollouts])  # EOS included: the tokens that train
+    return rollout_rewards(cfg, completions, [g.payload.answer for g in groups for _ in g.rollouts], lengths, verifier)
+
+
+def dapo_refill(cfg: RLConfig, tokenizer: Tokenizer, verifier: str, groups: list[RolloutGroup],
+                generate_groups) -> tuple[list[RolloutGroup], int]:
+    """DAPO dynamic sampling (SPEC §5): while fewer than `prompts_per_step` groups have responses both right and
+    wrong, generate as many new groups as are missing (`generate_groups(n, first_group)`, numbered on from the
+    groups so far), for at most `rl.dapo_max_rounds` rounds. Returns every group sampled (`score` keeps the mixed
+    ones) and the rounds spent. Run by the process that generates: the trainer, or a rollout rank.
+
+    Correctness decides, not the total reward: a group all right or all wrong has no signal about what is right,
+    even when its length or format terms differ.
+    """
+    def mixed(batch: list[RolloutGroup]) -> int:
+        _, correct, _ = group_rewards(cfg, tokenizer, verifier, batch)
+        return int(losses.dapo_keep_groups(correct, cfg.group_size).view(-1, cfg.group_size)[:, 0].sum())
+
+    found, rounds = mixed(groups), 0
+    while found < cfg.prompts_per_step and rounds < cfg.dapo_max_rounds:
+        more = generate_groups(cfg.prompts_per_step - found, len(groups))
+        found += mixed(more)
+        groups, rounds = groups + more, rounds + 1
+    return groups, rounds
+
+
 def encode_prompts(tokenizer: Tokenizer, cfg: RLConfig, examples: list[Example]) -> list[list[int]]:
     """The prompt ids of `examples`: each through the chat template in `rl.mode`."""
     return tokenizer.encode_batch([render_prompt(tokenizer, e.chat(), cfg.mode, cfg.system_prompt) for e in examples])
@@ -324,7 +356,7 @@ class RLTrainer:
         self.device = self.dims.device if self.dims.world > 1 else model.lm_head.weight.device
         self.engine = None if rollout_ranks is not None else rollout_engine(cfg, model.cfg, tokenizer, self.device)
         self.pool = (RolloutPool(cfg.c3po_capacity, cfg.c3po_budget, cfg.c3po_max_retention, cfg.group_size)
-                     if cfg.c3po else None)
+                     if cfg.c3po and rollout_ranks is None else None)  # with rollout ranks, theirs
         self.optimizer = build_adamw(model.parameters(), cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
         self.prompts = PromptStream(prompts.train, cfg.seed)
         self.verifier = verifier_kind(cfg, prompts)
@@ -339,8 +371,11 @@ class RLTrainer:
         `linglab train` gathers it, AdamW keyed by parameter name, so any layout resumes it); prunes all but the last
         `keep_last`. Its path on rank 0, None elsewhere."""
         model_state, optimizer_state = self.dims.full_state(self.model, self.optimizer)
+        pool = self.pool.state_dict() if self.pool is not None else None
+        if self.rollout_ranks is not None and self.cfg.c3po:
+            pool = self.rollout_ranks.pool_state
         state = {"step": self.step, "optimizer": optimizer_state, "rng": rng_state(), "prompts": self.prompts.state_dict(),
-                 "pool": None if self.pool is None else self.pool.state_dict(), "engine_version": self.step,
+                 "pool": pool, "engine_version": self.step,
                  "counters": dict(self.counters)}
         return self.dims.on_main(lambda: self.run.save_checkpoint(self.step, self.model, self.tokenizer, state,
                                                                   self.cfg.keep_last, model_state=model_state))
@@ -366,7 +401,7 @@ class RLTrainer:
             pool = state["pool"]
         except (RuntimeError, KeyError, ValueError) as e:
             raise checkpoint.CheckpointError(f"checkpoint {path}: unreadable RL state ({e})") from None
-        if (pool is None) != (self.pool is None):
+        if (pool is None) == self.cfg.c3po:
             raise LinglabError(f"rl: {path} was written with rl.c3po={pool is not None}; resume with the same")
         self.step = state["step"]
         if self.engine is not None:
@@ -374,6 +409,8 @@ class RLTrainer:
         self.prompts.load_state_dict(state["prompts"])
         if self.pool is not None:
             self.pool.load_state_dict(pool, self.device)
+        elif self.rollout_ranks is not None:  # for the rollout rank's pool (`TrainerEnd.begin`)
+            self.rollout_ranks.pool_state = pool
         self.counters.update(state["counters"])
         set_rng_state(state["rng"])
 
@@ -392,9 +429,9 @@ class RLTrainer:
         to them, and receive the groups they sampled (`decoupled.TrainerEnd`)."""
         if self.rollout_ranks is not None:
             sync = self.rollout_ranks.publish(self.model, self.step)
-            groups, stats = self.rollout_ranks.receive(self.step, self._new_prompts(self.cfg.prompts_per_step))
-            totals = self.dims.sum(torch.tensor([float(v) for v in stats.values()])).tolist()
-            return groups, {**sync, **{k: int(v) for k, v in zip(stats, totals)}}
+            groups, stats = self.rollout_ranks.receive(self.step, self._new_prompts)
+            totals = self.dims.sum(torch.tensor([float(v) for v in stats.values()], dtype=torch.float64)).tolist()
+            return groups, {**sync, **{k: type(stats[k])(v) for k, v in zip(stats, totals)}}
         sync = self.sync_weights()
         work_before = dict(self.engine.work)
         if self.pool is not None:
@@ -429,33 +466,9 @@ class RLTrainer:
                                            first_group + mine[0], payloads)
 
     def dynamic_sampling(self, groups: list[RolloutGroup]) -> tuple[list[RolloutGroup], dict]:
-        """DAPO dynamic sampling (SPEC §5): while fewer than `prompts_per_step` groups have responses both right and
-        wrong, generate as many new groups as are missing, for at most `rl.dapo_max_rounds` rounds.
-
-        Correctness decides, not the total reward: a group all right or all wrong has no signal about what is right,
-        even when its length or format terms differ. Returns every group sampled (`score` keeps the mixed ones)
-        and the rounds spent.
-        """
-        mixed = int(self._mixed_correctness(groups).sum())
-        rounds = 0
-        while mixed < self.cfg.prompts_per_step and rounds < self.cfg.dapo_max_rounds:
-            more = self._generate_groups(self.cfg.prompts_per_step - mixed, len(groups))
-            mixed += int(self._mixed_correctness(more).sum())
-            groups, rounds = groups + more, rounds + 1
+        """DAPO's refill rounds (`dapo_refill`) on this process; returns every group sampled and the rounds spent."""
+        groups, rounds = dapo_refill(self.cfg, self.tokenizer, self.verifier, groups, self._generate_groups)
         return groups, {"dapo_rounds": rounds}
-
-    def _mixed_correctness(self, groups: list[RolloutGroup]) -> Tensor:
-        """Per group: whether its responses are neither all right nor all wrong (the verifier's verdict)."""
-        _, correct, _ = self._rewards(groups)
-        return losses.dapo_keep_groups(correct, self.cfg.group_size).view(-1, self.cfg.group_size)[:, 0]
-
-    def _rewards(self, groups: list[RolloutGroup]) -> tuple[Tensor, Tensor, dict[str, int]]:
-        """`rollout_rewards` of every rollout of `groups`, in order: (reward, correct, verifier problem counts)."""
-        rollouts = [r for g in groups for r in g.rollouts]
-        completions = [self.tokenizer.decode(r.text_tokens) for r in rollouts]
-        lengths = torch.tensor([r.cost for r in rollouts])  # EOS included: the tokens that train
-        return rollout_rewards(self.cfg, completions, [g.payload.answer for g in groups for _ in g.rollouts], lengths,
-                               self.verifier)
 
     @torch.no_grad()
     def score(self, groups: list[RolloutGroup]) -> ScoredRollouts:
@@ -464,7 +477,7 @@ class RLTrainer:
         cfg, model = self.cfg, self.model
         rollouts = [r for g in groups for r in g.rollouts]
         lengths = torch.tensor([r.cost for r in rollouts])
-        rewards, correct, problems = self._rewards(groups)
+        rewards, correct, problems = group_rewards(cfg, self.tokenizer, self.verifier, groups)
         keep = (losses.dapo_keep_groups(correct, cfg.group_size) if cfg.algo == "dapo"
                 else torch.ones(len(rollouts), dtype=torch.bool))
         batch = rollout_batch(rollouts, self.tokenizer.pad_id,
@@ -504,12 +517,20 @@ class RLTrainer:
 
     def _staleness(self, rollouts: list[Rollout], keep: Tensor) -> Tensor:
         """Per trained token, how many versions its policy lags the one this step trains (step + 1 after `step`
-        optimizer steps); with rollout ranks, checked against `rl.max_staleness`."""
+        optimizer steps); with rollout ranks, checked against `rl.max_staleness` plus the carry-overs of its group
+        (C3PO++: a group carried k times began k steps before the step that finished it)."""
         lags = torch.tensor([self.step + 1 - v for r, k in zip(rollouts, keep.tolist(), strict=True) if k
                              for v in r.versions], dtype=torch.long)
-        if self.rollout_ranks is not None and len(lags) and int(lags.max()) > self.cfg.max_staleness:
-            raise RuntimeError(f"rl: step {self.step} trains a token {int(lags.max())} versions old, beyond "
-                               f"rl.max_staleness={self.cfg.max_staleness}")
+        if self.rollout_ranks is None:
+            return lags
+        size = self.cfg.group_size
+        for first in range(0, len(rollouts), size):
+            group = [r for r, k in zip(rollouts[first:first + size], keep[first:first + size].tolist()) if k]
+            carried = max((r.retained for r in group), default=0)
+            lag = self.step + 1 - min((v for r in group for v in r.versions), default=self.step + 1)
+            if lag > self.cfg.max_staleness + carried:
+                raise RuntimeError(f"rl: step {self.step} trains a token {lag} versions old, beyond "
+                                   f"rl.max_staleness={self.cfg.max_staleness} + {carried} carry-over(s)")
         return lags
 
     def update(self, scored: ScoredRollouts) -> dict:
@@ -605,8 +626,18 @@ class RLTrainer:
 
     def fit(self) -> None:
         """Train to rl.steps, a metrics row per step, checkpoints every rl.ckpt_every steps and at the end."""
-        if self.rollout_ranks is not None:  # where the rollout ranks start: also when there is no step left to run
-            self.rollout_ranks.begin(self.step, self.prompts.state_dict())
+        if self.rollout_ranks is None:
+            self._train()
+            return
+        self.rollout_ranks.begin(self.step, self.prompts.state_dict())  # also when there is no step left to run
+        try:
+            self._train()
+        except Exception as e:  # the rollout ranks stop with it, rather than wait for weights that never come
+            self.rollout_ranks.end(self.step, e)
+            raise
+        self.rollout_ranks.end(self.step)
+
+    def _train(self) -> None:
         while self.step < self.cfg.steps:
             row = self.train_step()
             if self.dims.is_main:
@@ -810,7 +841,13 @@ def _serve(cfg: Config, run: RunDir, dims: ParallelDims, link: RolloutLink, mode
     rl = cfg.rl
     dims.on_main(lambda: None)  # the trainers set up (rank 0 tells how it went)
     dims.on_main(lambda: None)  # rank 0 commits the run directory
+    pool = RolloutPool(rl.c3po_capacity, rl.c3po_budget, rl.c3po_max_retention, rl.group_size) if rl.c3po else None
+    verifier = verifier_kind(rl, prompts)
+    refill = None
+    if rl.algo == "dapo" and rl.dapo_max_rounds > 0:
+        def refill(groups, generate_groups):
+            return dapo_refill(rl, tokenizer, verifier, groups, generate_groups)
     serve_rollouts(link, rollout_engine(rl, model.cfg, tokenizer, dims.device), model, PromptStream(prompts.train, rl.seed),
-                   lambda examples: encode_prompts(tokenizer, rl, examples), rl.group_size, rl.seed)
+                   lambda examples: encode_prompts(tokenizer, rl, examples), rl.group_size, rl.seed, pool, refill)
     dims.barrier()
     return {"rollout_rank": dims.rank, "steps": rl.steps, "run": str(run.path)}
