@@ -277,7 +277,8 @@ def async_over_sync(ckpt: Path, tokenizer: Tokenizer, steps: int, groups: int, g
 
 
 def _weight_sync(rank: int, presets: list[str], repeats: int, out: Path) -> None:
-    link = RolloutLink(rank, 2, 1, 0, 1, 1, torch.device("cpu"), None)
+    link = RolloutLink(rank=rank, world=2, rollout_ranks=1, max_staleness=0, steps=1, prompts_per_step=1, ckpt_every=0,
+                       device=torch.device("cpu"), sync_group=None)
     timings = {}
     for preset in presets:
         model = build_model(load_config(preset).model, seed=0)
