@@ -64,6 +64,7 @@ def test_a_grid_takes_a_fitted_lr_law_and_refuses_a_malformed_one(tmp_path, caps
 
 def test_a_prediction_is_written_once_and_scored_against_its_run(tmp_path):
     grid = ladder.load_grid()
+    grid.ladder = list(range(64, 1025, 64))  # room above the M_opt rung for the one-epoch cap below
     rows = []
     for budget, width in zip(np.geomspace(1e11, 3.2e12, 6), (64, 64, 96, 96, 128, 160)):
         rows.append(_row(f"shape-C{budget:.3g}-d{width}", budget, float(TRUE.predict(budget)), width=width))
@@ -83,6 +84,12 @@ def test_a_prediction_is_written_once_and_scored_against_its_run(tmp_path):
     (tmp_path / "garbage.json").write_text("{not json")
     with pytest.raises(SweepError, match="is not a prediction record"):
         read_prediction(tmp_path / "garbage.json")
+
+    # A corpus too small for the M_opt run: the run moves up the ladder to read at most one epoch, said in the record.
+    capped = predict(rows, grid, factor=10, n_boot=0, max_tokens=run.tokens / 3)
+    assert capped["run"]["sized_by"] == "one epoch of the corpus" and record["run"]["sized_by"] == "M_opt"
+    assert capped["run"]["hidden_size"] > run.shape["hidden_size"] and capped["run"]["epochs"] <= 1
+    assert capped["headline"] == ("loss_vs_compute" if capped["chinchilla"]["degenerate"] else "chinchilla")
 
     scored = score(record, {"heldout_loss": record["predicted_loss"] * 1.01})
     assert scored["rel_error"] == pytest.approx(0.01 / 1.01) and scored["measured"] > scored["predicted"]

@@ -151,10 +151,17 @@ def plot(path: Path, ladder_rows, record, row, lr, fit) -> None:
     c = np.geomspace(min(r["compute"] for r in on_rule) / 1.5, record["run"]["compute"] * 1.5, 200)
     ax.plot(c, curve["E"] + curve["A"] * c ** -curve["alpha"], "C0-",
             label=f"L(C) = {curve['E']:.3g} + {curve['A']:.3g} C^-{curve['alpha']:.3g}")
-    lo, hi = record["interval_90"] or (record["predicted_loss"],) * 2
-    ax.errorbar([record["run"]["compute"]], [record["predicted_loss"]],
-                yerr=[[record["predicted_loss"] - lo], [hi - record["predicted_loss"]]], fmt="s", c="C1", capsize=4,
-                label=f"predicted {record['predicted_loss']:.4f} (90% bootstrap)")
+    at, lc = record["run"]["compute"], record.get("loss_vs_compute_predicted", record["predicted_loss"])
+    if record.get("headline", "loss_vs_compute") == "loss_vs_compute" and record["interval_90"]:
+        lo, hi = record["interval_90"]
+        ax.errorbar([at], [lc], yerr=[[lc - lo], [hi - lc]], fmt="s", c="C1", capsize=4,
+                    label=f"predicted by L(C): {lc:.4f} (90% bootstrap), the headline")
+    else:
+        ax.scatter([at], [lc], marker="s", c="C1", label=f"L(C) at its compute: {lc:.4f}")
+    chin = (record.get("chinchilla") or {}).get("predicted_loss")
+    if chin is not None:
+        headline = ", the headline" if record.get("headline") == "chinchilla" else ""
+        ax.scatter([at], [chin], marker="D", c="C2", label=f"predicted by L(N, D): {chin:.4f}{headline}")
     if row is not None:
         ax.scatter([row["compute"]], [row["heldout_loss"]], marker="*", s=160, c="C3", zorder=5,
                    label=f"measured {row['heldout_loss']:.4f}")
@@ -240,10 +247,12 @@ def main() -> None:
         if "ladder" in stages:
             run_sweep(found["ladder"], out / "ladder", command=command)
         if "predict" in stages and not (out / PREDICTION).exists():
-            record = predict(read_results(out / "ladder" / "results.jsonl"), found["ladder"], args.factor, args.bootstrap)
+            # At most one epoch of the corpus (its estimated training tokens): see `linglab.scaling.tunnel.predict`.
+            record = predict(read_results(out / "ladder" / "results.jsonl"), found["ladder"], args.factor, args.bootstrap,
+                             max_tokens=corpus_estimate(found["ladder"])[1])
             write_prediction(out / PREDICTION, record)
-            print(f"predicted {record['predicted_loss']:.4f} (90% {record['interval_90']}) for {record['run']['name']} "
-                  f"at {record['written_at']}")
+            print(f"predicted {record['predicted_loss']:.4f} ({record['headline']}; 90% {record['interval_90']}) for "
+                  f"{record['run']['name']} (sized by {record['run']['sized_by']}) at {record['written_at']}")
         if "verify" in stages:
             verify(out, found["ladder"])
         if "extras" in stages:

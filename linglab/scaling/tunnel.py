@@ -9,7 +9,8 @@ The prediction is the frontier law L(C) = E + A C^-alpha of the ladder's runs at
 held-out loss at each budget), evaluated at the new run's compute, with a 90% bootstrap interval over the frontier
 points. The new run is sized by the ladder's own compute-optimal law M_opt(C) (the rung of the grid's ladder nearest
 it), with the grid's LR and batch rules at its budget: the recipe's own laws choose it, as Ling sizes a run from its
-fits. L(N, D) (Chinchilla form) at the chosen run's N and D is written beside, when its fit is not degenerate.
+fits. L(N, D) (Chinchilla form) at the chosen run's N and D is written beside, when its fit is not degenerate, and is
+the headline when the corpus is too small for the M_opt run (see `predict`).
 """
 
 from __future__ import annotations
@@ -49,8 +50,15 @@ def _rows_digest(rows: list[dict]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def predict(rows: list[dict], grid: SweepGrid, factor: float = 10.0, n_boot: int = 200) -> dict:
-    """The prediction record of one run at `factor` x the ladder's largest budget (see the module docstring)."""
+def predict(rows: list[dict], grid: SweepGrid, factor: float = 10.0, n_boot: int = 200,
+            max_tokens: float | None = None) -> dict:
+    """The prediction record of one run at `factor` x the ladder's largest budget (see the module docstring).
+
+    `max_tokens` (the corpus's training tokens): a run sized by M_opt that would read more than one epoch moves up the
+    ladder to the first rung that reads at most that, since repeated tokens are worth less than new ones and no law
+    here was fitted on them. Such a run is off the frontier that L(C) describes, so its headline prediction is then
+    L(N, D) at its own N and D (when that fit is not degenerate); which one is the headline is written before the run.
+    """
     if factor < 1:
         raise SweepError(f"scaling: the wind tunnel predicts a larger run; factor must be >= 1, got {factor}")
     shape_rows = runs_on_rule([r for r in rows if r["axis"] == "shape"])
@@ -63,9 +71,13 @@ def predict(rows: list[dict], grid: SweepGrid, factor: float = 10.0, n_boot: int
     m_law = fit_power_law([r["budget"] for r in front], [r["M"] for r in front])
     budget = factor * max(r["budget"] for r in front)
     widths = sorted(grid.ladder)
-    width = widths[nearest_rung(float(m_law.predict(budget)), widths, grid.seq_len)]
-    shape = rung_shape(width)
+    i = nearest_rung(float(m_law.predict(budget)), widths, grid.seq_len)
     batch = batch_for(grid, budget)
+    sized_by = "M_opt"
+    while max_tokens and i + 1 < len(widths) and budget / shape_flops(rung_shape(widths[i]), grid.seq_len) > max_tokens:
+        i, sized_by = i + 1, "one epoch of the corpus"
+    width = widths[i]
+    shape = rung_shape(width)
     steps = round(budget / (shape_flops(shape, grid.seq_len) * batch * grid.seq_len))
     run = PlannedRun(f"predicted-C{budget:.3g}".replace("e+", "e") + f"-d{width}", "shape", budget, shape,
                      lr_for(grid, budget), batch, steps, grid)
@@ -78,7 +90,10 @@ def predict(rows: list[dict], grid: SweepGrid, factor: float = 10.0, n_boot: int
         "m_opt": m_law.as_dict(),
         "run": {"name": run.name, "budget": budget, "compute": run.compute, "hidden_size": width, "shape": shape,
                 "lr": run.lr, "batch_size": batch, "steps": steps, "D": run.tokens, "N": active_params(shape)[0],
-                "M": run.m},
+                "M": run.m, "sized_by": sized_by, "M_opt": float(m_law.predict(budget)),
+                "epochs": run.tokens / max_tokens if max_tokens else None},
+        "headline": "loss_vs_compute",
+        "loss_vs_compute_predicted": float(curve.predict(run.compute)),
         "predicted_loss": float(curve.predict(run.compute)),
         "interval_90": bootstrap_prediction(compute, loss, run.compute, n_boot=n_boot, fit=curve) if n_boot else None,
     }
@@ -88,6 +103,8 @@ def predict(rows: list[dict], grid: SweepGrid, factor: float = 10.0, n_boot: int
         sane = all(math.isfinite(v) and v > 0 for v in chin.as_dict().values())
         record["chinchilla"] = {"fit": chin.as_dict(), "degenerate": not sane,
                                 "predicted_loss": float(chin.predict(record["run"]["N"], run.tokens)) if sane else None}
+        if sane and sized_by != "M_opt":
+            record.update(headline="chinchilla", predicted_loss=record["chinchilla"]["predicted_loss"], interval_90=None)
     return record
 
 
@@ -129,10 +146,14 @@ def score(record: dict, row: dict) -> dict:
     """The prediction against the measured held-out loss of its run's results row."""
     measured = row["heldout_loss"]
     predicted = record["predicted_loss"]
-    scored = {"predicted": predicted, "measured": measured, "abs_error": abs(predicted - measured),
+    scored = {"headline": record.get("headline", "loss_vs_compute"), "predicted": predicted, "measured": measured,
+              "abs_error": abs(predicted - measured),
               "rel_error": abs(predicted - measured) / measured, "interval_90": record.get("interval_90"),
               "inside_interval": None if record.get("interval_90") is None
               else record["interval_90"][0] <= measured <= record["interval_90"][1]}
+    if "loss_vs_compute_predicted" in record:
+        scored["loss_vs_compute"] = {"predicted": record["loss_vs_compute_predicted"],
+                                     "rel_error": abs(record["loss_vs_compute_predicted"] - measured) / measured}
     chin = record.get("chinchilla") or {}
     if chin.get("predicted_loss") is not None:
         scored["chinchilla"] = {"predicted": chin["predicted_loss"],
