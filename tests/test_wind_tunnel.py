@@ -85,10 +85,10 @@ def test_a_prediction_is_written_once_and_scored_against_its_run(tmp_path):
     with pytest.raises(SweepError, match="is not a prediction record"):
         read_prediction(tmp_path / "garbage.json")
 
-    # A corpus too small for the M_opt run: the run moves up the ladder to read at most one epoch, said in the record.
+    # A corpus too small for the M_opt run: the run moves up the ladder to read at most max_tokens, said in the record.
     capped = predict(rows, grid, factor=10, n_boot=0, max_tokens=run.tokens / 3)
-    assert capped["run"]["sized_by"] == "one epoch of the corpus" and record["run"]["sized_by"] == "M_opt"
-    assert capped["run"]["hidden_size"] > run.shape["hidden_size"] and capped["run"]["epochs"] <= 1
+    assert capped["run"]["sized_by"] == "the corpus (max_tokens)" and record["run"]["sized_by"] == "M_opt"
+    assert capped["run"]["hidden_size"] > run.shape["hidden_size"] and capped["run"]["D"] <= run.tokens / 3
     assert capped["headline"] == ("loss_vs_compute" if capped["chinchilla"]["degenerate"] else "chinchilla")
 
     scored = score(record, {"heldout_loss": record["predicted_loss"] * 1.01})

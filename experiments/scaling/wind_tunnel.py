@@ -62,7 +62,7 @@ from linglab.scaling.ladder import (  # noqa: E402
 from linglab.scaling.laws import optimal_lr  # noqa: E402
 from linglab.scaling.report import write_fit  # noqa: E402
 from linglab.scaling.sweep import read_results, run_sweep, train_run  # noqa: E402
-from linglab.scaling.tunnel import PREDICTION, predict, prediction_run, read_prediction, score, write_prediction  # noqa: E402
+from linglab.scaling.tunnel import MAX_EPOCHS, PREDICTION, predict, prediction_run, read_prediction, score, write_prediction  # noqa: E402
 
 STAGES = ("lr_scan", "ladder", "predict", "verify", "extras", "report")
 
@@ -211,6 +211,8 @@ def report(args, out: Path, found: dict[str, SweepGrid], command: str) -> dict:
     summary = {"command": command, "gemm_gflops": matmul_peak_flops() / 1e9, "wall_time_s": wall,
                "corpus": ladder_rows[0].get("corpus"), "prediction": record, "measured": row,
                "score": score(record, row) if row else None, "lr_law": lr,
+               # Predictions moved aside by hand before their run finished, with the reason in docs/scaling.md
+               "superseded": {p.name: json.loads(p.read_text()) for p in sorted(out.glob("prediction-superseded-*.json"))},
                "published_lr_at_scans": {f"{s['budget']:.3g}": float(optimal_lr(s["budget"])) for s in lr["scans"]},
                # `linglab scaling fit` on ladder + extras (<out>/fit): the frontier there may include the batch scan's runs
                "fit": {k: fit.get(k) for k in ("laws", "intervals", "frontier", "chinchilla", "holdout", "notes")},
@@ -247,9 +249,11 @@ def main() -> None:
         if "ladder" in stages:
             run_sweep(found["ladder"], out / "ladder", command=command)
         if "predict" in stages and not (out / PREDICTION).exists():
-            # At most one epoch of the corpus (its estimated training tokens): see `linglab.scaling.tunnel.predict`.
+            # At most MAX_EPOCHS of the corpus (its estimated training tokens): `linglab.scaling.tunnel.predict`.
+            corpus_tokens = corpus_estimate(found["ladder"])[1]
             record = predict(read_results(out / "ladder" / "results.jsonl"), found["ladder"], args.factor, args.bootstrap,
-                             max_tokens=corpus_estimate(found["ladder"])[1])
+                             max_tokens=MAX_EPOCHS * corpus_tokens)
+            record["run"]["epochs"] = record["run"]["D"] / corpus_tokens
             write_prediction(out / PREDICTION, record)
             print(f"predicted {record['predicted_loss']:.4f} ({record['headline']}; 90% {record['interval_90']}) for "
                   f"{record['run']['name']} (sized by {record['run']['sized_by']}) at {record['written_at']}")

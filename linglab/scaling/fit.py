@@ -312,7 +312,11 @@ def bootstrap_prediction(compute, loss, at: float, n_boot: int = 200, seed: int 
     """Percentile interval (central `level`) of L(at) over the bootstrap refits of `fit_loss_vs_compute`: how far the
     frontier points alone pin the prediction (not the run-to-run noise of the run being predicted)."""
     e, a, alpha = bootstrap_loss_curves(compute, loss, n_boot, seed, delta, fit).T
-    predicted = e + a * float(at) ** -alpha
+    with np.errstate(over="ignore", invalid="ignore"):  # a resample's A can overflow exp(): no prediction from it
+        predicted = e + a * float(at) ** -alpha
+    predicted = predicted[np.isfinite(predicted)]
+    if not len(predicted):
+        return math.nan, math.nan
     tail = 100 * (1 - level) / 2
     return float(np.percentile(predicted, tail)), float(np.percentile(predicted, 100 - tail))
 

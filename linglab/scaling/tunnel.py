@@ -50,14 +50,17 @@ def _rows_digest(rows: list[dict]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+MAX_EPOCHS = 4.0  # Muennighoff et al. (2023): up to ~4 epochs, repeated tokens are worth almost as much as new ones
+
+
 def predict(rows: list[dict], grid: SweepGrid, factor: float = 10.0, n_boot: int = 200,
             max_tokens: float | None = None) -> dict:
     """The prediction record of one run at `factor` x the ladder's largest budget (see the module docstring).
 
-    `max_tokens` (the corpus's training tokens): a run sized by M_opt that would read more than one epoch moves up the
-    ladder to the first rung that reads at most that, since repeated tokens are worth less than new ones and no law
-    here was fitted on them. Such a run is off the frontier that L(C) describes, so its headline prediction is then
-    L(N, D) at its own N and D (when that fit is not degenerate); which one is the headline is written before the run.
+    `max_tokens` (the most the run may read: `MAX_EPOCHS` x the corpus's training tokens): a run sized by M_opt that
+    would read more moves up the ladder to the first rung that reads at most that. Such a run is off the frontier
+    that L(C) describes, so its headline prediction is then L(N, D) at its own N and D (when that fit is not
+    degenerate); which one is the headline is written before the run.
     """
     if factor < 1:
         raise SweepError(f"scaling: the wind tunnel predicts a larger run; factor must be >= 1, got {factor}")
@@ -75,7 +78,7 @@ def predict(rows: list[dict], grid: SweepGrid, factor: float = 10.0, n_boot: int
     batch = batch_for(grid, budget)
     sized_by = "M_opt"
     while max_tokens and i + 1 < len(widths) and budget / shape_flops(rung_shape(widths[i]), grid.seq_len) > max_tokens:
-        i, sized_by = i + 1, "one epoch of the corpus"
+        i, sized_by = i + 1, "the corpus (max_tokens)"
     width = widths[i]
     shape = rung_shape(width)
     steps = round(budget / (shape_flops(shape, grid.seq_len) * batch * grid.seq_len))
@@ -91,7 +94,7 @@ def predict(rows: list[dict], grid: SweepGrid, factor: float = 10.0, n_boot: int
         "run": {"name": run.name, "budget": budget, "compute": run.compute, "hidden_size": width, "shape": shape,
                 "lr": run.lr, "batch_size": batch, "steps": steps, "D": run.tokens, "N": active_params(shape)[0],
                 "M": run.m, "sized_by": sized_by, "M_opt": float(m_law.predict(budget)),
-                "epochs": run.tokens / max_tokens if max_tokens else None},
+                "max_tokens": max_tokens},
         "headline": "loss_vs_compute",
         "loss_vs_compute_predicted": float(curve.predict(run.compute)),
         "predicted_loss": float(curve.predict(run.compute)),
