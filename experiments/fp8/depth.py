@@ -68,11 +68,14 @@ def model_overrides(args) -> list[str]:
 
 
 def plan(args) -> dict[str, dict]:
-    """Run name -> {arm, seed, overrides}; arms are fp32 / fp8 with QK-norm and fp32-noqk / fp8-noqk without."""
+    """Run name -> {arm, seed, overrides}; arms are fp32 / fp8 with QK-norm and fp32-noqk / fp8-noqk without.
+
+    Seed by seed, every arm of a seed before the next seed: a sweep stopped early has all four arms to compare.
+    """
     runs = {}
-    for arms, seeds in ((("fp32", "fp8"), args.seeds), (("fp32-noqk", "fp8-noqk"), args.noqk_seeds)):
-        for seed in range(seeds):
-            for arm in arms:
+    for seed in range(max(args.seeds, args.noqk_seeds)):
+        for arms, seeds in ((("fp32", "fp8"), args.seeds), (("fp32-noqk", "fp8-noqk"), args.noqk_seeds)):
+            for arm in arms if seed < seeds else ():
                 extra = (["fp8.enabled=true"] if arm.startswith("fp8") else []) + \
                         (["model.use_qk_norm=false"] if arm.endswith("noqk") else [])
                 runs[f"depth{args.layers}x{args.hidden}-{arm}-s{seed}"] = {
