@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                       "monitor": monitor_trace(read_fp8_samples(run_dir / "metrics.jsonl"))}
         print(f"[{name}] held-out loss {runs[name]['heldout_loss']:.4f}", flush=True)
 
-    corpus = json.loads((run_dir / "corpus.json").read_text()) if (run_dir / "corpus.json").is_file() else None
+    corpus = next(iter(datasets.values())).corpus  # name, files, bytes and sha256 of the text every run read
     result = {"layers": args.layers, "hidden": args.hidden, "steps": args.steps, "batch_size": args.batch_size,
               "seq_len": args.seq_len, "tokens_per_run": args.steps * args.batch_size * args.seq_len,
               "corpus": corpus, "overrides": args.set, "device": args.device, "ling_bar": LING_BAR,
