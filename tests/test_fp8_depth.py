@@ -38,6 +38,7 @@ def test_depth_grid_at_toy_size(out_dirs, capsys, monkeypatch):
     assert (out_dirs / "results" / "depth.json").is_file() and (out_dirs / "results" / "depth.png").is_file()
     assert len(result["runs"]) == 6 and result["corpus"] == {"name": "stdlib"}
     assert [g["seed"] for g in result["fp8_vs_fp32"]["per_seed"]] == [0, 1]
+    assert len(result["seed_noise_heldout"]["fp32"]) == 1 and not result["seed_noise_heldout"]["fp8-noqk"]
     assert result["fp8_vs_fp32"]["stdev_heldout"] is not None and result["fp8_vs_fp32_noqk"]["stdev_heldout"] is None
     run = result["runs"]["depth2x32-fp8-noqk-s0"]
     assert [p["step"] for p in run["probes"]] == [2, 4]

@@ -139,6 +139,12 @@ def paired(runs: dict, a: str, b: str) -> dict:
     return out
 
 
+def seed_noise(runs: dict, arm: str) -> list[float]:
+    """(seed s - seed 0) / seed 0 of an arm's final held-out loss, s > 0: the gap a different start alone makes."""
+    by = {r["seed"]: r["heldout_loss"] for r in runs.values() if r["arm"] == arm}
+    return [(by[s] - by[0]) / by[0] for s in sorted(by) if s > 0] if 0 in by else []
+
+
 def spread(runs: dict, arm: str) -> float | None:
     """Relative stdev of an arm's final held-out loss across seeds: what a different start alone moves."""
     values = [r["heldout_loss"] for r in runs.values() if r["arm"] == arm]
@@ -170,7 +176,7 @@ def plot(result: dict, args, path) -> None:
                     [100 * (y - x) / x for x, y in zip(base["train_smoothed"], r["train_smoothed"])], color="gray",
                     lw=0.8, label=f"fp32 s{seed} vs s0 (noise)")
     ax.axhspan(-100 * LING_BAR, 100 * LING_BAR, color="red", alpha=0.15, label="Ling's bar ±0.25%")
-    ax.set(xlabel="step", ylabel="relative gap, %", title="training loss (trailing mean 20), paired by seed", ylim=(-6, 6))
+    ax.set(xlabel="step", ylabel="relative gap, %", title="training loss (trailing mean 20), paired by seed")
     ax.legend(fontsize=6)
     ax = axes[0, 2]
     for r in runs.values():
@@ -245,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict | None:
               "fp8_vs_fp32": paired(runs, "fp32", "fp8"), "fp8_vs_fp32_noqk": paired(runs, "fp32-noqk", "fp8-noqk"),
               "noqk_vs_qk_fp32": paired(runs, "fp32", "fp32-noqk"), "noqk_vs_qk_fp8": paired(runs, "fp8", "fp8-noqk"),
               "seed_spread_heldout": {arm: spread(runs, arm) for arm in ("fp32", "fp8", "fp32-noqk", "fp8-noqk")},
+              "seed_noise_heldout": {arm: seed_noise(runs, arm) for arm in ("fp32", "fp8", "fp32-noqk", "fp8-noqk")},
               "runs": runs}
     result["distortion_higher_without_qk_norm"] = modules_worse(runs)
     png = RESULTS / "depth.png"
