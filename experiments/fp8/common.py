@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 
@@ -25,8 +26,9 @@ sys.path.insert(0, str(ROOT.parents[1]))
 from linglab.checkpoint import from_pretrained  # noqa: E402
 from linglab.config import load_config  # noqa: E402
 from linglab.data import build_data  # noqa: E402
+from linglab.evals import evaluate_run  # noqa: E402
 from linglab.model import build_model  # noqa: E402
-from linglab.report import read_fp8_samples, read_metrics  # noqa: E402
+from linglab.report import FP8_KINDS, fp8_matrices, read_fp8_samples, read_metrics  # noqa: E402
 from linglab.run import RunDir, resolve_device  # noqa: E402
 from linglab.train import apply_fp8, build_trainer  # noqa: E402
 
@@ -53,7 +55,10 @@ def base_overrides(args) -> list[str]:
 
 
 def ensure_trained(name: str, overrides: list[str], args) -> tuple[Path, object]:
-    """(run dir, config) of variant `name`, training it first unless a finished run with these overrides exists."""
+    """(run dir, config) of variant `name`, training it first unless a finished run with these overrides exists.
+
+    An override of train.eval_every > 0 (the base sets 0) adds held-out evaluations to metrics.jsonl, the last one
+    after the final step."""
     every = [*base_overrides(args), *overrides]
     cfg = load_config(args.preset, overrides=[f"--{o}" for o in every])
     run_dir = RUNS / f"{args.preset}-{args.steps}-{name}"
@@ -67,7 +72,11 @@ def ensure_trained(name: str, overrides: list[str], args) -> tuple[Path, object]
     trainer = build_trainer(cfg, RunDir(run_dir), data, model, log=Console().print)
     print(f"[{name}] training {args.steps} steps ({args.preset} on {trainer.device}, "
           f"{' '.join(overrides) or 'fp32'})", flush=True)
-    trainer.fit()
+    if cfg.train.eval_every:  # held-out loss every eval_every steps and at the end, as `linglab train` scores it
+        trainer.fit(evaluate=lambda step: evaluate_run(trainer.full_model(), data, step))
+        trainer.write_metrics(evaluate_run(trainer.full_model(), data, trainer.step))
+    else:
+        trainer.fit()
     done.write_text(json.dumps({"overrides": every, "seconds": trainer.counters["elapsed"],
                                 "device": str(trainer.device)}) + "\n")
     return run_dir, cfg
@@ -112,31 +121,51 @@ def smooth(values: list[float], window: int = 20) -> list[float]:
     return out
 
 
-def qkv_outliers(model, data, batch: int = 16) -> dict[str, list[float]]:
-    """max|x| / RMS(x) per decoder layer of the fused QKV projection's input, output and output gradient.
+def qkv_stats(model, rows: torch.Tensor, loss_mask: torch.Tensor) -> dict[str, dict[str, list[float]]]:
+    """max|x| and RMS(x) per decoder layer of the fused QKV projection's input, output and output gradient.
 
-    Measured on one fixed training batch with forward hooks on `attention.query_key_value` and a hook on
-    its output's gradient, which is what SPEC §3 says grows with depth without QK-norm.
+    One forward and backward of the token `rows` (the loss on `loss_mask`), with forward hooks on
+    `attention.query_key_value` and a hook on its output's gradient: the tensors SPEC §3 says develop outliers
+    that grow with depth without QK-norm. Returns {tensor: {"max": [per layer], "rms": [per layer]}}.
     """
-    def ratio(t: torch.Tensor) -> float:
-        t = t.detach().float()
-        return float(t.abs().max() / t.pow(2).mean().sqrt().clamp(min=1e-30))
+    found = {k: {"max": {}, "rms": {}} for k in ("input", "output", "output_grad")}
 
-    found = {"input": {}, "output": {}, "output_grad": {}}
+    def record(kind: str, i: int, t: torch.Tensor) -> None:
+        t = t.detach().float()
+        found[kind]["max"][i], found[kind]["rms"][i] = float(t.abs().max()), float(t.pow(2).mean().sqrt())
+
     handles = []
     for i, layer in enumerate(model.model.layers):
         def hook(module, inputs, output, i=i):
-            found["input"][i], found["output"][i] = ratio(inputs[0]), ratio(output)
-            output.register_hook(lambda g, i=i: found["output_grad"].__setitem__(i, ratio(g)))
+            record("input", i, inputs[0])
+            record("output", i, output)
+            output.register_hook(lambda g, i=i: record("output_grad", i, g))
         handles.append(layer.attention.query_key_value.register_forward_hook(hook))
-    rows = data.train.tokens[:batch].long()
-    mask = data.train.loss_mask[:batch, 1:].float()
     model.train()
-    model(rows[:, :-1], targets=rows[:, 1:], loss_mask=mask).loss.backward()
+    model(rows[:, :-1], targets=rows[:, 1:], loss_mask=loss_mask[:, 1:].float()).loss.backward()
     model.zero_grad(set_to_none=True)
     for h in handles:
         h.remove()
-    return {k: [v[i] for i in sorted(v)] for k, v in found.items()}
+    return {kind: {stat: [v[i] for i in sorted(v)] for stat, v in stats.items()} for kind, stats in found.items()}
+
+
+def outlier_ratio(stats: dict[str, list[float]]) -> list[float]:
+    """max|x| / RMS(x) per layer of one `qkv_stats` entry: how far the largest element sits above the typical one."""
+    return [m / max(r, 1e-30) for m, r in zip(stats["max"], stats["rms"])]
+
+
+def qkv_outliers(model, data, batch: int = 16) -> dict[str, list[float]]:
+    """max|x| / RMS(x) per decoder layer of the fused QKV projection's input, output and output gradient, on the
+    first `batch` training rows (`qkv_stats`)."""
+    stats = qkv_stats(model, data.train.tokens[:batch].long(), data.train.loss_mask[:batch])
+    return {kind: outlier_ratio(v) for kind, v in stats.items()}
+
+
+def monitor_means(sample: dict) -> dict[str, dict[str, float]]:
+    """One FP8 monitor sample averaged over its modules: {"one_minus_cosine" | "underflow": {kind: mean}}."""
+    _, under, dist = fp8_matrices(sample)
+    return {"one_minus_cosine": {kind: float(np.nanmean(dist[:, j])) for j, kind in enumerate(FP8_KINDS)},
+            "underflow": {kind: float(np.nanmean(under[:, j])) for j, kind in enumerate(FP8_KINDS)}}
 
 
 def write_result(script: str, payload: dict) -> Path:

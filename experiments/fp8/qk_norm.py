@@ -8,7 +8,7 @@ on one fixed batch after training; underflow and distortion are the safeguard mo
 """
 
 import numpy as np
-from common import RESULTS, losses, parser, qkv_outliers, train_variant, write_result
+from common import RESULTS, losses, monitor_means, parser, qkv_outliers, train_variant, write_result
 
 from linglab.plots import plt, save
 from linglab.report import FP8_KINDS, fp8_matrices
@@ -29,8 +29,8 @@ def main() -> None:
             "monitor_step": fp8_rows[-1]["step"],
             "monitor": {op: {kind: {"underflow": under[i, j], "one_minus_cosine": dist[i, j]}
                              for j, kind in enumerate(FP8_KINDS)} for i, op in enumerate(ops)},
-            "mean_one_minus_cosine": {kind: float(np.nanmean(dist[:, j])) for j, kind in enumerate(FP8_KINDS)},
-            "mean_underflow": {kind: float(np.nanmean(under[:, j])) for j, kind in enumerate(FP8_KINDS)},
+            "mean_one_minus_cosine": monitor_means(fp8_rows[-1])["one_minus_cosine"],
+            "mean_underflow": monitor_means(fp8_rows[-1])["underflow"],
             "loss_curve": losses(rows)[1][:: max(1, args.steps // 100)],
         }
 
