@@ -5,17 +5,21 @@
     mismatch  FP8 rollouts (the engine runs its FP8 GEMMs on the FP8 export's weights, loaded at every sync, and on
               activations quantised at every call) with no correction vs TIS vs IcePop
     c3po      C3PO++ budget-controlled partial rollouts vs synchronous rollouts: time per step and reward
+    c3po-continuous  the same two arms on the continuous-batching engine (rl.rollout_engine=continuous), and C3PO++
+              with a slot for every rollout of its pool
 
 Every arm keeps the RL defaults (GRPO + IcePop, FP8 rollouts, 40 steps, lr 1e-4, tiers 1-2) except what it
 names. Each run is a `linglab rl` subprocess in `runs/cmp/<config hash>/seed<k>`; a run whose directory holds
 the same resolved config and a finished summary is reused, so arms shared by two experiments (the default
 GRPO + IcePop run is both the IcePop arm of `mismatch` and the synchronous arm of `c3po`) run once, and an
 interrupted comparison continues where it stopped. With --jobs 2 two runs share the machine at one thread
-each; `c3po` starts the two arms of a seed together so that their times are measured under the same load.
+each; runs start in seed-major order, so that the two arms of a `c3po` seed run side by side, timed under about
+the same load.
 
     .venv/bin/python experiments/rl/compare.py --experiment c3po [--seeds 3] [--steps 40] [--jobs 2]
     .venv/bin/python experiments/rl/compare.py --experiment mismatch --arms none,IcePop --steps 200 --name mismatch-200
     .venv/bin/python experiments/rl/compare.py --pooled    # every distinct run of the 40-step results, together
+    .venv/bin/python experiments/rl/compare.py --side-by-side c3po,c3po-continuous   # both engines' arms, one table
     .venv/bin/python experiments/rl/compare.py --mismatch-sources   # weight-only vs weight + activation FP8, same tokens
 
 Writes results/<name>.json (per-arm curves, held-out accuracy before/after per tier, timings, per-seed values
@@ -79,6 +83,15 @@ EXPERIMENTS = {
         (("rollout_time", "rollout phase, s/step"), ("step_time", "whole step, s/step"),
          ("response_tokens", "response tokens trained per step"))),
 }
+# The same arms on the continuous-batching engine (packed prefills, slots refilled as responses end): section c's
+# static-engine result blamed the padded prefills of resumed rollouts, which this engine does not have. Its 64
+# default slots hold half of C3PO++'s pool, so a third arm gives the pool a slot per rollout, as the static engine's
+# one batch did.
+EXPERIMENTS["c3po-continuous"] = Experiment(
+    "C3PO++ vs synchronous rollouts, continuous-batching engine",
+    {**EXPERIMENTS["c3po"].arms, "C3PO++, 128 slots": {"rl.c3po": True, "rl.rollout_slots": 128}},
+    {"rl.rollout_engine": "continuous"}, EXPERIMENTS["c3po"].panels)
+POOLED = ("algo", "mismatch", "c3po")  # the 40-step comparisons of the default recipe before issue 14
 TIERS = ("easy", "medium", "hard")
 EVAL_METRICS = ("greedy_accuracy", "pass@1")
 
@@ -218,20 +231,26 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--experiment", choices=sorted(EXPERIMENTS))
     p.add_argument("--pooled", action="store_true", help="pool the held-out gains of every distinct run in "
-                   "results/{algo,mismatch,c3po}.json into results/pooled_gain.json")
+                   f"results/{{{','.join(POOLED)}}}.json into results/pooled_gain.json")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--eval-problems", type=int, default=64, help="held-out problems per tier, before and after")
-    p.add_argument("--jobs", type=int, default=2, help="runs at once (each with 2 // jobs threads)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once")
+    p.add_argument("--threads", type=int, help="threads per run (default 2 // jobs), e.g. 1 to time a late arm "
+                   "alone as its companions were timed")
     p.add_argument("--pretrained", help="HF checkpoint to start from (default: train the tiny preset here)")
     p.add_argument("--arms", help="comma-separated subset of the experiment's arms (default: all)")
     p.add_argument("--name", help="results file stem (default: the experiment's name)")
+    p.add_argument("--side-by-side", metavar="NAMES", help="comma-separated results file stems: print their arms "
+                   "as the columns of one table (docs/rl.md section c: --side-by-side c3po,c3po-continuous)")
     p.add_argument("--mismatch-sources", action="store_true", help="weight-only vs weight + activation FP8 mismatch "
                    "on the same rollouts from the start checkpoint, into results/mismatch_sources.json")
     args = p.parse_args()
     if args.pooled:
         return pooled()
+    if args.side_by_side:
+        return print_side_by_side(args.side_by_side.split(","))
     if args.mismatch_sources:
         return mismatch_sources(pretrained(args.pretrained).resolve(), args.seeds)
     if args.experiment is None:
@@ -254,7 +273,7 @@ def main() -> None:
     todo = [(out, full) for _, _, out, full, config in plan if not finished(out, config)]
     print(f"{args.experiment}: {len(plan)} runs, {len(plan) - len(todo)} reused, {len(todo)} to run "
           f"({args.jobs} at a time)", flush=True)
-    threads = max(1, 2 // args.jobs)
+    threads = args.threads or max(1, 2 // args.jobs)
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda job: launch(start, job[0], job[1], threads), todo))
 
@@ -321,7 +340,7 @@ def pooled() -> None:
     """Does RL raise the harder tier, whatever the variant? Each distinct run (the default recipe appears in two
     experiments) of the 40-step comparisons once: its held-out gains per tier and metric, and their spread."""
     runs: dict[str, dict] = {}
-    for name in EXPERIMENTS:
+    for name in POOLED:
         result = json.loads((RESULTS / f"{name}.json").read_text())
         for arm, a in result["arms"].items():
             for i, run in enumerate(a["runs"]):
@@ -341,8 +360,54 @@ def pooled() -> None:
 
 
 def _pm(s: dict, scale: float = 1.0, fmt: str = ".1f") -> str:
-    sd = "" if s["stdev"] is None else f" ± {format(scale * s['stdev'], fmt)}"
+    sd = "" if s["stdev"] is None else f" ± {format(scale * s['stdev'], fmt.lstrip('+'))}"
     return f"{format(scale * s['mean'], fmt)}{sd}"
+
+
+SIDE_BY_SIDE = (  # (label, summary or held-out key, scale, format, with the stdev) of `print_side_by_side`'s rows
+    ("rollout phase, s/step", "mean_rollout_time", 1, ".2f", False),
+    ("whole step, s/step", "mean_step_time", 1, ".2f", False),
+    ("response tokens trained per step", "mean_response_tokens", 1, ".0f", False),
+    ("**rollout phase, s per 1000 trained tokens**", "rollout_s_per_1k_tokens", 1, ".3f", True),
+    ("whole step, s per 1000 trained tokens", "step_s_per_1k_tokens", 1, ".3f", True),
+    ("**rollout phase / rest of the step** (time)", "rollout_over_rest", 1, ".2f", True),
+    ("decode forwards per step", "mean_decode_steps", 1, ".1f", False),
+    ("rows decoded per step (summed over forwards)", "mean_decode_rows", 1, ".0f", False),
+    ("prompt positions prefilled per step", "mean_prefill_tokens", 1, ".0f", False),
+    ("trained tokens sampled by an older policy, %", "mean_stale_token_fraction", 100, ".0f", False),
+    ("mean \\|Δ log p\\|", "mean_mean_abs_logdiff", 1, ".4f", False),
+    ("hard greedy gain (pts)", "hard/greedy_accuracy", 100, "+.1f", True),
+    ("hard pass@1 gain (pts)", "hard/pass@1", 100, "+.1f", True),
+    ("medium greedy gain (pts)", "medium/greedy_accuracy", 100, "+.1f", True),
+    ("easy greedy gain (pts)", "easy/greedy_accuracy", 100, "+.1f", True),
+    ("reward, steps 1-5", "reward_first5", 1, ".3f", True),
+    ("reward, last 5 steps", "reward_last5", 1, ".3f", True),
+)
+
+
+def print_side_by_side(names: list[str]) -> None:
+    """The Markdown table of docs/rl.md section c: every arm of each results file as a column (mean over seeds,
+    ± stdev where it decides); a statistic an arm does not log (synchronous rollouts' stale share) is 0.
+
+    `rollout_over_rest` divides each run's mean rollout phase by the mean rest of its step (the trainer's forward,
+    backward and update of about the same number of tokens in every arm): a machine shared with other jobs slows
+    both alike, so this ratio holds where the seconds do not."""
+    columns = []
+    for name in names:
+        path = RESULTS / f"{name}.json"
+        if not path.is_file():
+            raise SystemExit(f"compare: no results file {path}")
+        for arm, a in json.loads(path.read_text())["arms"].items():
+            rollout, step = a["mean_rollout_time"]["values"], a["mean_step_time"]["values"]
+            a["rollout_over_rest"] = spread([r / (s - r) for r, s in zip(rollout, step, strict=True)])
+            columns.append((f"{arm} ({name})", a))
+    print("| | " + " | ".join(label for label, _ in columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for label, key, scale, fmt, with_stdev in SIDE_BY_SIDE:
+        stats = [a["heldout"][key]["gain"] if key in a["heldout"] else a.get(key, {"mean": 0.0, "stdev": None})
+                 for _, a in columns]
+        cells = [_pm(s, scale, fmt) if with_stdev else format(scale * s["mean"], fmt) for s in stats]
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 def print_table(result: dict) -> None:
