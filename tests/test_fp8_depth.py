@@ -8,9 +8,14 @@ import pytest
 import linglab.data
 from linglab.corpora import Corpus
 
+# experiments/fp8/ and benchmarks/ each have a common.py, and a pytest worker may have imported the other one:
+# these scripts import their own, and leave the name free for the next.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "fp8"))
+sys.modules.pop("common", None)
 import common  # noqa: E402
 import depth  # noqa: E402
+
+sys.modules.pop("common", None)
 
 TOY = ["--layers", "2", "--hidden", "32", "--steps", "4", "--probes", "2", "--batch-size", "2", "--seq-len", "16",
        "--seeds", "2", "--noqk-seeds", "1", "--monitor-every", "2", "--set", "data.heldout_tokens=64", "--set", "train.warmup_steps=1"]

@@ -10,8 +10,13 @@ from linglab.config import load_config
 from linglab.tasks import iter_corpus_texts
 from linglab.tokenizer import Tokenizer
 
+# benchmarks/ and experiments/fp8/ each have a common.py, and a pytest worker may have imported the other one:
+# this script imports its own, and leaves the name free for the next.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.modules.pop("common", None)
 import rl_system  # noqa: E402
+
+sys.modules.pop("common", None)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
