@@ -149,6 +149,10 @@ def test_the_wind_tunnel_script_runs_every_stage_on_a_toy_grid_and_resumes(tmp_p
     again = run("--stages", "lr_scan,ladder,predict,verify,extras")  # resumed: nothing left to train or predict
     assert "verify: training" not in again and "predicted " not in again and again.count("0 to train") == 3
 
-    with pytest.raises(SystemExit) as exit_:
-        run("--stages", "ladder,bogus")
-    assert exit_.value.code == 2 and "unknown stage(s) bogus" in capsys.readouterr().err
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for argv, message in ((["--stages", "ladder,bogus"], "unknown stage(s) bogus"),
+                          (["--factor", "0.5"], "--factor must be >= 1"), (["--bootstrap", "-1"], "--bootstrap must be >= 0")):
+        with pytest.raises(SystemExit) as exit_:
+            run(*argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

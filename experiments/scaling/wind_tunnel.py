@@ -61,7 +61,7 @@ from linglab.scaling.ladder import (  # noqa: E402
 )
 from linglab.scaling.laws import optimal_lr  # noqa: E402
 from linglab.scaling.report import write_fit  # noqa: E402
-from linglab.scaling.sweep import read_results, run_sweep, train_run  # noqa: E402
+from linglab.scaling.sweep import append_result, read_results, run_sweep, train_run  # noqa: E402
 from linglab.scaling.tunnel import MAX_EPOCHS, PREDICTION, predict, prediction_run, read_prediction, score, write_prediction  # noqa: E402
 
 STAGES = ("lr_scan", "ladder", "predict", "verify", "extras", "report")
@@ -134,9 +134,7 @@ def verify(out: Path, grid: SweepGrid, log=print) -> dict:
     # The ladder's tokenizer, read and not rewritten: the predicted run sees the ladder's exact tokens.
     data = build_data(cfg.data, out / "ladder", cfg.train.eval_problems, save_tokenizer=False)
     row = train_run(run, data, out / "verify" / "runs" / run.name, log=log)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    with open(results, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_result(results, row)
     return row
 
 
@@ -234,8 +232,15 @@ def main() -> None:
     p.add_argument("--dry-run", action="store_true", help="print every stage's plan and estimated time, train nothing")
     args = p.parse_args()
     stages = args.stages.split(",")
+    problem = None  # checked before anything is read or written
     if unknown := [s for s in stages if s not in STAGES]:
-        print(f"wind tunnel: unknown stage(s) {', '.join(unknown)} (choose from {', '.join(STAGES)})", file=sys.stderr)
+        problem = f"unknown stage(s) {', '.join(unknown)} (choose from {', '.join(STAGES)})"
+    elif not args.factor >= 1:
+        problem = f"--factor must be >= 1 (a run past the ladder), got {args.factor:g}"
+    elif args.bootstrap < 0:
+        problem = f"--bootstrap must be >= 0, got {args.bootstrap}"
+    if problem:
+        print(f"wind tunnel: {problem}", file=sys.stderr)
         sys.exit(2)
     command = shlex.join(["python", *sys.argv])
     out = args.out

@@ -142,6 +142,14 @@ def train_run(run: PlannedRun, data, run_dir: Path, log=print) -> dict:
             "corpus": {k: data.corpus[k] for k in ("name", "sha256")} if data.corpus else {"name": "embedded"}}
 
 
+def append_result(results: Path, row: dict) -> None:
+    """One finished run's row at the end of a results.jsonl; a line torn by a kill stays apart from this one."""
+    torn = results.is_file() and results.stat().st_size > 0 and not results.read_bytes().endswith(b"\n")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with open(results, "a") as f:
+        f.write(("\n" if torn else "") + json.dumps(row) + "\n")
+
+
 def run_sweep(grid: SweepGrid, out: str | Path, log=print, command: str = "") -> list[dict]:
     """Train every planned run not yet in out/results.jsonl, appending one line per finished run; returns the new rows."""
     from linglab.data import build_data
@@ -168,9 +176,7 @@ def run_sweep(grid: SweepGrid, out: str | Path, log=print, command: str = "") ->
     new, spent, estimated = [], 0.0, 0.0
     for i, run in enumerate(todo):
         row = train_run(run, data, out / "runs" / run.name, log=log)
-        torn = results.is_file() and results.stat().st_size > 0 and not results.read_bytes().endswith(b"\n")
-        with open(results, "a") as f:
-            f.write(("\n" if torn else "") + json.dumps(row) + "\n")  # a line torn by a kill stays apart from this one
+        append_result(results, row)
         new.append(row)
         spent += row["wall_time_s"]
         estimated += run.estimated_seconds()
